@@ -1,0 +1,689 @@
+"""One chat call: the API deadline layer of DESIGN.md section 3.
+
+``chat()`` sends one OpenAI-compatible ``/chat/completions`` request and applies, on top of
+it, the attempt timeout, the retry policy and the task-deadline cap:
+
+* **Transport.** The standard library's ``http.client`` (HTTP/1.1, one connection per
+  attempt, ``Connection: close``), not the openai SDK: every item runs in a freshly forked
+  child, where ``import openai`` alone costs ~750 ms and an SDK call ~13-47 ms of CPU.
+  HTTPS uses ``default_ssl_context()``, which is cached because building it (loading the CA
+  bundle) costs ~45 ms; call it once in the parent before forking so children inherit it.
+* **Attempt timeout.** Each attempt gets ``min(api_timeout, time left until task_deadline)``
+  as a *wall* deadline: every single ``recv`` is given only the time left (see
+  ``_DeadlineReader``), so a server dribbling bytes cannot stretch an attempt past it.
+  No attempt starts with less than ``MIN_ATTEMPT_TIME`` of task time left. (Name resolution
+  and the TLS handshake are bounded by the socket timeout per step, not by the wall deadline;
+  the task layer kills the process if they hang.)
+* **Retry policy.** ``api_retries`` retries on top of the first attempt. Retried: 408, 409,
+  429, 5xx, connection errors (refused, reset, closed), attempt timeouts, invalid 200
+  answers and streams without a finish reason. Never retried: 400/401/403/404/422 (the
+  classification is ``errors.classify_status``, the only place that decides). The wait
+  before a retry is full-jitter exponential backoff, ``uniform(0, min(BACKOFF_CAP,
+  BACKOFF_BASE * 2**(n-1)))`` after attempt n, unless the server says otherwise:
+  ``retry-after-ms`` (milliseconds) wins over ``Retry-After`` (seconds or an HTTP date);
+  both capped at ``RETRY_AFTER_CAP``. A wait that would not leave ``MIN_ATTEMPT_TIME``
+  before the task deadline is not slept: the call fails at once.
+* **Streaming.** Server-sent events; a stream that ends (EOF or ``[DONE]``) without a
+  finish reason is the outcome ``truncated``, never an answer.
+* **Azure OpenAI.** When the base URL's host ends in ``openai.azure.com`` the key goes in the
+  ``api-key`` header instead of ``Authorization: Bearer``. The query string of the base URL
+  (``?api-version=...``) is kept on the request for every endpoint, e.g.
+  ``https://RES.openai.azure.com/openai/deployments/DEP?api-version=2024-06-01``.
+* **Proxies.** ``https_proxy``/``HTTPS_PROXY`` (CONNECT tunnel), ``http_proxy``/
+  ``HTTP_PROXY`` (absolute-form requests), ``all_proxy`` as fallback and ``no_proxy``/
+  ``NO_PROXY`` (``*``, host names with domain-suffix match, optional ``:port``; no CIDR).
+  Only ``http://`` proxies are supported (Basic credentials in the proxy URL are sent as
+  ``Proxy-Authorization``). Loopback hosts (``localhost``, ``127.*``, ``::1``) never go
+  through a proxy, so the built-in simulator works behind a corporate proxy.
+* **Rate limits.** An optional ``RateLimiter`` is called around each attempt; the shared,
+  cross-process implementation lives elsewhere.
+
+The API key is sent, never logged, never put in an error message (error bodies that echo it
+are scrubbed). Log lines: ``[APITimeout] ...`` (WARNING) for each attempt that timed out,
+``[Retry] ...`` (INFO) before each retry and (WARNING) when a retry is given up because of
+the task deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import logging
+import math
+import os
+import random
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cache
+from typing import Any, Protocol, cast
+from urllib.parse import unquote, urlsplit
+
+from .errors import OUTCOME_TO_ERROR_CLASS, APIError, APITimeoutError, classify_status
+from .records import Attempt, Completion, Deadlines, Message, ModelSpec
+
+__all__ = [
+    "BACKOFF_BASE",
+    "BACKOFF_CAP",
+    "MIN_ATTEMPT_TIME",
+    "RETRY_AFTER_CAP",
+    "Endpoint",
+    "RateLimiter",
+    "Request",
+    "backoff_delay",
+    "build_request",
+    "chat",
+    "default_ssl_context",
+    "parse_endpoint",
+    "parse_retry_after",
+    "proxy_for",
+]
+
+log = logging.getLogger("pytest_llmbench.api")
+
+BACKOFF_BASE = 0.5
+"""Seconds; the backoff ceiling after attempt n is ``BACKOFF_BASE * 2**(n-1)``."""
+BACKOFF_CAP = 8.0
+"""Seconds; no backoff ceiling above this."""
+RETRY_AFTER_CAP = 60.0
+"""Seconds; a server's Retry-After longer than this is shortened to it."""
+MIN_ATTEMPT_TIME = 0.05
+"""Seconds of task time an attempt needs at least; with less left, none is started."""
+
+_READ_SIZE = 65536
+_ERROR_BODY_MAX = 65536
+_USER_AGENT = "pytest-llmbench"
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "::1"})
+
+
+class RateLimiter(Protocol):
+    """Seam for shared (cross-process) rate limiting, called around every attempt."""
+
+    def before_request(self, model: ModelSpec, est_tokens: int) -> None:
+        """Block until the request may be sent (may take task time, not attempt time)."""
+
+    def on_response(
+        self, model: ModelSpec, status: int, retry_after: float | None, tokens: int
+    ) -> None:
+        """Report an attempt's result; ``status`` is 0 when no HTTP response arrived."""
+
+
+# --- request building -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the request goes, parsed once from ``ModelSpec.base_url``."""
+
+    scheme: str
+    host: str
+    port: int
+    target: str
+    """Path plus query of ``.../chat/completions``."""
+    display: str
+    """The base URL for messages: no credentials, no query string."""
+    azure: bool
+
+
+def parse_endpoint(base_url: str) -> Endpoint:
+    """Split a base URL; the query string is kept on the target (Azure's api-version)."""
+    try:
+        parts = urlsplit(base_url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise APIError(f"invalid base URL {base_url!r}: {exc}", "bad_request") from None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if scheme not in ("http", "https") or not host:
+        raise APIError(
+            f"invalid base URL {base_url!r}: expected http(s)://host[:port]/path", "bad_request"
+        )
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    path = parts.path.rstrip("/") + "/chat/completions"
+    target = f"{path}?{parts.query}" if parts.query else path
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    display = f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+    azure = host == "openai.azure.com" or host.endswith(".openai.azure.com")
+    return Endpoint(scheme, host, port, target, display, azure)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A prepared chat request (headers may hold the key: never log this object)."""
+
+    endpoint: Endpoint
+    body: bytes
+    headers: dict[str, str]
+    est_tokens: int
+
+    def target_for(self, proxy: tuple[str, int, dict[str, str]] | None) -> str:
+        """Origin-form target, or absolute-form when a plain-HTTP proxy forwards the request."""
+        ep = self.endpoint
+        if proxy and ep.scheme == "http":
+            netloc = f"[{ep.host}]" if ":" in ep.host else ep.host
+            return f"http://{netloc}:{ep.port}{ep.target}"
+        return ep.target
+
+
+def build_request(
+    model: ModelSpec,
+    messages: Sequence[Message],
+    params: Mapping[str, Any] | None = None,
+    api_key: str | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> Request:
+    """Body and headers of the call; params override the model's defaults, None drops a key."""
+    merged = {**model.params, **(params or {})}
+    body_obj = {"model": model.model, "messages": list(messages), **merged, "stream": model.stream}
+    body_obj = {k: v for k, v in body_obj.items() if v is not None}
+    body = json.dumps(body_obj, ensure_ascii=False, separators=(",", ":")).encode()
+    ep = parse_endpoint(model.base_url)
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream" if model.stream else "application/json",
+        "User-Agent": _USER_AGENT,
+        "Connection": "close",
+    }
+    if api_key:
+        if ep.azure:
+            headers["api-key"] = api_key
+        else:
+            headers["Authorization"] = f"Bearer {api_key}"
+    headers.update(model.headers)
+    if extra_headers:
+        headers.update(extra_headers)
+    max_out = merged.get("max_tokens") or merged.get("max_completion_tokens") or 0
+    est = len(body) // 4 + (int(max_out) if isinstance(max_out, (int, float)) else 0)
+    return Request(ep, body, headers, est)
+
+
+# --- proxies ----------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    return host in _LOOPBACK_NAMES or host.startswith("127.")
+
+
+def _no_proxy_match(host: str, port: int, no_proxy: str) -> bool:
+    for raw in no_proxy.replace(" ", ",").split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        entry_port: int | None = None
+        if entry.count(":") == 1:  # host:port (a bare IPv6 address has several colons)
+            entry, _, p = entry.partition(":")
+            entry_port = int(p) if p.isdigit() else None
+        entry = entry.strip("[]").lstrip(".")
+        if entry_port is not None and entry_port != port:
+            continue
+        if host == entry or host.endswith("." + entry):
+            return True
+    return False
+
+
+def proxy_for(ep: Endpoint, env: Mapping[str, str]) -> tuple[str, int, dict[str, str]] | None:
+    """``(proxy host, port, proxy headers)`` for the endpoint, or None for a direct connection."""
+    if _is_loopback(ep.host):
+        return None
+    no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
+    if no_proxy and _no_proxy_match(ep.host, ep.port, no_proxy):
+        return None
+    name = f"{ep.scheme}_proxy"
+    url = (env.get(name) or env.get(name.upper()) or env.get("all_proxy")
+           or env.get("ALL_PROXY") or "")
+    if not url:
+        return None
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parts = urlsplit(url)
+        pport = parts.port or 80
+    except ValueError:
+        parts, pport = urlsplit(""), 0
+    if parts.scheme != "http" or not parts.hostname:
+        raise APIError(
+            f"unsupported proxy {parts.scheme or url!r}://...: only http:// proxies are "
+            f"supported (set no_proxy={ep.host} to bypass it)", "connection_error")
+    headers: dict[str, str] = {}
+    if parts.username is not None:
+        cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
+    return parts.hostname, pport, headers
+
+
+# --- retry policy -----------------------------------------------------------------------
+
+
+def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
+    """Full-jitter wait after failed attempt ``attempt`` (1-based), in seconds."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempt - 1))
+    return (rng or random).uniform(0.0, ceiling)  # the global one is reseeded after fork
+
+
+def _header(headers: Mapping[str, str] | http.client.HTTPMessage, name: str) -> str | None:
+    if isinstance(headers, http.client.HTTPMessage):
+        return headers.get(name)
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value
+    return None
+
+
+def parse_retry_after(
+    headers: Mapping[str, str] | http.client.HTTPMessage, now: float | None = None
+) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms`` first, then ``Retry-After``
+    (delta seconds or an HTTP date, relative to ``now``, Unix time), capped; None if absent
+    or unreadable."""
+    ms = _header(headers, "retry-after-ms")
+    if ms:
+        try:
+            value = float(ms) / 1000.0
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value):
+            return min(RETRY_AFTER_CAP, max(0.0, value))
+    ra = _header(headers, "retry-after")
+    if not ra:
+        return None
+    try:
+        value = float(ra)
+    except ValueError:
+        from email.utils import parsedate_to_datetime  # rare path: keep it off import
+
+        try:
+            when = parsedate_to_datetime(ra.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        value = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(value):
+        return None
+    return min(RETRY_AFTER_CAP, max(0.0, value))
+
+
+# --- one attempt ------------------------------------------------------------------------
+
+
+@cache
+def default_ssl_context() -> ssl.SSLContext:
+    """The verifying TLS context, built once per process (it costs ~45 ms)."""
+    return ssl.create_default_context()
+
+
+class _Failure(Exception):
+    """One failed attempt (internal): what the retry loop needs to decide."""
+
+    def __init__(self, outcome: str, error: str, retryable: bool, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(error)
+        self.outcome, self.error, self.retryable = outcome, error, retryable
+        self.status, self.retry_after = status, retry_after
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The response's byte source: every recv gets only the time left until the attempt's
+    wall deadline, so neither a hang nor a dribble outlives it (no watchdog thread)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("attempt deadline passed")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
+class _SockSource:
+    """What ``HTTPResponse.__init__`` calls ``makefile`` on."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline), _READ_SIZE)
+
+
+def _read_body(resp: http.client.HTTPResponse, limit: int | None = None) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        data = resp.read1(_READ_SIZE)
+        if not data:
+            break
+        chunks.append(data)
+        size += len(data)
+        if limit is not None and size >= limit:
+            break
+    if limit is None and resp.length:  # Content-Length promised more than arrived
+        raise http.client.IncompleteRead(b"".join(chunks), resp.length)
+    return b"".join(chunks)
+
+
+def _error_detail(raw: bytes, api_key: str | None) -> str:
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error", data.get("detail", data.get("message")))
+        if isinstance(err, dict):
+            err = err.get("message") or err
+        if err:
+            text = str(err)
+    text = " ".join(text.split())
+    if api_key:
+        text = text.replace(api_key, "***")
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _usage(data: Mapping[str, Any]) -> tuple[int, int]:
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return 0, 0
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+def _parse_json(raw: bytes, model: ModelSpec, api_key: str | None) -> Completion:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise _Failure("api_error", f"HTTP 200 with invalid JSON ({len(raw)} bytes)", True) from None
+    if not isinstance(data, dict):
+        raise _Failure("api_error", "HTTP 200 with a JSON body that is not an object", True)
+    choices = data.get("choices")
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        if data.get("error"):
+            detail = _error_detail(json.dumps(data).encode(), api_key)
+            raise _Failure("api_error", f"HTTP 200 carrying an error: {detail}", True)
+        raise _Failure("api_error", "HTTP 200 without choices", True)
+    choice = choices[0]
+    message = choice.get("message") or {}
+    prompt_tokens, completion_tokens = _usage(data)
+    return Completion(
+        text=message.get("content") or "",
+        finish_reason=choice.get("finish_reason"),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        model=str(data.get("model") or model.model),
+    )
+
+
+def _read_stream(resp: http.client.HTTPResponse, model: ModelSpec, api_key: str | None,
+                 ) -> Completion:
+    """Server-sent events: concatenate ``choices[0].delta.content`` until ``[DONE]`` or EOF."""
+    parts: list[str] = []
+    finish: str | None = None
+    usage = (0, 0)
+    answered_model = model.model
+    pending: list[bytes] = []  # data lines of the event being read
+    buf = b""
+    done = False
+
+    def dispatch() -> bool:
+        nonlocal finish, usage, answered_model
+        payload = b"\n".join(pending).strip()
+        pending.clear()
+        if payload == b"[DONE]":
+            return True
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            raise _Failure("api_error", f"invalid JSON in stream event: {payload[:80]!r}",
+                           True) from None
+        if not isinstance(chunk, dict):
+            return False
+        if chunk.get("error"):
+            detail = _error_detail(json.dumps(chunk).encode(), api_key)
+            raise _Failure("api_error", f"error event in stream: {detail}", True)
+        answered_model = str(chunk.get("model") or answered_model)
+        if isinstance(chunk.get("usage"), dict):
+            usage = _usage(chunk)
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                parts.append(content)
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+        return False
+
+    while not done:
+        data = resp.read1(_READ_SIZE)
+        if not data:
+            break
+        buf += data
+        while not done:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl].rstrip(b"\r"), buf[nl + 1:]
+            if not line:
+                if pending:
+                    done = dispatch()
+            elif line.startswith(b"data:"):
+                pending.append(line[6:] if line[5:6] == b" " else line[5:])
+    if not done and buf.startswith(b"data:"):  # last line without its newline
+        pending.append(buf[6:] if buf[5:6] == b" " else buf[5:])
+    if not done and pending:
+        dispatch()
+    if finish is None:
+        text = "".join(parts)
+        raise _Failure("truncated",
+                       f"stream ended without a finish reason after {len(text)} chars", True)
+    return Completion(text="".join(parts), finish_reason=finish, prompt_tokens=usage[0],
+                      completion_tokens=usage[1], model=answered_model)
+
+
+def _attempt(req: Request, model: ModelSpec, timeout: float, api_key: str | None,
+             proxy: tuple[str, int, dict[str, str]] | None,
+             ssl_context: ssl.SSLContext | None) -> Completion:
+    """One HTTP exchange bounded by ``timeout`` seconds of wall time."""
+    ep = req.endpoint
+    deadline = time.monotonic() + timeout
+    host, port = (proxy[0], proxy[1]) if proxy else (ep.host, ep.port)
+    conn: http.client.HTTPConnection
+    target, headers = req.target_for(proxy), req.headers
+    if ep.scheme == "https":
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout,
+                                           context=ssl_context or default_ssl_context())
+        if proxy:
+            conn.set_tunnel(ep.host, ep.port, headers=proxy[2])
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        if proxy and proxy[2]:
+            headers = {**headers, **proxy[2]}
+    streaming = False
+    got_status = False
+    try:
+        conn.connect()
+        sock = conn.sock
+        left = deadline - time.monotonic()
+        if left <= 0 or sock is None:
+            raise TimeoutError
+        sock.settimeout(left)
+        conn.request("POST", target, body=req.body, headers=headers)
+        resp = http.client.HTTPResponse(sock,
+                                        method="POST")
+        resp.begin()
+        got_status = True
+        status = resp.status
+        if not 200 <= status < 300:
+            retry_after = parse_retry_after(resp.headers)
+            try:
+                detail = _error_detail(_read_body(resp, _ERROR_BODY_MAX), api_key)
+            except (OSError, http.client.HTTPException):
+                detail = ""
+            outcome, retryable = classify_status(status)
+            error = f"HTTP {status} {resp.reason}".rstrip() + (f": {detail}" if detail else "")
+            if 300 <= status < 400:
+                error += " (redirects are not followed; check the base URL)"
+            raise _Failure(outcome, error, retryable, status, retry_after)
+        ctype = (resp.getheader("content-type") or "").lower()
+        if model.stream and not ctype.startswith("application/json"):
+            streaming = True
+            return _read_stream(resp, model, api_key)
+        return _parse_json(_read_body(resp), model, api_key)
+    except _Failure:
+        raise
+    except TimeoutError:
+        raise _Failure("timeout", f"timed out after {timeout:.2f} s", True) from None
+    except ConnectionRefusedError:
+        raise _Failure("connection_error", "connection refused", True) from None
+    except http.client.RemoteDisconnected:
+        raise _Failure("connection_error", "server closed the connection without a response",
+                       True) from None
+    except (ConnectionError, http.client.IncompleteRead) as exc:
+        if time.monotonic() >= deadline:
+            raise _Failure("timeout", f"timed out after {timeout:.2f} s", True) from None
+        if streaming:
+            raise _Failure("truncated", f"stream cut: {type(exc).__name__}", True) from None
+        what = "response body cut short" if got_status else "connection reset"
+        raise _Failure("connection_error", f"{what} ({type(exc).__name__})", True) from None
+    except ssl.SSLCertVerificationError as exc:
+        raise _Failure("connection_error", f"TLS certificate rejected: {exc.verify_message}",
+                       False) from None
+    except socket.gaierror as exc:
+        raise _Failure("connection_error", f"cannot resolve host {host!r}: {exc.strerror}",
+                       True) from None
+    except OSError as exc:  # unreachable network, TLS errors, ...
+        raise _Failure("connection_error", f"{type(exc).__name__}: {exc}", True) from None
+    except http.client.HTTPException as exc:  # bad status line, header too long, ...
+        raise _Failure("api_error", f"invalid HTTP response ({type(exc).__name__})",
+                       True) from None
+    finally:
+        conn.close()
+
+
+
+# --- the call: attempts, waits, final error ---------------------------------------------
+
+
+def _final_error(model: ModelSpec, ep: Endpoint, attempts: int, last: _Failure | None,
+                 note: str = "", deadline: bool = False) -> APIError:
+    """The exception that ends the call: names the model, the URL (never the key), the
+    number of attempts and the last error, plus a hint for the usual causes. ``deadline``:
+    the task deadline left no time for another attempt (always ``APITimeoutError``)."""
+    who = f"model {model.name!r}" + (f" (id {model.model!r})" if model.model != model.name else "")
+    msg = f"{who} at {ep.display}: "
+    if last is not None:
+        msg += f"{attempts} attempt{'s' if attempts != 1 else ''} failed; last: {last.error}"
+        msg += "" if last.retryable else " (not retried)"
+    msg += f"; {note}" if last is not None and note else note
+    if last is None or deadline:
+        return APITimeoutError(msg, "api_timeout", last.status if last else None)
+    if last.outcome == "auth_error":
+        env = f" in ${model.api_key_env}" if model.api_key_env else ""
+        msg += f"; check the API key{env}"
+    elif last.error == "connection refused" or last.error.startswith("cannot resolve"):
+        msg += (f"; is the server at {ep.display} running? check it, or the "
+                "--llmbench-model value")
+    error_class = OUTCOME_TO_ERROR_CLASS.get(last.outcome, "api_error")
+    if last.outcome == "timeout":
+        return APITimeoutError(msg, error_class, last.status)
+    return APIError(msg, error_class, last.status)
+
+
+def chat(
+    model: ModelSpec,
+    messages: Sequence[Message],
+    *,
+    params: Mapping[str, Any] | None = None,
+    deadlines: Deadlines,
+    task_deadline: float | None = None,
+    api_key: str | None = None,
+    turn: int = 0,
+    item_started: float | None = None,
+    on_attempt: Callable[[Attempt], None] | None = None,
+    rng: random.Random | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    label: str = "",
+    limiter: RateLimiter | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Completion:
+    """Send one chat request under the API deadline layer and return the answer.
+
+    ``task_deadline`` is the absolute ``time.monotonic()`` at which the item's task deadline
+    expires; every attempt's timeout is capped by it. ``item_started`` (monotonic) is the
+    origin of ``Attempt.started``. ``on_attempt`` receives every attempt, after the wait that
+    follows it is decided. ``env`` is where proxy variables are read (default ``os.environ``).
+    Raises ``APIError`` (``error_class`` set) or ``APITimeoutError`` when the call fails
+    for good.
+    """
+    req = build_request(model, messages, params, api_key, extra_headers)
+    ep = req.endpoint
+    proxy = proxy_for(ep, os.environ if env is None else env)
+    total = max(0, deadlines.api_retries) + 1
+    origin = time.monotonic() if item_started is None else item_started
+    last: _Failure | None = None
+    for number in range(1, total + 1):
+        if limiter is not None:
+            limiter.before_request(model, req.est_tokens)
+        start = time.monotonic()
+        timeout = deadlines.api_timeout
+        if task_deadline is not None:
+            left = task_deadline - start
+            if left < MIN_ATTEMPT_TIME:
+                raise _final_error(model, ep, number - 1, last,
+                                   f"task deadline reached before attempt {number}", True)
+            timeout = min(timeout, left)
+        try:
+            completion = _attempt(req, model, timeout, api_key, proxy, ssl_context)
+        except _Failure as exc:
+            duration = time.monotonic() - start
+            failure = last = exc
+        else:
+            duration = time.monotonic() - start
+            if limiter is not None:
+                limiter.on_response(model, 200, None,
+                                    completion.prompt_tokens + completion.completion_tokens)
+            if on_attempt is not None:
+                on_attempt(Attempt(turn=turn, number=number, started=start - origin,
+                                   duration=duration, outcome="ok", status=200))
+            return replace(completion, latency=duration)
+
+        if failure.outcome == "timeout":
+            log.warning("[APITimeout] model=%s attempt=%d/%d timeout=%.2fs label=%s",
+                        model.name, number, total, timeout, label)
+        if limiter is not None:
+            limiter.on_response(model, failure.status or 0, failure.retry_after, 0)
+        wait, note = 0.0, ""
+        retry = failure.retryable and number < total
+        if retry:
+            wait = (failure.retry_after if failure.retry_after is not None
+                    else backoff_delay(number, rng))
+            if (task_deadline is not None
+                    and time.monotonic() + wait + MIN_ATTEMPT_TIME > task_deadline):
+                note = f"not retried: a {wait:.2f} s wait would reach the task deadline"
+                log.warning("[Retry] model=%s attempt=%d/%d outcome=%s status=%s %s label=%s",
+                            model.name, number, total, failure.outcome, failure.status, note,
+                            label)
+                retry, wait = False, 0.0
+        if on_attempt is not None:
+            on_attempt(Attempt(turn=turn, number=number, started=start - origin,
+                               duration=duration, outcome=failure.outcome,
+                               status=failure.status, error=failure.error, wait=wait))
+        if not retry:
+            raise _final_error(model, ep, number, failure, note)
+        log.warning("[Retry] model=%s attempt=%d/%d outcome=%s status=%s wait=%.2fs label=%s",
+                 model.name, number, total, failure.outcome, failure.status, wait, label)
+        if wait > 0:
+            sleep(wait)
+    raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover

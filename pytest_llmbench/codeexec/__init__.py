@@ -1,0 +1,43 @@
+"""Code-execution scoring: sandboxed runs, judge verdicts, the stdout-prefix TLE heuristic.
+
+See ``docs/code-execution.md``. The scorer registry maps the suite scorer ``code`` to
+``score_code``.
+"""
+
+from __future__ import annotations
+
+from .extract import Program, extract_program
+from .heuristic import (
+    Decision,
+    normalise,
+    outputs_match,
+    preset_for_chars,
+    preset_limit,
+    presets_from_history,
+    tle_multiplier,
+)
+from .judge import VERDICTS, CodeOptions, classify, judge, sandbox_lease, score_code
+from .sandbox import Isolation, Limits, RunResult, probe_isolation, run_program
+
+__all__ = [
+    "VERDICTS",
+    "CodeOptions",
+    "Decision",
+    "Isolation",
+    "Limits",
+    "Program",
+    "RunResult",
+    "classify",
+    "extract_program",
+    "judge",
+    "normalise",
+    "outputs_match",
+    "preset_for_chars",
+    "preset_limit",
+    "presets_from_history",
+    "probe_isolation",
+    "run_program",
+    "sandbox_lease",
+    "score_code",
+    "tle_multiplier",
+]

@@ -1,0 +1,442 @@
+"""Settings: one resolver, one documented precedence, values validated at the boundary.
+
+Precedence for every setting (highest first)::
+
+    per-item override (suite / marker)      applied later, per item (engine)
+    command line (--llmbench-*)
+    environment, then a ``.env`` file in the rootdir
+    ini option (pytest.ini / [tool.pytest.ini_options]: llmbench_*)
+    [tool.llmbench] in pyproject.toml, or llmbench.toml
+    built-in default
+
+Environment variables are the ones the user's own runners used (``OPENAI_TIMEOUT``,
+``OPENAI_MAX_RETRIES``, ``TASK_EXECUTION_TIMEOUT``, ``RESOURCE_MAX_OCCUPATION_TIME``) plus
+``LLMBENCH_*`` twins. A bad value is a ``ConfigError`` naming where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .records import Deadlines, ModelSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+#: The built-in simulated model, used when nothing else is configured.
+SIM_MODEL = ModelSpec(name="sim", model="sim-1", base_url="sim")
+
+DEFAULT_DEADLINES = Deadlines()
+DEFAULT_CONCURRENCY = 16
+DEFAULT_STORE = ".llmbench"
+
+#: setting -> (CLI dest, ini name, env vars, help). One help text serves CLI and ini.
+DEADLINE_SOURCES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "api_timeout": (
+        "llmbench_api_timeout",
+        ("LLMBENCH_API_TIMEOUT", "OPENAI_TIMEOUT"),
+        "Seconds one API attempt may take (default 30)",
+    ),
+    "api_retries": (
+        "llmbench_api_retries",
+        ("LLMBENCH_API_RETRIES", "OPENAI_MAX_RETRIES"),
+        "Retries after a failed API attempt (default 2)",
+    ),
+    "task_timeout": (
+        "llmbench_task_timeout",
+        ("LLMBENCH_TASK_TIMEOUT", "TASK_EXECUTION_TIMEOUT"),
+        "Seconds one item may take in all; its process tree is killed after (default 600)",
+    ),
+    "lease_max": (
+        "llmbench_lease_max",
+        ("LLMBENCH_LEASE_MAX", "RESOURCE_MAX_OCCUPATION_TIME"),
+        "Seconds a lease on a shared resource may be held (default 900)",
+    ),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the run needs to know, resolved once at configure time."""
+
+    models: tuple[ModelSpec, ...]
+    """Selected models, in command-line order."""
+    deadlines: Deadlines
+    deadline_sources: Mapping[str, str] = field(default_factory=dict)
+    """setting -> where its value came from (for the header)."""
+    store_dir: Path
+    concurrency: int = DEFAULT_CONCURRENCY
+    fresh: bool = False
+    rescore: bool = False
+    jsonl: Path | None = None
+    resources: Mapping[str, int] = field(default_factory=dict)
+    """Lease pools: name -> slots."""
+    sim_options: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Values from the rootdir's ``.env`` file (secrets included: never printed)."""
+
+    def api_key(self, model: ModelSpec) -> str | None:
+        """The model's key from the environment or ``.env``; never stored anywhere."""
+        if not model.api_key_env:
+            return None
+        return os.environ.get(model.api_key_env) or self.env.get(model.api_key_env) or None
+
+    def with_sim_url(self, url: str) -> Settings:
+        models = tuple(
+            dataclasses.replace(m, base_url=url) if m.simulated else m for m in self.models
+        )
+        return dataclasses.replace(self, models=models)
+
+
+# --- parsing helpers ---------------------------------------------------------------------
+
+
+def parse_seconds(value: object, where: str, *, allow_zero: bool = False) -> float:
+    """A positive number of seconds; ``where`` names the option/variable for the message."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number of seconds, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigError(f"{where}: expected a finite number of seconds, got {value!r}")
+    if number < 0 or (number == 0 and not allow_zero):
+        raise ConfigError(f"{where}: must be greater than 0, got {value!r}")
+    return number
+
+
+def parse_count(value: object, where: str, *, minimum: int = 0) -> int:
+    """A whole number >= ``minimum``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+    try:
+        number = int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{where}: must be at least {minimum}, got {value!r}")
+    return number
+
+
+def parse_bool(value: object, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Minimal ``.env`` reader: ``KEY=VALUE`` lines, ``#`` comments, optional quotes/export."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return values
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read .env file: {exc}") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].strip()
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE in .env file")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def read_file_config(rootdir: Path) -> tuple[dict[str, Any], Path | None]:
+    """``[tool.llmbench]`` of pyproject.toml, else the whole of ``llmbench.toml``."""
+    standalone = rootdir / "llmbench.toml"
+    if standalone.is_file():
+        return _load_toml(standalone), standalone
+    pyproject = rootdir / "pyproject.toml"
+    if pyproject.is_file():
+        data = _load_toml(pyproject).get("tool", {}).get("llmbench")
+        if data is not None:
+            if not isinstance(data, dict):
+                raise ConfigError(f"{pyproject}: [tool.llmbench] must be a table")
+            return data, pyproject
+    return {}, None
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+_MODEL_KEYS = {
+    "model", "base_url", "api_key_env", "params", "stream", "rpm", "tpm",
+    "max_connections", "headers",
+}
+
+
+def parse_model_table(name: str, table: object, where: str) -> ModelSpec:
+    """One ``[tool.llmbench.models.NAME]`` table."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: models.{name} must be a table")
+    unknown = set(table) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{where}: models.{name}: unknown key(s) {sorted(unknown)}; "
+            f"allowed: {sorted(_MODEL_KEYS)}"
+        )
+    if "api_key" in table:  # pragma: no cover - caught by the unknown-key check above
+        raise ConfigError(f"{where}: models.{name}: keys are read from the environment only")
+    base_url = table.get("base_url", "sim")
+    if not isinstance(base_url, str) or not (base_url == "sim" or "://" in base_url):
+        raise ConfigError(
+            f"{where}: models.{name}.base_url: expected an http(s) URL ending in /v1 "
+            f"or \"sim\", got {base_url!r}"
+        )
+    params = table.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: models.{name}.params must be a table")
+    def opt_num(key: str) -> float | None:
+        value = table.get(key)
+        return None if value is None else parse_seconds(value, f"{where}: models.{name}.{key}")
+    max_conn = table.get("max_connections")
+    return ModelSpec(
+        name=name,
+        model=str(table.get("model", name)),
+        base_url=base_url,
+        api_key_env=table.get("api_key_env", None if base_url == "sim" else "OPENAI_API_KEY"),
+        params=params,
+        stream=parse_bool(table.get("stream", False), f"{where}: models.{name}.stream"),
+        rpm=opt_num("rpm"),
+        tpm=opt_num("tpm"),
+        max_connections=None if max_conn is None else parse_count(
+            max_conn, f"{where}: models.{name}.max_connections", minimum=1
+        ),
+        headers={str(k): str(v) for k, v in dict(table.get("headers", {})).items()},
+    )
+
+
+def parse_model_arg(value: str, declared: Mapping[str, ModelSpec]) -> ModelSpec:
+    """``--llmbench-model`` value: a declared name, ``sim``, or ``NAME@BASE_URL``."""
+    value = value.strip()
+    if "@" in value:
+        name, _, url = value.partition("@")
+        if not name or "://" not in url:
+            raise ConfigError(
+                f"--llmbench-model {value!r}: expected NAME@BASE_URL, "
+                "e.g. local@http://127.0.0.1:8000/v1"
+            )
+        return ModelSpec(name=name, model=name, base_url=url, api_key_env="OPENAI_API_KEY")
+    if value in declared:
+        return declared[value]
+    if value == "sim":
+        return SIM_MODEL
+    known = ", ".join(sorted([*declared, "sim"]))
+    raise ConfigError(
+        f"--llmbench-model {value!r}: unknown model; declared: {known} "
+        "(declare it under [tool.llmbench.models] or pass NAME@BASE_URL)"
+    )
+
+
+def check_hierarchy(deadlines: Deadlines, max_turns: int = 1) -> str | None:
+    """Say which numbers break ``lease > task > api_timeout x (retries+1) x max_turns``."""
+    api_total = deadlines.api_timeout * (deadlines.api_retries + 1) * max_turns
+    problems = []
+    if not deadlines.task_timeout > api_total:
+        problems.append(
+            f"task_timeout {deadlines.task_timeout:g} s <= api_timeout {deadlines.api_timeout:g} s"
+            f" x (retries {deadlines.api_retries} + 1) x max_turns {max_turns} = {api_total:g} s"
+            " (late retries will be cut short by the task deadline)"
+        )
+    if not deadlines.lease_max > deadlines.task_timeout:
+        problems.append(
+            f"lease_max {deadlines.lease_max:g} s <= task_timeout {deadlines.task_timeout:g} s"
+            " (a lease may be reclaimed from a task that is still within its deadline)"
+        )
+    return "; ".join(problems) or None
+
+
+Getter = Callable[[str], Any]
+
+
+def resolve_deadlines(
+    *,
+    cli: Getter,
+    ini: Getter,
+    environ: Mapping[str, str],
+    dotenv: Mapping[str, str],
+    file_config: Mapping[str, Any],
+    file_path: Path | None,
+) -> tuple[Deadlines, dict[str, str]]:
+    """Apply the precedence to the four deadline settings; returns values and sources."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    file_deadlines = file_config.get("deadlines", {})
+    if not isinstance(file_deadlines, dict):
+        raise ConfigError(f"{file_path}: deadlines must be a table")
+    for key, (dest, env_vars, _help) in DEADLINE_SOURCES.items():
+        option = "--" + dest.replace("_", "-")
+        candidates: list[tuple[object, str]] = []
+        cli_value = cli(dest)
+        if cli_value is not None:
+            candidates.append((cli_value, f"option {option}"))
+        for var in env_vars:
+            if environ.get(var, "").strip():
+                candidates.append((environ[var], f"environment variable {var}"))
+        for var in env_vars:
+            if dotenv.get(var, "").strip():
+                candidates.append((dotenv[var], f".env variable {var}"))
+        ini_value = ini(dest)
+        if ini_value not in (None, ""):
+            candidates.append((ini_value, f"ini option {dest}"))
+        if key in file_deadlines:
+            candidates.append((file_deadlines[key], f"{file_path}: deadlines.{key}"))
+        if not candidates:
+            sources[key] = "default"
+            continue
+        raw, where = candidates[0]
+        if key == "api_retries":
+            values[key] = parse_count(raw, where)
+        else:
+            values[key] = parse_seconds(raw, where)
+        sources[key] = where
+    return Deadlines(**values), sources
+
+
+def deadline_overrides(raw: Mapping[str, Any], where: str) -> dict[str, float]:
+    """Validate per-item overrides (suite ``deadlines`` table or ``llmbench`` marker)."""
+    out: dict[str, float] = {}
+    for key, value in raw.items():
+        if key not in DEADLINE_SOURCES:
+            raise ConfigError(f"{where}: unknown deadline {key!r}; allowed: {sorted(DEADLINE_SOURCES)}")
+        out[key] = parse_count(value, f"{where}.{key}") if key == "api_retries" else parse_seconds(
+            value, f"{where}.{key}"
+        )
+    return out
+
+
+def declared_models(file_config: Mapping[str, Any], where: str) -> dict[str, ModelSpec]:
+    models = file_config.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{where}: models must be a table of tables")
+    return {name: parse_model_table(name, table, where) for name, table in models.items()}
+
+
+def select_models(
+    cli_models: Sequence[str], ini_models: Sequence[str], declared: Mapping[str, ModelSpec],
+    file_default: object, where: str,
+) -> tuple[ModelSpec, ...]:
+    chosen: Sequence[str]
+    if cli_models:
+        chosen = cli_models
+    elif ini_models:
+        chosen = ini_models
+    elif file_default is not None:
+        if not isinstance(file_default, list) or not all(isinstance(x, str) for x in file_default):
+            raise ConfigError(f"{where}: default_models must be a list of model names")
+        chosen = file_default
+    else:
+        chosen = ["sim"]
+    models = [parse_model_arg(v, declared) for v in chosen]
+    names = [m.name for m in models]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"--llmbench-model: model(s) selected twice: {', '.join(dupes)}")
+    return tuple(models)
+
+
+def load_settings(config: Any) -> Settings:
+    """Build ``Settings`` from a ``pytest.Config`` (CLI, ini), the environment and files."""
+    rootdir = Path(config.rootpath)
+    file_config, file_path = read_file_config(rootdir)
+    where = str(file_path) if file_path else "[tool.llmbench]"
+    unknown = set(file_config) - {
+        "models", "default_models", "deadlines", "resources", "store", "concurrency", "sim",
+    }
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {sorted(unknown)}; allowed: models, default_models, "
+            "deadlines, resources, store, concurrency, sim"
+        )
+    dotenv = read_dotenv(rootdir / ".env")
+
+    def cli(dest: str) -> Any:
+        return config.getoption(dest, None)
+
+    def ini(name: str) -> Any:
+        return config.getini(name)
+
+    deadlines, sources = resolve_deadlines(
+        cli=cli, ini=ini, environ=os.environ, dotenv=dotenv,
+        file_config=file_config, file_path=file_path,
+    )
+    declared = declared_models(file_config, where)
+    models = select_models(
+        cli("llmbench_models") or [], ini("llmbench_models") or [], declared,
+        file_config.get("default_models"), where,
+    )
+
+    store_raw = cli("llmbench_store") or ini("llmbench_store") or file_config.get("store") or DEFAULT_STORE
+    store_dir = Path(str(store_raw)).expanduser()
+    if not store_dir.is_absolute():
+        store_dir = rootdir / store_dir
+
+    concurrency_raw = cli("llmbench_concurrency")
+    if concurrency_raw is None:
+        concurrency_raw = os.environ.get("LLMBENCH_CONCURRENCY") or ini("llmbench_concurrency")
+    if concurrency_raw in (None, ""):
+        concurrency_raw = file_config.get("concurrency", DEFAULT_CONCURRENCY)
+    concurrency = parse_count(concurrency_raw, "llmbench concurrency", minimum=1)
+
+    resources_raw = file_config.get("resources", {})
+    if not isinstance(resources_raw, dict):
+        raise ConfigError(f"{where}: resources must be a table of pool = slots")
+    resources = {
+        str(name): parse_count(slots, f"{where}: resources.{name}", minimum=1)
+        for name, slots in resources_raw.items()
+    }
+    sim_options = file_config.get("sim", {})
+    if not isinstance(sim_options, dict):
+        raise ConfigError(f"{where}: sim must be a table of simulator options")
+
+    jsonl_raw = cli("llmbench_jsonl") or ini("llmbench_jsonl")
+    jsonl = None
+    if jsonl_raw:
+        jsonl = Path(str(jsonl_raw)).expanduser()
+        if not jsonl.is_absolute():
+            jsonl = Path(config.invocation_params.dir) / jsonl
+
+    fresh = cli("llmbench_fresh")
+    rescore = cli("llmbench_rescore")
+    settings = Settings(
+        models=models,
+        deadlines=deadlines,
+        deadline_sources=sources,
+        store_dir=store_dir,
+        concurrency=concurrency,
+        fresh=bool(fresh if fresh is not None else ini("llmbench_fresh")),
+        rescore=bool(rescore if rescore is not None else ini("llmbench_rescore")),
+        jsonl=jsonl,
+        resources=resources,
+        sim_options=sim_options,
+        env=dotenv,
+    )
+    if settings.fresh and settings.rescore:
+        raise ConfigError("--llmbench-fresh and --llmbench-rescore exclude each other; pick one")
+    return settings

@@ -1,0 +1,127 @@
+"""The plugin's exceptions and error classes, in one place.
+
+::
+
+    LLMBenchError
+    ├── ConfigError            bad option / ini / env value (-> pytest.UsageError)
+    ├── SuiteError             a suite file violates the schema (one collection error)
+    ├── ScorerError            unknown scorer or a scorer that raised
+    ├── StoreError             result store unusable (version mismatch, corrupt index)
+    ├── LeaseTimeout           a lease could not be acquired in time
+    └── APIError               a chat call failed for good (after the retry policy)
+        └── APITimeoutError    ... because its attempts timed out
+
+Every error that ends an item maps to exactly one *error class*, the string stored in the
+result and counted in the summary (``ERROR_CLASSES``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: error class -> human description (also the order used in summaries).
+ERROR_CLASSES: dict[str, str] = {
+    "api_error": "the endpoint answered with an error, after retries",
+    "api_timeout": "every attempt of an API call timed out",
+    "auth_error": "the endpoint refused the credentials (401/403): not retried",
+    "bad_request": "the endpoint rejected the request (400/404/422): not retried",
+    "connection_error": "the endpoint could not be reached",
+    "truncated": "a streamed answer ended without a finish reason",
+    "task_timeout": "the item exceeded its task deadline and its process was killed",
+    "lease_timeout": "a shared resource could not be leased in time, or was held too long",
+    "crashed": "the item's process died without a result",
+    "scorer_error": "the scorer raised or is unknown",
+    "sandbox_error": "the code sandbox failed",
+    "internal": "a bug in pytest-llmbench",
+}
+
+
+class LLMBenchError(Exception):
+    """Base of every error raised by the plugin."""
+
+
+class ConfigError(LLMBenchError):
+    """An option, ini key, environment variable or config file value is invalid."""
+
+
+class SuiteError(LLMBenchError):
+    """A suite file violates the schema: names the file, the key path and the fix."""
+
+    def __init__(self, path: str, key: str, problem: str, fix: str = "") -> None:
+        self.path, self.key, self.problem, self.fix = path, key, problem, fix
+        msg = f"{path}: {key}: {problem}" if key else f"{path}: {problem}"
+        if fix:
+            msg += f" ({fix})"
+        super().__init__(msg)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.key, self.problem, self.fix))
+
+
+class ScorerError(LLMBenchError):
+    """An unknown scorer, bad scorer options, or a scorer that raised."""
+
+
+class StoreError(LLMBenchError):
+    """The result store cannot be used as asked."""
+
+
+class LeaseTimeout(LLMBenchError):
+    """A lease on a named resource pool could not be acquired within the timeout."""
+
+    def __init__(self, pool: str, timeout: float) -> None:
+        self.pool, self.timeout = pool, timeout
+        super().__init__(f"no slot of resource pool {pool!r} became free within {timeout:g} s")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.pool, self.timeout))
+
+
+class APIError(LLMBenchError):
+    """A chat call failed for good. ``error_class`` is a key of ``ERROR_CLASSES``."""
+
+    def __init__(self, message: str, error_class: str = "api_error", status: int | None = None) -> None:
+        self.error_class, self.status = error_class, status
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.error_class, self.status))
+
+
+class APITimeoutError(APIError):
+    def __init__(self, message: str, error_class: str = "api_timeout", status: int | None = None) -> None:
+        super().__init__(message, error_class, status)
+
+
+# --- HTTP classification (the single place that decides what is retried) -----------------
+
+NEVER_RETRY = frozenset({400, 401, 403, 404, 422})
+RETRY = frozenset({408, 409, 429})
+
+
+def classify_status(status: int) -> tuple[str, bool]:
+    """Map an HTTP status to ``(attempt outcome / error class, retryable)``."""
+    if status in (401, 403):
+        return "auth_error", False
+    if status in NEVER_RETRY:
+        return "bad_request", False
+    if status == 429:
+        return "rate_limited", True
+    if status in RETRY:
+        return "api_error", True
+    if status >= 500:
+        return "server_error", True
+    return "api_error", False
+
+
+#: attempt outcome -> the item's error class when it is the last one.
+OUTCOME_TO_ERROR_CLASS: dict[str, str] = {
+    "timeout": "api_timeout",
+    "rate_limited": "api_error",
+    "server_error": "api_error",
+    "connection_error": "connection_error",
+    "truncated": "truncated",
+    "auth_error": "auth_error",
+    "bad_request": "bad_request",
+    "api_error": "api_error",
+}

@@ -1,0 +1,116 @@
+"""pytest entry point: options, configuration, collection hook and fixtures. Nothing else.
+
+The run's behaviour lives in ``session.LLMBenchSession``, registered in ``pytest_configure``;
+heavy modules are imported lazily so ``pytest --help`` and xdist workers start fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .config import DEADLINE_SOURCES, DEFAULT_CONCURRENCY, DEFAULT_STORE
+
+MODEL_HELP = "Model to evaluate: a name declared in [tool.llmbench.models], 'sim', or NAME@BASE_URL (repeatable)"
+STORE_HELP = "Directory of the result store (default: .llmbench in the rootdir)"
+CONCURRENCY_HELP = f"Items in flight at once in each pytest process (default {DEFAULT_CONCURRENCY})"
+FRESH_HELP = "Ignore stored results and run every item again"
+RESCORE_HELP = "Re-score stored completions with the current scorers, without calling any API"
+JSONL_HELP = "Write every item's record as JSON lines to this file"
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise pytest.UsageError(f"--llmbench-concurrency: expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise pytest.UsageError(f"--llmbench-concurrency: must be at least 1, got {value!r}")
+    return number
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("llmbench", "LLM evaluation (pytest-llmbench)")
+    group.addoption("--llmbench-model", action="append", default=[], dest="llmbench_models",
+                    metavar="MODEL", help=MODEL_HELP)
+    parser.addini("llmbench_models", MODEL_HELP, type="linelist", default=[])
+    for dest, _env, help_text in DEADLINE_SOURCES.values():
+        group.addoption("--" + dest.replace("_", "-"), dest=dest, default=None, metavar="N",
+                        help=help_text)
+        parser.addini(dest, help_text, default=None)
+    group.addoption("--llmbench-store", dest="llmbench_store", default=None, metavar="DIR",
+                    help=STORE_HELP)
+    parser.addini("llmbench_store", STORE_HELP, default=None)
+    group.addoption("--llmbench-concurrency", dest="llmbench_concurrency", default=None,
+                    type=_positive_int, metavar="K", help=CONCURRENCY_HELP)
+    parser.addini("llmbench_concurrency", CONCURRENCY_HELP, default=None)
+    group.addoption("--llmbench-fresh", dest="llmbench_fresh", action="store_true", default=None,
+                    help=FRESH_HELP)
+    parser.addini("llmbench_fresh", FRESH_HELP, type="bool", default=False)
+    group.addoption("--llmbench-rescore", dest="llmbench_rescore", action="store_true",
+                    default=None, help=RESCORE_HELP)
+    parser.addini("llmbench_rescore", RESCORE_HELP, type="bool", default=False)
+    group.addoption("--llmbench-jsonl", dest="llmbench_jsonl", default=None, metavar="FILE",
+                    help=JSONL_HELP)
+    parser.addini("llmbench_jsonl", JSONL_HELP, default=None)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "llmbench(api_timeout=, api_retries=, task_timeout=, lease_max=): per-item deadline overrides",
+    )
+    if config.option.help or getattr(config.option, "version", False):
+        return
+    from .errors import ConfigError
+    from .session import SESSION_KEY, LLMBenchSession
+    from .config import load_settings
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    session = LLMBenchSession(config, settings)
+    config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(session, "llmbench-session")
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    from .items import SuiteFile, looks_like_suite
+
+    if file_path.suffix == ".toml" and looks_like_suite(file_path):
+        return SuiteFile.from_parent(parent, path=file_path)  # type: ignore[no-any-return]
+    return None
+
+
+@pytest.fixture
+def llm(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A client for the configured model(s), with the API deadline layer and retries.
+
+    ``llm.chat("prompt")`` or ``llm.chat([{"role": "user", "content": ...}], model="name")``
+    returns a ``Completion``. The first selected model is the default.
+    """
+    from .client import LLMClient
+    from .session import SESSION_KEY
+
+    session = request.config.stash[SESSION_KEY]
+    marker = request.node.get_closest_marker("llmbench")
+    yield LLMClient(session, request.node.nodeid, dict(marker.kwargs) if marker else {})
+
+
+@pytest.fixture
+def llm_lease(request: pytest.FixtureRequest) -> Any:
+    """Acquire a lease on a named resource pool: ``with llm_lease("sandbox"): ...``."""
+    from .client import lease_factory
+    from .session import SESSION_KEY
+
+    return lease_factory(request.config.stash[SESSION_KEY])

@@ -1,0 +1,225 @@
+"""Plain data passed along the chain suite -> item -> engine -> store -> report.
+
+Everything here is immutable (or treated so), JSON-serialisable through ``to_dict`` /
+``from_dict`` and picklable, because records cross process boundaries (forked item
+children, xdist workers) and are written to the result store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = dict[str, str]
+"""One chat message: ``{"role": ..., "content": ...}``."""
+
+#: Item statuses as stored and reported.
+PASSED = "passed"
+FAILED = "failed"
+ERROR = "error"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deadlines:
+    """The three deadline layers of DESIGN.md section 3 (seconds)."""
+
+    api_timeout: float = 30.0
+    """One HTTP attempt (connect + full answer)."""
+    api_retries: int = 2
+    """Retries on top of the first attempt."""
+    task_timeout: float = 600.0
+    """The whole item: every turn, call and the scoring; enforced by killing its process."""
+    lease_max: float = 900.0
+    """Maximum occupation of one lease on a shared resource."""
+
+    def replace(self, **changes: Any) -> Deadlines:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """One model endpoint as configured (never holds the API key itself)."""
+
+    name: str
+    """Display name, used in node ids and summaries."""
+    model: str
+    """Model id sent to the endpoint."""
+    base_url: str
+    """Base URL ending in ``/v1``; the literal ``sim`` means the built-in simulator."""
+    api_key_env: str | None = None
+    """Name of the environment variable that holds the key (the key is never stored)."""
+    params: Mapping[str, Any] = field(default_factory=dict)
+    """Default sampling parameters (temperature, max_tokens, ...)."""
+    stream: bool = False
+    rpm: float | None = None
+    tpm: float | None = None
+    max_connections: int | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Extra non-secret headers (e.g. ``api-version`` for Azure is a query; see docs)."""
+
+    @property
+    def simulated(self) -> bool:
+        return self.base_url == "sim"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScorerSpec:
+    """Which scorer judges an answer, with its options and pass threshold."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    threshold: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    """One prompt x instance of a suite, rendered and validated; model-independent."""
+
+    suite_path: str
+    """Suite file path relative to the rootdir (posix separators)."""
+    suite_name: str
+    prompt_id: str
+    instance_id: str
+    turns: tuple[tuple[Message, ...], ...]
+    """Rendered messages per turn. Turn 0 holds the system prompt and the first user
+    message(s); each later turn holds the user message(s) appended after the model's
+    previous answer."""
+    expected: Any
+    scorer: ScorerSpec
+    params: Mapping[str, Any] = field(default_factory=dict)
+    """Sampling parameters from the suite/prompt/instance, over the model's defaults."""
+    repeats: int = 1
+    deadlines: Mapping[str, float] = field(default_factory=dict)
+    """Per-suite/prompt/instance deadline overrides (keys of ``Deadlines``)."""
+    tags: tuple[str, ...] = ()
+    line: int = 0
+    """Best-effort line of the prompt in the suite file, for reports."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Scorer-specific data of the instance (e.g. code tests), passed to the scorer."""
+
+    @property
+    def case_id(self) -> str:
+        return f"{self.prompt_id}[{self.instance_id}]"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Completion:
+    """One answer received from the endpoint."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency: float = 0.0
+    model: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attempt:
+    """One HTTP attempt of one call, as recorded for the item's result."""
+
+    turn: int
+    number: int
+    """1-based attempt number within the call."""
+    started: float
+    """Seconds since the item started."""
+    duration: float
+    outcome: str
+    """``ok`` or an error class (``timeout``, ``rate_limited``, ``server_error``...)."""
+    status: int | None = None
+    error: str = ""
+    wait: float = 0.0
+    """Seconds slept after this attempt before the next one."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Score:
+    """A scorer's judgement: ``value`` in [0, 1] and a short human explanation."""
+
+    value: float
+    explanation: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    return value
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, mappings and sequences to plain JSON types (tuples become lists)."""
+    return _to_jsonable(value)
+
+
+@dataclass(kw_only=True)
+class ItemResult:
+    """Everything known about one finished (or killed) item; what the store holds.
+
+    ``status`` is ``passed`` / ``failed`` (the model was wrong) / ``error`` (we could not
+    judge: ``error_class`` says why, e.g. ``api_error``, ``task_timeout``).
+    """
+
+    key: str
+    """Content hash of everything that determines the result (see ``store.item_key``)."""
+    identity: dict[str, Any]
+    """suite, prompt, instance, model, repeat, nodeid."""
+    status: str
+    error_class: str | None = None
+    error: str = ""
+    deadline_layer: str | None = None
+    """``api``, ``task`` or ``lease`` when a deadline fired."""
+    messages: list[Message] = field(default_factory=list)
+    """The whole conversation sent, including the model's earlier-turn answers."""
+    completions: list[dict[str, Any]] = field(default_factory=list)
+    answer: str | None = None
+    expected: Any = None
+    score: float | None = None
+    threshold: float = 1.0
+    explanation: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    started_at: float = 0.0
+    """Unix time the item started."""
+    elapsed: float = 0.0
+    latency: float = 0.0
+    """Sum of the successful completions' latencies."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    turn: int = 0
+    """Turn reached (0-based) when the item ended."""
+    cached: bool = False
+    """Set when reported from the store rather than run now (not part of the record)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = to_jsonable(self)
+        data.pop("cached", None)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ItemResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown result fields: {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreRequest:
+    """What a scorer gets: the model's final answer and the instance's expectations."""
+
+    answer: str
+    expected: Any
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """The scorer's options from the suite (e.g. ``tolerance``)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Scorer-specific instance data (``Case.extra``), e.g. code tests."""
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    """suite / prompt / instance / model / repeat / nodeid of the item being scored."""

@@ -1,0 +1,334 @@
+"""The run's state and behaviour, registered as a plugin object at configure time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from . import report
+from .config import Settings, check_hierarchy, deadline_overrides
+from .errors import ConfigError, ScorerError
+from .records import ERROR, ItemResult, ModelSpec, ScorerSpec
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .lease import LeaseManager
+    from .items import LLMItem
+    from .runner import Job, Scorer
+    from .sim.control import SimServer
+    from .store import Store
+
+log = logging.getLogger("pytest_llmbench")
+
+SESSION_KEY = pytest.StashKey["LLMBenchSession"]()
+
+
+class LLMBenchSession:
+    """Owns settings, the store, the engine and the simulator for one pytest process."""
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+        self.is_worker = workerinput is not None
+        self.run_id: str = (
+            workerinput["llmbench_run_id"]
+            if workerinput and "llmbench_run_id" in workerinput
+            else secrets.token_hex(8)
+        )
+        self.sim_url: str | None = (workerinput or {}).get("llmbench_sim_url") or os.environ.get(
+            "LLMBENCH_SIM_URL"
+        )
+        self._sim: SimServer | None = None
+        self._store: Store | None = None
+        self._engine: Engine | None = None
+        self._leases: LeaseManager | None = None
+        self._scorers: dict[str, Scorer] = {}
+        self._markers: set[str] = set()
+        self.suite_errors = 0
+        self.other_collect_errors = 0
+        self.reported: dict[str, bool] = {}
+        """llmbench key -> cached, from every item report this process saw."""
+
+    # --- shared pieces, created on first use ---------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from .store import Store
+
+            self._store = Store.open(self.settings.store_dir)
+        return self._store
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            from .engine import Engine
+
+            self._engine = Engine(
+                store=self.store,
+                run_id=self.run_id,
+                concurrency=self.settings.concurrency,
+                make_job=self.make_job,
+                key_of=lambda item: getattr(item, "key", None) if _is_llm_item(item) else None,
+                fresh=self.settings.fresh,
+            )
+        return self._engine
+
+    @property
+    def leases(self) -> LeaseManager:
+        """Resource pools of ``[tool.llmbench.resources]``, shared through file locks."""
+        if self._leases is None:
+            from .lease import LeaseManager
+
+            self._leases = LeaseManager(
+                self.settings.store_dir, dict(self.settings.resources),
+                self.settings.deadlines.lease_max,
+            )
+        return self._leases
+
+    def ensure_sim(self) -> str:
+        """URL of the simulator, starting one (a subprocess) the first time it is needed."""
+        if self.sim_url is None:
+            from .sim.control import SimServer
+
+            self._sim = SimServer.start(**dict(self.settings.sim_options))
+            self.sim_url = self._sim.base_url
+            log.info("started the simulator at %s", self.sim_url)
+        return self.sim_url
+
+    def uses_sim(self) -> bool:
+        return any(m.simulated for m in self.settings.models)
+
+    # --- collection ----------------------------------------------------------------------
+
+    def check_scorer(self, spec: ScorerSpec) -> None:
+        from .scoring import validate_options
+
+        self._resolve_scorer(spec)
+        validate_options(spec, hook=self.config.pluginmanager.hook, rootdir=self.config.rootpath)
+
+    def check_expected(self, spec: ScorerSpec, expected: Any) -> None:
+        from .scoring import validate_options
+
+        validate_options(
+            spec, expected, hook=self.config.pluginmanager.hook, rootdir=self.config.rootpath
+        )
+
+    def _resolve_scorer(self, spec: ScorerSpec) -> Scorer:
+        cache_key = spec.name
+        scorer = self._scorers.get(cache_key)
+        if scorer is None:
+            from .scoring import resolve_scorer
+
+            scorer = resolve_scorer(spec, self.config.pluginmanager, rootdir=self.config.rootpath)
+            self._scorers[cache_key] = scorer
+        return scorer
+
+    def register_marker(self, tag: str) -> None:
+        if tag not in self._markers:
+            self._markers.add(tag)
+            self.config.addinivalue_line("markers", f"{tag}: suite tag (pytest-llmbench)")
+
+    def key_for(self, item: LLMItem) -> str:
+        from .store import item_key
+
+        case, model = item.case, item.model
+        return item_key(
+            messages=[list(turn) for turn in case.turns],
+            model=model.model,
+            base_url=model.base_url,
+            params={**model.params, **case.params},
+            scorer={"name": case.scorer.name, "options": dict(case.scorer.options),
+                    "threshold": case.scorer.threshold},
+            repeat=item.repeat,
+            extra={"expected": case.expected, "extra": dict(case.extra)},
+        )
+
+    # --- running -------------------------------------------------------------------------
+
+    def deadlines_for(self, item: LLMItem) -> Any:
+        overrides: dict[str, float] = dict(item.case.deadlines)
+        marker = item.get_closest_marker("llmbench")
+        if marker is not None:
+            try:
+                overrides.update(deadline_overrides(marker.kwargs, f"{item.nodeid}: llmbench marker"))
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
+        if "api_retries" in overrides:
+            overrides["api_retries"] = int(overrides["api_retries"])
+        return self.settings.deadlines.replace(**overrides)
+
+    def resolved_model(self, model: ModelSpec) -> ModelSpec:
+        if model.simulated:
+            return dataclasses.replace(model, base_url=self.ensure_sim())
+        return model
+
+    def make_job(self, item: LLMItem) -> Job | ItemResult:
+        from .runner import Job
+
+        identity = {**item.identity, "run_id": self.run_id}
+        try:
+            scorer = self._resolve_scorer(item.case.scorer)
+        except ScorerError as exc:
+            return ItemResult(key=item.key, identity=identity, status=ERROR,
+                              error_class="scorer_error", error=str(exc),
+                              expected=item.case.expected)
+        rescore_from = None
+        if self.settings.rescore:
+            stored = self.store.get(item.key)
+            if stored is not None and stored.completions and stored.answer is not None:
+                rescore_from = stored
+        return Job(
+            key=item.key,
+            nodeid=item.nodeid,
+            identity=identity,
+            case=item.case,
+            model=self.resolved_model(item.model),
+            deadlines=self.deadlines_for(item),
+            api_key=self.settings.api_key(item.model),
+            scorer=scorer,
+            rescore_from=rescore_from,
+        )
+
+    def result_for(self, item: LLMItem) -> ItemResult:
+        result = self.engine.wait(item, item.session.items)
+        result.cached = result.identity.get("run_id") != self.run_id
+        self.config.hook.pytest_llmbench_result(result=result, item=item)
+        return result
+
+    def properties(self, result: ItemResult) -> list[tuple[str, object]]:
+        return report.junit_properties(result)
+
+    def describe(self, item: LLMItem, result: ItemResult) -> str:
+        prompt = ""
+        for message in reversed(item.case.turns[-1]):
+            if message.get("role") == "user":
+                prompt = message.get("content", "")
+                break
+        return report.describe(result, prompt=prompt, model=item.model.name)
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        s = self.settings
+        models = ", ".join(
+            f"{m.name} ({'built-in simulator' if m.simulated else m.base_url})" for m in s.models
+        )
+        d = s.deadlines
+        src = s.deadline_sources
+        lines = [
+            f"llmbench: models {models}; store {s.store_dir}; concurrency {s.concurrency} per process",
+            "llmbench deadlines: "
+            f"api_timeout {d.api_timeout:g} s ({src.get('api_timeout', 'default')}), "
+            f"api_retries {d.api_retries} ({src.get('api_retries', 'default')}), "
+            f"task_timeout {d.task_timeout:g} s ({src.get('task_timeout', 'default')}), "
+            f"lease_max {d.lease_max:g} s ({src.get('lease_max', 'default')})",
+        ]
+        problem = check_hierarchy(d)
+        if problem:
+            lines.append(f"llmbench WARNING: deadline hierarchy violated: {problem}")
+        if s.fresh:
+            lines.append("llmbench: --llmbench-fresh: stored results are ignored and overwritten")
+        if s.rescore:
+            lines.append("llmbench: --llmbench-rescore: stored completions are re-scored, no API calls")
+        return lines
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist controller: hand the run id and the simulator URL to every worker."""
+        node.workerinput["llmbench_run_id"] = self.run_id
+        if self.uses_sim():
+            node.workerinput["llmbench_sim_url"] = self.ensure_sim()
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            if report.nodeid.endswith(".toml"):
+                self.suite_errors += 1
+            else:
+                self.other_collect_errors += 1
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> None:
+        """A broken suite file is its own collection error; the other files still run.
+
+        pytest stops the whole run on any collection error; when every failure is a suite
+        file (never a Python import error), the run goes on, and still exits non-zero.
+        """
+        if self.suite_errors and not self.other_collect_errors:
+            session.config.option.continue_on_collection_errors = True
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = dict(report.user_properties)
+        key = props.get("llmbench_key")
+        if isinstance(key, str):
+            self.reported[key] = props.get("cached") == "true"
+
+    def collect_results(self) -> list[ItemResult]:
+        if not self.reported:
+            return []
+        from .store import Store
+
+        store = self._store or Store.open(self.settings.store_dir)
+        found = store.lookup_many(list(self.reported))
+        results = []
+        for key, cached in self.reported.items():
+            result = found.get(key)
+            if result is not None:
+                result.cached = cached
+                results.append(result)
+        return results
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.is_worker or not self.reported:
+            return
+        from .summary import render_table, summarize
+
+        results = self.collect_results()
+        terminalreporter.section("llmbench summary")
+        terminalreporter.write_line(render_table(summarize(results)))
+        cached = sum(1 for r in results if r.cached)
+        if cached:
+            terminalreporter.write_line(
+                f"{cached} of {len(results)} items reported from the store (cached, no API call);"
+                " --llmbench-fresh runs them again"
+            )
+        if self.settings.jsonl is not None:
+            count = report.write_jsonl(self.settings.jsonl, results)
+            terminalreporter.write_line(f"llmbench: wrote {count} records to {self.settings.jsonl}")
+
+    def pytest_sessionfinish(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    def pytest_unconfigure(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+        if self._sim is not None:
+            self._sim.stop()
+            self._sim = None
+
+
+def _is_llm_item(item: Any) -> bool:
+    from .items import LLMItem
+
+    return isinstance(item, LLMItem)
+
+
+def dump_settings(settings: Settings) -> str:
+    """Settings as JSON for debugging, without secrets."""
+    data = dataclasses.asdict(settings)
+    data.pop("env", None)
+    return json.dumps(data, default=str, indent=2)
+
+
+__all__ = ["LLMBenchSession", "SESSION_KEY", "Path"]

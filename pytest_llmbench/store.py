@@ -1,0 +1,901 @@
+"""The crash-safe per-item result store, and the claims that make execution exactly-once.
+
+Layout under the store root (see ``docs/store.md``)::
+
+    store.json                     {"format": 1, "created": "..."}: written once, checked on open
+    results/<key[:2]>/<key>.json   one ItemResult per item, with "_v": 1
+    claims/<key[:2]>/<key>.claim   who is running the item right now (a ClaimHolder)
+    locks/<key[:2]>.lock           one filelock.FileLock (flock) per shard
+
+Why it is shaped this way:
+
+- A result is written to a temp file in its final directory, fsynced, then ``os.replace``-d
+  over the final name: a ``kill -9`` at any instant leaves the final file absent or whole,
+  so readers never need the lock.
+- Writers and claimers of one shard serialise on its flock, which the kernel drops when the
+  holder dies; nothing has to clean a lock up after a crash.
+- Bad data is never fatal: a torn, empty, hand-edited or misplaced result file is logged with
+  its path and reason, moved aside to ``*.corrupt``, and the item simply runs again.
+- The claim of an item names a process (pid + start time, so a reused pid is not mistaken
+  for the holder). A claim whose process is gone is stale and taken over; a live holder past
+  its deadline is reported ``overdue`` so the engine can kill it and ``force`` the claim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import marshal
+import os
+import re
+import socket
+import struct
+import time
+import uuid
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
+
+from .errors import StoreError
+from .records import ERROR, FAILED, PASSED, ItemResult
+
+log = logging.getLogger("pytest_llmbench.store")
+
+FORMAT_VERSION = 1
+"""Version of the store layout (``store.json``) and of each result record (``"_v"``)."""
+
+KEY_VERSION = 1
+"""Mixed into every item key: bump it when the key's composition changes."""
+
+LOCK_TIMEOUT = 120.0
+"""Seconds to wait for a shard lock; the lock is held for microseconds, so this only fires
+when a holder is frozen (SIGSTOP) or the file system does not honour flock."""
+
+_LOCK_POLL = 0.002
+_STATUSES = frozenset({PASSED, FAILED, ERROR})
+_KEY_RE = re.compile(r"[0-9A-Za-z_-]{2,128}\Z")
+_OWN_NAMES = frozenset({"store.json", "results", "claims", "locks"})
+
+
+# --- item keys ------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    """Make the few non-JSON types found in records serialisable, deterministically."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if isinstance(value, Path):
+        return value.as_posix()
+    return repr(value)
+
+
+def item_key(
+    *,
+    messages: Any,
+    model: str,
+    base_url: str,
+    params: Mapping[str, Any],
+    scorer: Mapping[str, Any],
+    repeat: int,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """The content hash of everything that determines an item's result (sha256 hex).
+
+    ``messages`` is the rendered conversation (any JSON-able nesting, e.g. ``Case.turns``),
+    ``scorer`` the scorer's name, options and threshold, ``extra`` anything else that changes
+    the result (expected answer, code tests...). The identity (node id) is deliberately not
+    part of it: renaming an instance must not cost an API call. Canonical JSON (sorted keys,
+    no spaces) keeps the key stable across processes and Python versions; about 10 us each.
+    """
+    doc = {
+        "v": KEY_VERSION,
+        "messages": messages,
+        "model": model,
+        "base_url": base_url,
+        "params": params,
+        "scorer": scorer,
+        "repeat": repeat,
+        "extra": extra or {},
+    }
+    text = json.dumps(
+        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(f"invalid item key {key!r}: expected 2-128 characters of [0-9A-Za-z_-]")
+    return key
+
+
+# --- result validation ----------------------------------------------------------------------
+
+_TYPE_NAMES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "float": (int, float),
+    "int": (int,),
+    "bool": (bool,),
+    "None": (type(None),),
+    "list": (list,),
+    "dict": (dict,),
+}
+
+
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """JSON types each ``ItemResult`` field may hold, read from its (string) annotations."""
+    out: dict[str, tuple[type, ...]] = {}
+    for f in dataclasses.fields(ItemResult):
+        allowed: tuple[type, ...] = ()
+        for part in str(f.type).split("|"):
+            base = part.strip().split("[", 1)[0]
+            if base not in _TYPE_NAMES:
+                break  # Any or something unusual: do not check this field
+            allowed += _TYPE_NAMES[base]
+        else:
+            out[f.name] = allowed
+    return out
+
+
+_FIELD_TYPES = _field_types()
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ItemResult)) - {"cached"}
+_REQUIRED = frozenset(
+    f.name
+    for f in dataclasses.fields(ItemResult)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+)
+
+
+def _parse_result(raw: bytes, key: str | None) -> tuple[ItemResult | None, str]:
+    """Decode one stored record; on bad data return ``(None, reason)`` rather than raise."""
+    if not raw.strip():
+        return None, "empty file"
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        return None, f"invalid JSON, probably truncated ({exc})"
+    if not isinstance(data, dict):
+        return None, f"expected a JSON object, found {type(data).__name__}"
+    version = data.pop("_v", None)
+    if version != FORMAT_VERSION:
+        return None, f"record version {version!r}, expected {FORMAT_VERSION}"
+    unknown = data.keys() - _FIELD_NAMES
+    if unknown:
+        return None, f"unknown field(s) {', '.join(sorted(unknown))}"
+    missing = _REQUIRED - data.keys()
+    if missing:
+        return None, f"missing field(s) {', '.join(sorted(missing))}"
+    for name, value in data.items():
+        allowed = _FIELD_TYPES.get(name)
+        if allowed is not None and not isinstance(value, allowed):
+            return None, f"field {name!r} holds a {type(value).__name__}"
+    if key is not None and data["key"] != key:
+        return None, f"holds key {data['key']!r}, not the {key!r} of its file name"
+    if data["status"] not in _STATUSES:
+        return None, f"bad status {data['status']!r}"
+    try:
+        return ItemResult.from_dict(data), ""
+    except (TypeError, ValueError) as exc:
+        return None, str(exc)
+
+
+# --- claims ---------------------------------------------------------------------------------
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of a live process in clock ticks since boot (``/proc/PID/stat`` field 22).
+
+    ``None`` when the process is gone or a zombie (it cannot be doing work). Without
+    ``/proc`` (not Linux) a live process gives 0, meaning "start time unknown".
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        if os.path.isdir("/proc/self"):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return 0
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = raw[raw.rindex(b")") + 2 :].split()
+    if rest[0] in (b"Z", b"X", b"x"):
+        return None
+    return int(rest[19])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimHolder:
+    """Who runs an item: a process named by pid *and* start time, so pid reuse is detected."""
+
+    pid: int
+    start_time: int
+    """Clock ticks since boot (``/proc/PID/stat`` field 22); 0 when unknown."""
+    host: str
+    run_id: str
+    claimed_at: float
+    """Unix time of the claim."""
+    deadline: float
+    """Unix time after which a live holder is overdue (task deadline + grace)."""
+
+    @classmethod
+    def current(cls, *, run_id: str, deadline: float, pid: int | None = None) -> ClaimHolder:
+        """A holder for this process (or ``pid`` on this host), claimed now."""
+        pid = os.getpid() if pid is None else pid
+        return cls(
+            pid=pid,
+            start_time=process_start_time(pid) or 0,
+            host=socket.gethostname(),
+            run_id=run_id,
+            claimed_at=time.time(),
+            deadline=deadline,
+        )
+
+    def same_process(self, other: ClaimHolder) -> bool:
+        """Ownership is by process, not by run: a process may re-claim what it holds."""
+        return (self.host, self.pid, self.start_time) == (other.host, other.pid, other.start_time)
+
+    def is_local(self) -> bool:
+        return self.host == socket.gethostname()
+
+    def is_alive(self) -> bool:
+        """Whether the holding process still exists; a holder on another host cannot be
+        checked and counts as alive (until its deadline, see ``Store.claim``)."""
+        if not self.is_local():
+            return True
+        started = process_start_time(self.pid)
+        if started is None:
+            return False
+        return self.start_time == 0 or started == 0 or started == self.start_time
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClaimHolder:
+        try:
+            holder = cls(
+                pid=int(data["pid"]),
+                start_time=int(data["start_time"]),
+                host=str(data["host"]),
+                run_id=str(data["run_id"]),
+                claimed_at=float(data["claimed_at"]),
+                deadline=float(data["deadline"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad claim record: {exc!r}") from None
+        return holder
+
+
+ClaimKind = Literal["claimed", "busy", "done", "overdue"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimResult:
+    """The answer of ``Store.claim``.
+
+    - ``claimed``: the caller now holds the item and must run it (``took_over`` names the
+      stale or forced holder it replaced, if any);
+    - ``busy``: ``holder`` is alive and within its deadline: wait for its result;
+    - ``overdue``: ``holder`` is alive but past its deadline: kill it, then claim with force;
+    - ``done``: a final (non-error) ``result`` is stored: report it, run nothing.
+    """
+
+    kind: ClaimKind
+    result: ItemResult | None = None
+    holder: ClaimHolder | None = None
+    took_over: ClaimHolder | None = None
+
+
+# --- file helpers and the per-shard index ---------------------------------------------------
+
+
+def _read_file(path: str) -> tuple[bytes, os.stat_result]:
+    """A whole small file and its fstat, with the fewest syscalls (the resume hot path)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        chunks = []
+        while chunk := os.read(fd, max(st.st_size + 1, 4096)):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks), st
+
+
+def _write_new(path: str, data: bytes, *, fsync: bool) -> os.stat_result:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+        return os.fstat(fd)  # a rename keeps inode, size and mtime: the index entry's check
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Building 10^5 records with nested containers triggers a cyclic GC pass every few
+    hundred objects (40 % of lookup time, measured); none of them is garbage."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _encode_result(result: ItemResult) -> tuple[bytes, dict[str, Any] | None]:
+    """The result file's bytes, and the record for the index (``None`` when the JSON had to
+    convert a value, so the record would not equal what a reader of the file gets)."""
+    _check_key(result.key)
+    if result.status not in _STATUSES:
+        raise ValueError(f"item {result.key}: bad status {result.status!r}")
+    record = result.to_dict()
+    converted = False
+
+    def default(value: Any) -> Any:
+        nonlocal converted
+        converted = True
+        return _json_default(value)
+
+    doc = {"_v": FORMAT_VERSION, **record}
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), default=default)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates in a model's answer: escape them
+        data = json.dumps(doc, separators=(",", ":"), default=default).encode("ascii")
+    return data, None if converted else record
+
+
+# The index: results/<shard>/.index, a cache of the shard's records in marshal format, which
+# decodes ~3x faster than JSON and spares one open per result. Frames of
+# (magic, length, crc32, marshal([entry, ...])), appended by put() under the shard lock and
+# compacted by lookup_many(). An entry (key, inode, size, mtime_ns, record) is used only while
+# the result file still has that inode, size and mtime, so the JSON files stay the truth and a
+# lost, torn or stale index only costs speed. Safe to delete at any time.
+_INDEX = ".index"
+_FRAME = struct.Struct("<4sII")
+_MAGIC = b"LBI1"
+_MARSHAL_VERSION = 4
+IndexEntry = tuple[str, int, int, int, dict[str, Any]]
+
+
+def _index_entry(key: str, st: os.stat_result, record: dict[str, Any]) -> IndexEntry:
+    return (key, st.st_ino, st.st_size, st.st_mtime_ns, record)
+
+
+def _index_frame(entries: list[IndexEntry]) -> bytes:
+    payload = marshal.dumps(entries, _MARSHAL_VERSION)
+    return _FRAME.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def _load_index(path: str) -> tuple[dict[str, IndexEntry], int, bool]:
+    """``(last entry per key, number of entries, whether every frame was sound)``; reading
+    stops at the first bad frame (a writer killed mid-append)."""
+    try:
+        raw = _read_file(path)[0]
+    except FileNotFoundError:
+        return {}, 0, True
+    except OSError:
+        return {}, 0, False
+    entries: dict[str, IndexEntry] = {}
+    count = pos = 0
+    while pos < len(raw):
+        try:
+            magic, size, crc = _FRAME.unpack_from(raw, pos)
+            payload = raw[pos + _FRAME.size : pos + _FRAME.size + size]
+            if magic != _MAGIC or len(payload) != size or zlib.crc32(payload) != crc:
+                return entries, count, False
+            for entry in marshal.loads(payload):
+                entries[entry[0]] = entry
+                count += 1
+        except (struct.error, ValueError, EOFError, TypeError, IndexError, KeyError):
+            return entries, count, False
+        pos += _FRAME.size + size
+    return entries, count, True
+
+
+def _append_index(folder: str, entries: list[IndexEntry]) -> None:
+    """Best effort (the caller holds the shard lock): a failure only costs speed later."""
+    try:
+        frame = _index_frame(entries)
+        fd = os.open(f"{folder}/{_INDEX}", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, frame)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as exc:
+        log.debug("could not append to the index of %s: %s", folder, exc)
+
+
+# --- the store ------------------------------------------------------------------------------
+
+
+class Store:
+    """A result store rooted at one directory; open it with ``Store.open``.
+
+    One instance per process is enough (it caches lock objects and created directories;
+    both are reset after a fork). Reads take no lock; writes and claims lock one shard.
+    """
+
+    def __init__(self, root: Path, *, readonly: bool = False, fsync: bool = True) -> None:
+        self.root = root
+        self.readonly = readonly
+        self.fsync = fsync
+        self._results = root / "results"
+        self._claims = root / "claims"
+        self._lockdir = root / "locks"
+        self._pid = os.getpid()
+        self._locks: dict[str, FileLock] = {}
+        self._made: set[str] = set()
+        self._me: ClaimHolder | None = None
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r}, readonly={self.readonly})"
+
+    # -- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, root: Path, *, create: bool = True, readonly: bool = False, fsync: bool = True
+    ) -> Store:
+        """Open (and with ``create`` make) the store at ``root``, checking its format.
+
+        ``readonly`` (for the report CLI) never writes: corrupt files are reported but not
+        moved aside, and ``put``/``claim`` raise. Raises ``StoreError`` for a missing store
+        (``create=False``), a directory that is not a store, or another format version.
+        """
+        root = Path(root)
+        meta = root / "store.json"
+        if not meta.exists():
+            if not create or readonly:
+                raise StoreError(f"no result store at {root} (missing {meta})")
+            cls._create(root, meta)
+        cls._check_meta(root, meta)
+        store = cls(root, readonly=readonly, fsync=fsync)
+        if not readonly:
+            for sub in (store._results, store._claims, store._lockdir):
+                sub.mkdir(exist_ok=True)
+        return store
+
+    @staticmethod
+    def _create(root: Path, meta: Path) -> None:
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"cannot use {root} as a result store: it is not a directory")
+        if root.is_dir():
+            foreign = [p.name for p in root.iterdir() if p.name not in _OWN_NAMES]
+            foreign = [n for n in foreign if not n.startswith(".store.json.")]
+            if foreign:
+                raise StoreError(
+                    f"{root} is not a pytest-llmbench result store (it has no store.json "
+                    f"but holds {', '.join(sorted(foreign)[:3])}...): point --llmbench-store "
+                    "to a new or empty directory"
+                )
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".store.json.{os.getpid()}.{uuid.uuid4().hex}"
+            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            body = json.dumps({"format": FORMAT_VERSION, "created": created}) + "\n"
+            _write_new(str(tmp), body.encode(), fsync=True)
+            try:
+                os.link(tmp, meta)  # first creator wins; a concurrent one reads ours
+            except FileExistsError:
+                pass
+            finally:
+                _unlink_quiet(str(tmp))
+        except OSError as exc:
+            raise StoreError(f"cannot create the result store at {root}: {exc}") from None
+
+    @staticmethod
+    def _check_meta(root: Path, meta: Path) -> None:
+        try:
+            data = json.loads(meta.read_bytes())
+            found = data["format"]
+            if not isinstance(found, int) or isinstance(found, bool):
+                raise TypeError(f"format {found!r} is not an integer")
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise StoreError(
+                f"result store metadata {meta} is unreadable ({exc!r}): use another "
+                f"--llmbench-store directory, or delete {root} to start afresh"
+            ) from None
+        if found == FORMAT_VERSION:
+            return
+        if found < FORMAT_VERSION:
+            age, fix = "older", "or re-run with the pytest-llmbench version that wrote it"
+        else:
+            age, fix = "newer", "or upgrade pytest-llmbench"
+        raise StoreError(
+            f"result store {root} has format {found} ({age}); this pytest-llmbench supports "
+            f"format {FORMAT_VERSION}: use another --llmbench-store directory, delete {root} "
+            f"to start afresh, {fix}"
+        )
+
+    # -- paths and locks ----------------------------------------------------------------
+
+    def result_path(self, key: str) -> Path:
+        return self._results / key[:2] / f"{key}.json"
+
+    def claim_path(self, key: str) -> Path:
+        return self._claims / key[:2] / f"{key}.claim"
+
+    def _after_fork(self) -> None:
+        if self._pid != os.getpid():
+            self._pid, self._locks, self._me = os.getpid(), {}, None
+
+    def _lock(self, shard: str) -> FileLock:
+        """The shard's file lock (re-entrant in one thread; flock, so dropped on kill -9)."""
+        self._after_fork()
+        lock = self._locks.get(shard)
+        if lock is None:
+            lock = self._locks[shard] = FileLock(
+                self._lockdir / f"{shard}.lock", timeout=LOCK_TIMEOUT
+            )
+        return lock
+
+    def _locked(self, shard: str) -> _Locked:
+        if self.readonly:
+            raise StoreError(f"result store {self.root} is open read-only")
+        return _Locked(self._lock(shard), self._lockdir / f"{shard}.lock")
+
+    def _dir(self, base: Path, shard: str) -> str:
+        path = str(base / shard)
+        if path not in self._made:
+            os.makedirs(path, exist_ok=True)
+            self._made.add(path)
+        return path
+
+    def _myself(self) -> ClaimHolder:
+        self._after_fork()
+        if self._me is None:
+            self._me = ClaimHolder.current(run_id="", deadline=0.0)
+        return self._me
+
+    # -- results ------------------------------------------------------------------------
+
+    def get(self, key: str) -> ItemResult | None:
+        """The stored result of ``key``; ``None`` if there is none or it is unusable."""
+        return self._read_result(str(self.result_path(_check_key(key))), key)[0]
+
+    def _read_result(self, path: str, key: str) -> tuple[ItemResult | None, os.stat_result | None]:
+        try:
+            raw, st = _read_file(path)
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            log.warning("unreadable result file %s: %s; the item will run again", path, exc)
+            return None, None
+        result, why = _parse_result(raw, key)
+        if result is None:
+            self._corrupt(path, key, why)
+        return result, st
+
+    def lookup_many(self, keys: Iterable[str]) -> dict[str, ItemResult]:
+        """Every stored, valid result among ``keys`` (``error`` ones included: the caller
+        decides what runs again). The resume fast path: one listing per shard spares the
+        failed opens of missing keys, and the shard index spares parsing JSON."""
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for key in keys:
+            by_shard[_check_key(key)[:2]].append(key)
+        found: dict[str, ItemResult] = {}
+        with _gc_paused():
+            for shard, wanted in by_shard.items():
+                self._lookup_shard(shard, wanted, found)
+        return found
+
+    def _lookup_shard(self, shard: str, wanted: list[str], found: dict[str, ItemResult]) -> None:
+        folder = f"{self._results}/{shard}"
+        try:
+            names = set(os.listdir(folder))
+        except FileNotFoundError:
+            return
+        present = [k for k in wanted if f"{k}.json" in names]
+        if not present:
+            return
+        index, count, sound = _load_index(f"{folder}/{_INDEX}")
+        fresh: list[IndexEntry] = []
+        for key in present:
+            if key in found:
+                continue
+            path = f"{folder}/{key}.json"
+            entry = index.get(key)
+            if entry is not None:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                if (st.st_ino, st.st_size, st.st_mtime_ns) == entry[1:4]:
+                    try:
+                        found[key] = ItemResult(**entry[4])
+                        continue
+                    except TypeError:
+                        pass  # a record of another records.py: read the file
+            result, st_read = self._read_result(path, key)
+            if result is not None and st_read is not None:
+                found[key] = result
+                fresh.append(_index_entry(key, st_read, result.to_dict()))
+        if self.readonly or not (fresh or not sound or count > 2 * len(names) + 16):
+            return
+        # Compact: the newest entry of each file still present. A put() racing with this
+        # loses its entry to the rename; the next lookup reads that file and heals it.
+        keep = {k: e for k, e in index.items() if f"{k}.json" in names}
+        keep.update((e[0], e) for e in fresh)
+        tmp = f"{folder}/.{_INDEX}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with self._locked(shard):
+                _write_new(tmp, _index_frame(list(keep.values())), fsync=False)
+                os.replace(tmp, f"{folder}/{_INDEX}")
+        except (OSError, ValueError) as exc:
+            _unlink_quiet(tmp)
+            log.debug("could not rewrite the index of %s: %s", folder, exc)
+
+    def _corrupt(self, path: str, key: str, why: str) -> None:
+        """Warn once: move the bad file aside (under the lock, re-checked, so a good file
+        written meanwhile is never moved) unless the store is read-only."""
+        if self.readonly:
+            log.warning("corrupt result file %s: %s", path, why)
+            return
+        aside = path + ".corrupt"
+        with self._locked(key[:2]):
+            try:
+                still_bad = _parse_result(_read_file(path)[0], key)[0] is None
+            except FileNotFoundError:
+                return
+            if still_bad:
+                os.replace(path, aside)
+        log.warning(
+            "corrupt result file %s: %s; the item will run again (moved to %s)", path, why, aside
+        )
+
+    def put(self, result: ItemResult, *, holder: ClaimHolder | None = None) -> Path:
+        """Store ``result`` atomically and durably, and drop the claim on its item if it is
+        ``holder``'s (default: this process's). Returns the result file's path.
+
+        A forked child that writes on behalf of the parent that claimed passes the parent's
+        holder. The temp file is written and fsynced outside the lock to keep the lock short.
+        """
+        data, record = _encode_result(result)
+        key = result.key
+        folder = self._dir(self._results, key[:2])
+        final = f"{folder}/{key}.json"
+        tmp = f"{folder}/.{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            st = _write_new(tmp, data, fsync=self.fsync)
+            with self._locked(key[:2]):
+                os.replace(tmp, final)
+                if record is not None:
+                    _append_index(folder, [_index_entry(key, st, record)])
+                self._drop_claim(key, holder or self._myself())
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+        if self.fsync:
+            _fsync_dir(folder)
+        return Path(final)
+
+    def put_many(self, results: Iterable[ItemResult], *, holder: ClaimHolder | None = None) -> int:
+        """Bulk ``put`` (imports, re-scoring): per shard one lock and one index append, and
+        two ``os.sync()`` for the whole batch instead of an fsync per file. Each file is
+        still absent or whole after a crash. Returns the number of results written."""
+        by_shard: dict[str, list[ItemResult]] = defaultdict(list)
+        for result in results:
+            by_shard[_check_key(result.key)[:2]].append(result)
+        staged: list[tuple[str, str, list[tuple[str, str, IndexEntry | None]]]] = []
+        try:
+            for shard, items in by_shard.items():
+                folder = self._dir(self._results, shard)
+                files: list[tuple[str, str, IndexEntry | None]] = []
+                staged.append((shard, folder, files))
+                for result in items:
+                    data, record = _encode_result(result)
+                    tmp = f"{folder}/.{result.key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+                    st = _write_new(tmp, data, fsync=False)
+                    entry = None if record is None else _index_entry(result.key, st, record)
+                    files.append((tmp, f"{folder}/{result.key}.json", entry))
+            if self.fsync:
+                os.sync()  # every temp file's data is on disk before any rename
+            me = holder or self._myself()
+            for shard, folder, files in staged:
+                with self._locked(shard):
+                    for tmp, final, _ in files:
+                        os.replace(tmp, final)
+                    _append_index(folder, [e for _, _, e in files if e is not None])
+                    for _, final, _ in files:
+                        self._drop_claim(os.path.basename(final)[:-5], me)
+        except BaseException:
+            for _, _, files in staged:
+                for tmp, _, _ in files:
+                    _unlink_quiet(tmp)
+            raise
+        if self.fsync:
+            os.sync()
+        return sum(len(files) for _, _, files in staged)
+
+    def iter_results(
+        self, *, on_corrupt: Callable[[Path, str], None] | None = None
+    ) -> Iterator[tuple[Path, ItemResult | None]]:
+        """Every result file in key order, ``(path, None)`` for a corrupt one (reported to
+        ``on_corrupt(path, reason)``, by default logged). Never modifies the store."""
+        if not self._results.is_dir():
+            return
+        for shard in sorted(os.listdir(self._results)):
+            folder = self._results / shard
+            if not folder.is_dir():
+                continue
+            for name in sorted(os.listdir(folder)):
+                if name.startswith(".") or not name.endswith(".json"):
+                    continue  # the index, temp files of killed writers, files moved aside
+                path = folder / name
+                try:
+                    result, why = _parse_result(_read_file(str(path))[0], name[:-5])
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    result, why = None, str(exc)
+                if result is None:
+                    if on_corrupt is None:
+                        log.warning("corrupt result file %s: %s", path, why)
+                    else:
+                        on_corrupt(path, why)
+                yield path, result
+
+    # -- claims -------------------------------------------------------------------------
+
+    def _read_claim(self, key: str) -> tuple[ClaimHolder | None, str]:
+        """``(holder, "")``, ``(None, "")`` when unclaimed, ``(None, reason)`` when corrupt."""
+        path = str(self.claim_path(key))
+        try:
+            raw = _read_file(path)[0]
+        except FileNotFoundError:
+            return None, ""
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("key") != key:
+                raise ValueError("not a claim of this item")
+            return ClaimHolder.from_dict(data), ""
+        except ValueError as exc:
+            return None, f"corrupt claim file {path}: {exc}"
+
+    def _write_claim(self, key: str, holder: ClaimHolder, *, replace: bool) -> bool:
+        """Write our claim whole (temp + link/rename); ``False`` if ``replace`` is off and a
+        claim appeared meanwhile (only possible where flock is not honoured, e.g. NFS)."""
+        folder = self._dir(self._claims, key[:2])
+        tmp = f"{folder}/.{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        body = json.dumps({"key": key, **holder.to_dict()}, separators=(",", ":")).encode()
+        _write_new(tmp, body, fsync=False)  # claims are ephemeral: no fsync needed
+        final = f"{folder}/{key}.claim"
+        try:
+            if replace:
+                os.replace(tmp, final)
+                return True
+            try:
+                os.link(tmp, final)  # O_EXCL semantics, also on NFS
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            if not replace:
+                _unlink_quiet(tmp)
+
+    def _drop_claim(self, key: str, holder: ClaimHolder) -> bool:
+        current, _ = self._read_claim(key)
+        if current is not None and current.same_process(holder):
+            _unlink_quiet(str(self.claim_path(key)))
+            return True
+        return False
+
+    def claim(self, key: str, *, holder: ClaimHolder, force: bool = False) -> ClaimResult:
+        """Try to become the one process that runs item ``key`` (see ``ClaimResult``).
+
+        A stored non-error result wins over everything (``done``). A claim held by the same
+        process is re-entrant. A local holder whose process is gone (or whose pid now
+        belongs to another process) is stale and taken over. A holder on another host cannot
+        be checked: it counts as alive until its deadline, then as stale. ``force`` takes
+        the claim from a live holder, after the caller has killed it (``overdue``).
+        """
+        _check_key(key)
+        with self._locked(key[:2]):
+            result = self.get(key)
+            if result is not None and result.status != ERROR:
+                return ClaimResult(kind="done", result=result)
+            current, why = self._read_claim(key)
+            if current is None:
+                if why:
+                    log.warning("%s; item %s is claimed afresh", why, key)
+                    self._write_claim(key, holder, replace=True)
+                    return ClaimResult(kind="claimed")
+                if self._write_claim(key, holder, replace=False):
+                    return ClaimResult(kind="claimed")
+                current, _ = self._read_claim(key)
+                if current is None:
+                    self._write_claim(key, holder, replace=True)
+                    return ClaimResult(kind="claimed")
+            if current.same_process(holder):
+                self._write_claim(key, holder, replace=True)
+                return ClaimResult(kind="claimed")
+            if force:
+                log.info(
+                    "taking over claim of item %s from pid %d on %s (forced)",
+                    key, current.pid, current.host,
+                )
+                self._write_claim(key, holder, replace=True)
+                return ClaimResult(kind="claimed", took_over=current)
+            past_deadline = time.time() > current.deadline
+            if not current.is_alive():
+                log.info("taking over stale claim of item %s from dead pid %d", key, current.pid)
+            elif not current.is_local() and past_deadline:
+                log.info(
+                    "taking over overdue claim of item %s from pid %d on host %s",
+                    key, current.pid, current.host,
+                )
+            elif past_deadline:
+                return ClaimResult(kind="overdue", holder=current)
+            else:
+                return ClaimResult(kind="busy", holder=current)
+            self._write_claim(key, holder, replace=True)
+            return ClaimResult(kind="claimed", took_over=current)
+
+    def claim_holder(self, key: str) -> ClaimHolder | None:
+        """The current holder of ``key``'s claim, if any (lock-free, for waiting loops)."""
+        return self._read_claim(_check_key(key))[0]
+
+    def release(self, key: str, holder: ClaimHolder) -> bool:
+        """Remove the claim on ``key`` if ``holder``'s process owns it; whether it did."""
+        with self._locked(_check_key(key)[:2]):
+            return self._drop_claim(key, holder)
+
+
+class _Locked:
+    """Context manager around a shard lock that turns a lock timeout into a StoreError."""
+
+    __slots__ = ("_lock", "_path")
+
+    def __init__(self, lock: FileLock, path: Path) -> None:
+        self._lock, self._path = lock, path
+
+    def __enter__(self) -> None:
+        try:
+            self._lock.acquire(poll_interval=_LOCK_POLL)
+        except LockTimeout:
+            raise StoreError(
+                f"could not lock {self._path} within {LOCK_TIMEOUT:g} s: a process holding it "
+                "is frozen, or the file system does not honour flock (see docs/store.md)"
+            ) from None
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shared_sim() -> Iterator[str]:
+    """One simulator for the tests that only need answers (not request counts)."""
+    from pytest_llmbench.sim.control import SimServer
+
+    server = SimServer.start()
+    try:
+        yield server.base_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sim_env(shared_sim: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point pytester runs at the shared simulator (no per-run start-up)."""
+    monkeypatch.setenv("LLMBENCH_SIM_URL", shared_sim)
+    for var in ("OPENAI_TIMEOUT", "OPENAI_MAX_RETRIES", "TASK_EXECUTION_TIMEOUT",
+                "RESOURCE_MAX_OCCUPATION_TIME", "LLMBENCH_CONCURRENCY"):
+        monkeypatch.delenv(var, raising=False)
+    return shared_sim
+
+
+def own_processes_with(token: str) -> list[int]:
+    """Pids whose command line or environment mentions ``token`` (leak checks)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        for name in ("cmdline", "environ"):
+            try:
+                with open(f"/proc/{entry}/{name}", "rb") as fh:
+                    if token.encode() in fh.read():
+                        found.append(int(entry))
+                        break
+            except OSError:
+                continue
+    return found
