@@ -39,9 +39,10 @@ it, the attempt timeout, the retry policy and the task-deadline cap:
   cross-process implementation lives elsewhere.
 
 The API key is sent, never logged, never put in an error message (error bodies that echo it
-are scrubbed). Log lines: ``[APITimeout] ...`` (WARNING) for each attempt that timed out,
-``[Retry] ...`` (INFO) before each retry and (WARNING) when a retry is given up because of
-the task deadline.
+are scrubbed). Log lines (WARNING): ``[APITimeout] ...`` for each attempt that timed out,
+``[Retry] ...`` before each retry, or when a retry is given up because of the task deadline.
+Streamed answers carry token usage only if the server is asked for it, e.g. with
+``params = { stream_options = { include_usage = true } }``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,13 @@ from functools import cache
 from typing import Any, Protocol, cast
 from urllib.parse import unquote, urlsplit
 
-from .errors import OUTCOME_TO_ERROR_CLASS, APIError, APITimeoutError, classify_status
+from .errors import (
+    OUTCOME_TO_ERROR_CLASS,
+    APIError,
+    APITimeoutError,
+    LLMBenchError,
+    classify_status,
+)
 from .records import Attempt, Completion, Deadlines, Message, ModelSpec
 
 __all__ = [
@@ -103,8 +110,13 @@ _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhos
 class RateLimiter(Protocol):
     """Seam for shared (cross-process) rate limiting, called around every attempt."""
 
-    def before_request(self, model: ModelSpec, est_tokens: int) -> None:
-        """Block until the request may be sent (may take task time, not attempt time)."""
+    def before_request(
+        self, model: ModelSpec, est_tokens: int, *, deadline: float | None = None
+    ) -> None:
+        """Block until the request may be sent (may take task time, not attempt time).
+
+        Raises an ``LLMBenchError`` (``ratelimit.RateLimitWait``) when the grant would come
+        after ``deadline`` (absolute ``time.monotonic()``)."""
 
     def on_response(
         self, model: ModelSpec, status: int, retry_after: float | None, tokens: int
@@ -248,10 +260,10 @@ def proxy_for(ep: Endpoint, env: Mapping[str, str]) -> tuple[str, int, dict[str,
         pport = parts.port or 80
     except ValueError:
         parts, pport = urlsplit(""), 0
-    if parts.scheme != "http" or not parts.hostname:
-        raise APIError(
-            f"unsupported proxy {parts.scheme or url!r}://...: only http:// proxies are "
-            f"supported (set no_proxy={ep.host} to bypass it)", "connection_error")
+    if parts.scheme != "http" or not parts.hostname:  # never echo the URL: it may hold a password
+        raise APIError(f"unsupported {ep.scheme}_proxy setting (scheme {parts.scheme!r}): only "
+                       f"http:// proxies are supported; set no_proxy={ep.host} to bypass it",
+                       "connection_error")
     headers: dict[str, str] = {}
     if parts.username is not None:
         cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -508,8 +520,7 @@ def _attempt(req: Request, model: ModelSpec, timeout: float, api_key: str | None
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
         if proxy and proxy[2]:
             headers = {**headers, **proxy[2]}
-    streaming = False
-    got_status = False
+    streaming = got_status = False
     try:
         conn.connect()
         sock = conn.sock
@@ -518,7 +529,7 @@ def _attempt(req: Request, model: ModelSpec, timeout: float, api_key: str | None
             raise TimeoutError
         sock.settimeout(left)
         conn.request("POST", target, body=req.body, headers=headers)
-        resp = http.client.HTTPResponse(sock,
+        resp = http.client.HTTPResponse(cast(socket.socket, _SockSource(sock, deadline)),
                                         method="POST")
         resp.begin()
         got_status = True
@@ -549,8 +560,6 @@ def _attempt(req: Request, model: ModelSpec, timeout: float, api_key: str | None
         raise _Failure("connection_error", "server closed the connection without a response",
                        True) from None
     except (ConnectionError, http.client.IncompleteRead) as exc:
-        if time.monotonic() >= deadline:
-            raise _Failure("timeout", f"timed out after {timeout:.2f} s", True) from None
         if streaming:
             raise _Failure("truncated", f"stream cut: {type(exc).__name__}", True) from None
         what = "response body cut short" if got_status else "connection reset"
@@ -568,7 +577,6 @@ def _attempt(req: Request, model: ModelSpec, timeout: float, api_key: str | None
                        True) from None
     finally:
         conn.close()
-
 
 
 # --- the call: attempts, waits, final error ---------------------------------------------
@@ -635,7 +643,14 @@ def chat(
     last: _Failure | None = None
     for number in range(1, total + 1):
         if limiter is not None:
-            limiter.before_request(model, req.est_tokens)
+            try:
+                limiter.before_request(
+                    model, req.est_tokens,
+                    deadline=None if task_deadline is None else task_deadline - MIN_ATTEMPT_TIME,
+                )
+            except LLMBenchError as exc:
+                raise _final_error(model, ep, number - 1, last,
+                                   f"rate limit: {exc}", True) from None
         start = time.monotonic()
         timeout = deadlines.api_timeout
         if task_deadline is not None:
@@ -649,6 +664,10 @@ def chat(
         except _Failure as exc:
             duration = time.monotonic() - start
             failure = last = exc
+        except BaseException:
+            if limiter is not None:  # frees a connection slot held for this attempt
+                limiter.on_response(model, 0, None, 0)
+            raise
         else:
             duration = time.monotonic() - start
             if limiter is not None:

@@ -14,6 +14,7 @@ records a ``task_timeout`` error with what the child reported so far.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -198,7 +199,7 @@ class Engine:
             "[ForcedRelease] item=%s holder=%d claimed %.1f s ago, past its deadline: killing it",
             key[:12], holder.pid, time.time() - holder.claimed_at,
         )
-        proc.kill_tree(holder.pid, grace=KILL_GRACE)
+        proc.kill_tree(holder.pid, start_time=holder.start_time, grace=KILL_GRACE)
 
     # --- children ------------------------------------------------------------------------
 
@@ -216,6 +217,9 @@ class Engine:
             os.close(read_fd)
             _child_main(job, write_fd, token, deadline, self.store)
         os.close(write_fd)
+        # Also set the group from the parent: a deadline may fire before the child runs.
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
         os.set_blocking(read_fd, False)
         child = Child(job=job, pid=pid, fd=read_fd, token=token, started=started, deadline=deadline)
         try:
@@ -309,22 +313,12 @@ class Engine:
                 status = 0
         self._read(child)
         self._close(child)
-        # Anything the item left behind in its group goes with it (cheap check first).
-        try:
-            os.killpg(child.pid, 0)
-        except OSError:
-            pass
-        else:
+        # Anything the item left behind in its group goes with it (one syscall to know).
+        if proc.group_exists(child.pid):
             proc.reap(proc.kill_tree(child.pid, pgid=child.pid, token=child.token, grace=0.2))
         result = child.result
         if result is None:
-            code = os.waitstatus_to_exitcode(status) if status is not None else None
-            result = self._error_result(
-                child,
-                "crashed",
-                f"item process exited with {'signal ' + str(-code) if code and code < 0 else 'code ' + str(code)}"
-                f" without a result{': ' + child.crash.strip().splitlines()[-1] if child.crash.strip() else ''}",
-            )
+            result = self._crash_result(child, status)
             self._put(result)
         self.done[child.job.key] = result
 
@@ -341,7 +335,7 @@ class Engine:
             os.waitpid(child.pid, 0)
         except ChildProcessError:
             pass
-        proc.reap(killed)
+        proc.reap(p for p in killed if p != child.pid)
         self._read(child)
         self._close(child)
         if child.result is not None:  # it finished in the very last moment
@@ -359,6 +353,28 @@ class Engine:
         result.details = {"limit": limit, "elapsed": elapsed, "turn": child.turn}
         self._put(result)
         self.done[child.job.key] = result
+
+    def _crash_result(self, child: Child, status: int | None) -> ItemResult:
+        """The child died without a result: a lease reclaim killed it, or it crashed."""
+        from .lease import find_reclaim
+
+        reclaim = find_reclaim(self.store.root, token=child.token)
+        if reclaim is not None:
+            result = self._error_result(
+                child,
+                "lease_timeout",
+                f"held resource {reclaim.resource!r} for {reclaim.held:.1f} s, over its limit of"
+                f" {reclaim.limit:g} s; its process tree was killed",
+            )
+            result.deadline_layer = "lease"
+            return result
+        code = os.waitstatus_to_exitcode(status) if status is not None else None
+        how = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
+        last = child.crash.strip().splitlines()[-1] if child.crash.strip() else ""
+        return self._error_result(
+            child, "crashed", f"item process exited with {how} without a result"
+            + (f": {last}" if last else ""),
+        )
 
     def _error_result(self, child: Child, error_class: str, message: str) -> ItemResult:
         job = child.job
@@ -445,7 +461,7 @@ def _child_main(job: Job, fd: int, token: str, deadline: float, store: Store) ->
         os.setpgid(0, 0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        os.environ["LLMBENCH_ITEM_TOKEN"] = token
+        proc.tag_process(token)
 
         def send(kind: str, data: Any) -> None:
             payload = (json.dumps([kind, data], default=str) + "\n").encode()

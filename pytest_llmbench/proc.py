@@ -314,7 +314,7 @@ def _signal(pid: int, start_time: int, sig: int, protected: set[int]) -> bool:
             return False
         try:
             os.kill(pid, sig)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             return False
         return True
     try:
@@ -324,6 +324,9 @@ def _signal(pid: int, start_time: int, sig: int, protected: set[int]) -> bool:
             return False
         signal.pidfd_send_signal(fd, sig)
     except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process carrying the token: not ours to kill
+        log.debug("kill_tree: no permission to signal %d", pid)
         return False
     finally:
         os.close(fd)

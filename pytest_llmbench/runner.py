@@ -47,6 +47,8 @@ class Job:
     api_key: str | None = field(default=None, repr=False)
     """Read from the environment by the parent; lives only in memory, never written."""
     scorer: Scorer | None = None
+    limiter: api.RateLimiter | None = None
+    """The machine-wide shared rate limiter (created in the parent, inherited by fork)."""
     rescore_from: ItemResult | None = None
     """With --llmbench-rescore: score these stored completions instead of calling the API."""
 
@@ -123,6 +125,7 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
                     item_started=t0,
                     on_attempt=on_attempt,
                     label=job.nodeid,
+                    limiter=job.limiter,
                 )
                 data = _completion_dict(completion, turn)
                 result.completions.append(data)

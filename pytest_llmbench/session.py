@@ -19,8 +19,9 @@ from .records import ERROR, ItemResult, ModelSpec, ScorerSpec
 
 if TYPE_CHECKING:
     from .engine import Engine
-    from .lease import LeaseManager
     from .items import LLMItem
+    from .lease import LeaseManager
+    from .ratelimit import SharedLimiter
     from .runner import Job, Scorer
     from .sim.control import SimServer
     from .store import Store
@@ -50,6 +51,7 @@ class LLMBenchSession:
         self._store: Store | None = None
         self._engine: Engine | None = None
         self._leases: LeaseManager | None = None
+        self._limiter: SharedLimiter | None = None
         self._scorers: dict[str, Scorer] = {}
         self._markers: set[str] = set()
         self.suite_errors = 0
@@ -93,6 +95,15 @@ class LLMBenchSession:
                 self.settings.deadlines.lease_max,
             )
         return self._leases
+
+    @property
+    def limiter(self) -> SharedLimiter:
+        """Rate limits and shared Retry-After per endpoint, for every process on the machine."""
+        if self._limiter is None:
+            from .ratelimit import SharedLimiter, default_root
+
+            self._limiter = SharedLimiter(default_root())
+        return self._limiter
 
     def ensure_sim(self) -> str:
         """URL of the simulator, starting one (a subprocess) the first time it is needed."""
@@ -195,6 +206,7 @@ class LLMBenchSession:
             deadlines=self.deadlines_for(item),
             api_key=self.settings.api_key(item.model),
             scorer=scorer,
+            limiter=self.limiter,
             rescore_from=rescore_from,
         )
 

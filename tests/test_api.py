@@ -7,9 +7,11 @@ small real servers defined here.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.utils
 import http.client
+import json
 import logging
 import random
 import shutil
@@ -43,9 +45,8 @@ KEY = "sk-test-SECRET-0123456789"
 USER = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
-def spec(base_url: str, **kw: object) -> ModelSpec:
-    return ModelSpec(name=str(kw.pop("name", "m1")), model=str(kw.pop("model", "sim-1")),
-                     base_url=base_url, **kw)  # type: ignore[arg-type]
+def spec(base_url: str, *, name: str = "m1", model: str = "sim-1", **kw: Any) -> ModelSpec:
+    return ModelSpec(name=name, model=model, base_url=base_url, **kw)
 
 
 # --- policy pieces (no network) ---------------------------------------------------------
@@ -111,8 +112,6 @@ def test_body_params_override_model_defaults_and_none_drops() -> None:
     model = spec("http://127.0.0.1:1/v1", params={"temperature": 0.7, "max_tokens": 50,
                                                   "top_p": 0.9}, stream=True)
     req = build_request(model, USER, {"temperature": 0.0, "top_p": None}, KEY)
-    import json
-
     body = json.loads(req.body)
     assert body == {"model": "sim-1", "messages": USER, "temperature": 0.0, "max_tokens": 50,
                     "stream": True}
@@ -139,8 +138,6 @@ def test_proxy_selection_and_no_proxy() -> None:
     assert got is not None
     host, port, headers = got
     assert (host, port) == ("proxy.corp", 3128)
-    import base64
-
     assert base64.b64decode(headers["Proxy-Authorization"].split()[1]) == b"u@x:p:w"
     assert proxy_for(parse_endpoint("http://models.example/v1"), env) == (
         "proxy.corp", 8080, {})

@@ -50,8 +50,8 @@ def score(answer: str, tests: list[dict[str, str]] | None = None, *, lease: Any 
 SUM = [{"stdin": "2 3\n", "stdout": "5\n"}, {"stdin": "10 -4\n", "stdout": "6\n"}]
 
 
-def sandbox_processes() -> list[int]:
-    """Live processes running under a sandbox uid (root mode) — must be none after a run."""
+def sandbox_processes(uid: int) -> list[int]:
+    """Live processes running under the sandbox ``uid`` (root mode): none after a run."""
     found = []
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -61,7 +61,7 @@ def sandbox_processes() -> list[int]:
                     state = f.read().rsplit(b")", 1)[1].split()[0]
             except OSError:
                 continue
-            if UID_BASE <= st.st_uid < UID_BASE + 2**23 and state != b"Z":
+            if st.st_uid == uid and state != b"Z":
                 found.append(int(name))
     return found
 
@@ -237,6 +237,11 @@ def test_bad_options_and_instances_are_scorer_errors() -> None:
         score(py("print(1)"), SUM, language="cobol")
     with pytest.raises(ScorerError, match="extra.tests or extra.test"):
         score(py("print(1)"))
+    from pytest_llmbench.codeexec import validate_options
+
+    validate_options({"time_limit": 0.5, "language": "cpp"})
+    with pytest.raises(ScorerError, match="max_wall_factor"):
+        validate_options({"max_wall_factor": 0.5})
     with pytest.raises(ScorerError, match="stdout"):
         score(py("print(1)"), [{"stdin": "1"}])  # type: ignore[list-item]
 
@@ -291,13 +296,14 @@ def test_fork_bomb_is_capped_and_nothing_survives() -> None:
     result, _ = run_program([str(PYTHON), "-u", "main.py"], files={"main.py": bomb.encode()},
                             limits=Limits(time=0.8, processes=12), env={"BOMB_MARK": mark})
     assert result.timed_out and result.error == ""
+    assert result.wall < 1.6  # several tasks: their CPU wait is not excused (max_wall 2.4)
     forks = int(result.stdout.split()[1])
     assert 1 <= forks <= 11  # the cap held (the main process counts as one)
     assert result.killed_leftovers >= forks
     time.sleep(0.05)
     assert processes_with_env(f"BOMB_MARK={mark}") == []
-    if ISO.switch_user:
-        assert sandbox_processes() == []
+    if ISO.switch_user:  # every process of this run's own uid is gone
+        assert sandbox_processes(UID_BASE + threading.get_native_id()) == []
 
 
 def test_item_token_is_passed_to_the_program(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -370,3 +376,33 @@ def test_score_code_uses_the_state_dir_pool(tmp_path: Path,
                                 options={"sandbox_slots": 2}, extra={"tests": SUM[:1]}))
     assert s.details["verdict"] == "OK"
     assert sorted(p.name for p in (tmp_path / "leases" / "sandbox").glob("*.lock"))
+
+
+def test_waiting_for_a_cpu_is_not_counted_as_run_time() -> None:
+    """Two busy processes share the program's only CPU: its wall time triples, its run does not."""
+    import subprocess
+    import sys
+
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    os.sched_setaffinity(0, {cpu})  # the hogs and the program inherit this one CPU
+    # Each hog in a session of its own: with autogroup scheduling every session gets a fair
+    # share, so the program (also a session) gets a third of the CPU.
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+            for _ in range(2)]
+    try:
+        prog = py("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.25:\n"
+                  "    pass\nprint('done')")
+        tests = [{"stdin": "", "stdout": "done\n"}]
+        fair = score(prog, tests, time_limit=0.5, max_raises=0, max_wall_factor=8.0)
+        strict = score(prog, tests, time_limit=0.5, max_raises=0, max_wall_factor=1.0)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        os.sched_setaffinity(0, before)
+    t = fair.details["tests"][0]
+    assert fair.details["verdict"] == "OK", fair.details["tests"]
+    assert t["wall"] > 0.5 and t["cpu_wait"] > 0.2 and t["wall"] - t["cpu_wait"] < 0.5
+    assert strict.details["verdict"] == "TLE"
+    assert strict.details["tests"][0]["wall"] < 1.0

@@ -100,7 +100,7 @@ def test_multiplier_is_capped_continuous_and_non_increasing() -> None:
     values = [multiplier_for(c) for c in grid]
     assert max(values) <= 10.0
     assert multiplier_for(0) == 10.0
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     # continuity at the boundaries
     assert multiplier_for(0.5 - 1e-9) == pytest.approx(3.0, abs=1e-6)
     assert multiplier_for(0.9 + 1e-9) == 2.0

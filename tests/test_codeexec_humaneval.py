@@ -56,7 +56,7 @@ def test_suite_has_all_164_problems_exactly(tmp_path: Path) -> None:
     problems = script.load_problems()
     cases = load_suite(out, rootdir=tmp_path).cases
     assert len(problems) == len(cases) == 164
-    for problem, case in zip(problems, cases):
+    for problem, case in zip(problems, cases, strict=True):
         assert case.case_id == f"complete[{problem['task_id'].replace('/', '-')}]"
         assert case.extra == {"prompt": problem["prompt"], "test": problem["test"],
                               "entry_point": problem["entry_point"]}

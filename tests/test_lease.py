@@ -169,6 +169,18 @@ def test_monitor_tick_cleans_dead_holder(tmp_path: Path, holder: Callable[..., H
     assert pool.monitor_tick() == []
 
 
+def test_lock_lost_by_live_holder_is_reported_abandoned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = LeasePool(tmp_path, "lost", 1)
+    lease = pool.acquire()
+    os.close(lease._fd)  # type: ignore[arg-type]  # the kernel drops the flock with it
+    lease._fd = None
+    (event,) = pool.monitor_tick()
+    assert (event.reason, event.holder) == ("abandoned", os.getpid())
+    assert _tagged(caplog, "[ForcedRelease]")[0].endswith("reason=abandoned")
+
+
 def test_over_time_holder_tree_killed_by_monitor(
     tmp_path: Path, holder: Callable[..., Holder], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -651,6 +651,7 @@ def test_parse_directives() -> None:
     ("What is 6 * 7? A) 42 B) 48 C) 36 D) 49", "A", "B"),
     ("Reply in uppercase: hello", "HELLO", "HELLo"),
     ("Reverse the word: stressed", "desserts", "edsserts"),
+    ("Reverse the words in: one two three", "three two one", "two three one"),
     ("Count the words in: the quick brown fox", "4", "5"),
     ("Repeat 'X' 3 times separated by spaces", "X X X", "X X X X"),
     ("Reply with exactly the word: banana", "banana", "ananab"),

@@ -16,7 +16,15 @@ from .heuristic import (
     presets_from_history,
     tle_multiplier,
 )
-from .judge import VERDICTS, CodeOptions, classify, judge, sandbox_lease, score_code
+from .judge import (
+    VERDICTS,
+    CodeOptions,
+    classify,
+    judge,
+    sandbox_lease,
+    score_code,
+    validate_options,
+)
 from .sandbox import Isolation, Limits, RunResult, probe_isolation, run_program
 
 __all__ = [
@@ -40,4 +48,5 @@ __all__ = [
     "sandbox_lease",
     "score_code",
     "tle_multiplier",
+    "validate_options",
 ]

@@ -6,7 +6,8 @@ tests after it are not run unless ``run_all``)::
     OK            the output matches (``heuristic.normalise`` on both sides)
     OK_EXTENDED   OK, but only with a limit raised by the TLE heuristic or a preset
     WA            wrong output (HumanEval style: an assertion of ``check`` failed)
-    TLE           killed at the wall limit (or the CPU-time backstop); compile too slow
+    TLE           killed at the time limit (wall time minus CPU wait, see sandbox.py; or
+                  the CPU-time backstop); compilation too slow
     RE            non-zero exit or a signal; compile error; HumanEval: exited before check
     MLE           RE with signs of memory exhaustion (MemoryError, std::bad_alloc, ENOMEM,
                   or a peak RSS within 10 % of the cap)
@@ -21,6 +22,7 @@ at most ``max_raises`` times (default 3), the test runs again with ``limit * mul
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -70,6 +72,9 @@ class CodeOptions:
     sandbox_retries: int = 1
     max_time_limit: float = 100.0
     """No raise or preset goes above this."""
+    max_wall_factor: float = 3.0
+    """The kill waits for the time the program spent waiting for a CPU, up to this multiple
+    of the limit (``sandbox.Limits.max_wall_factor``); 1.0 makes the limit a strict wall."""
     python: str = "auto"
     expect_verdict: str | None = None
     """Pass when the item's verdict equals this (demonstration suites); default: OK or OK_EXTENDED."""
@@ -102,17 +107,24 @@ class CodeOptions:
 def _validate(o: CodeOptions) -> None:
     if o.language is not None and o.language not in LANGUAGES:
         raise ValueError(f"language {o.language!r} is not one of {LANGUAGES}")
-    for name in ("time_limit", "compile_time_limit", "max_time_limit"):
+    for name in ("time_limit", "compile_time_limit", "max_time_limit", "max_wall_factor"):
         if not isinstance(getattr(o, name), (int, float)) or getattr(o, name) <= 0:
             raise ValueError(f"{name} must be a positive number, got {getattr(o, name)!r}")
     for name in ("memory_mb", "output_limit_kb", "max_processes", "max_raises", "sandbox_retries"):
         value = getattr(o, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if o.max_wall_factor < 1:
+        raise ValueError("max_wall_factor must be >= 1")
     if o.sandbox_retries > 2:
         raise ValueError("sandbox_retries is at most 2")
     if o.expect_verdict is not None and o.expect_verdict not in VERDICTS:
         raise ValueError(f"expect_verdict {o.expect_verdict!r} is not one of {VERDICTS}")
+
+
+def validate_options(options: Mapping[str, Any]) -> None:
+    """Check the scorer options at collection time (raises ``ScorerError``)."""
+    CodeOptions.parse(options, {})
 
 
 # --- leases -------------------------------------------------------------------------------
@@ -196,7 +208,8 @@ class _Test:
 
 
 def _summary(r: RunResult, verdict: str) -> dict[str, Any]:
-    return {"limit": r.limits.time, "verdict": verdict, "wall": r.wall, "cpu": r.cpu,
+    return {"limit": r.limits.time, "verdict": verdict, "wall": r.wall,
+            "cpu_wait": r.cpu_wait, "cpu": r.cpu,
             "exit_code": r.exit_code, "signal": r.signal}
 
 
@@ -208,8 +221,7 @@ def _judge_test(test: _Test, built: Built, opts: CodeOptions, limits: Limits, ru
     runs: list[dict[str, Any]] = []
     raised = retried = 0
     while True:
-        r, _ = runner(built.argv, limits=Limits(time=limit, memory_mb=limits.memory_mb,
-                      output_kb=limits.output_kb, processes=limits.processes),
+        r, _ = runner(built.argv, limits=dataclasses.replace(limits, time=limit),
                       stdin=test.stdin, files=built.files, label=f"test {test.number}")
         verdict = classify(r, test.expected, test.markers)
         runs.append(_summary(r, verdict))
@@ -243,7 +255,8 @@ def _judge_test(test: _Test, built: Built, opts: CodeOptions, limits: Limits, ru
     if verdict == OK and limit > base:
         verdict = OK_EXTENDED
     return {
-        "test": test.number, "verdict": verdict, "wall": r.wall, "cpu": r.cpu, "limit": limit,
+        "test": test.number, "verdict": verdict, "wall": r.wall, "cpu_wait": r.cpu_wait,
+        "cpu": r.cpu, "limit": limit,
         "base_limit": base, "exit_code": r.exit_code, "signal": r.signal,
         "stdout_head": r.stdout[:200], "stdout_chars": len(r.stdout.strip()),
         "stderr_tail": r.stderr[-500:], "maxrss_kb": r.maxrss_kb,
@@ -350,7 +363,8 @@ def judge(req: ScoreRequest, *, lease: LeaseFactory | None | bool = True,
                   compile_time_limit=opts.compile_time_limit, max_processes=opts.max_processes,
                   runner=runner)
     limits = Limits(time=float(opts.time_limit), memory_mb=opts.memory_mb,
-                    output_kb=opts.output_limit_kb, processes=opts.max_processes)
+                    output_kb=opts.output_limit_kb, processes=opts.max_processes,
+                    max_wall_factor=float(opts.max_wall_factor))
     results: list[dict[str, Any]] = []
     raises: list[dict[str, Any]] = []
     verdict = built.failure

@@ -13,9 +13,15 @@ exec:
 * a process cap (see below), a network namespace (see below), ``PR_SET_PDEATHSIG`` = SIGKILL
   (if the item process is killed, its running program dies with it).
 
-The parent enforces the wall limit: it waits on a pidfd with a timeout, SIGKILLs the process
-group and every other process of the run, then reaps the program with ``wait4`` (whose
-rusage gives the CPU time of the program and the children it waited for).
+The parent enforces the time limit on the wall clock, minus the time the program spent
+runnable but waiting for a CPU (``/proc/PID/schedstat`` ``run_delay`` of its main thread):
+load from other processes on the machine, which the lease pool cannot control, then delays
+the kill instead of turning into a false TLE, up to ``max_wall_factor`` x the limit (3 by
+default). A program that sleeps or blocks is not waiting for a CPU: its limit is not
+extended; nor is the limit of a run with several processes or threads at the moment the
+limit is reached (it may be waiting behind its own tasks: a fork bomb gets no extra time). The parent waits on a pidfd, SIGKILLs the process group and every other process
+of the run when the time is up, then reaps the program with ``wait4`` (whose rusage gives
+the CPU time of the program and the children it waited for).
 
 Process cap and "nothing survives", by privilege:
 
@@ -87,6 +93,13 @@ class Limits:
     """Cap on stdout and on stderr (each) in KiB; writing more is OLE."""
     processes: int = 32
     """Processes + threads the program may have at once (``RLIMIT_NPROC``)."""
+    max_wall_factor: float = 3.0
+    """The wall limit grows by the time the program waits for a CPU, up to this multiple of
+    ``time`` (1.0: a strict wall limit)."""
+
+    @property
+    def max_wall(self) -> float:
+        return self.time * max(1.0, self.max_wall_factor)
 
     @property
     def output_bytes(self) -> int:
@@ -122,6 +135,8 @@ class RunResult:
     exit_code: int | None = None
     signal: int | None = None
     wall: float = 0.0
+    cpu_wait: float = 0.0
+    """Of ``wall``, the seconds the program was runnable but waiting for a CPU (machine load)."""
     cpu: float = 0.0
     maxrss_kb: int = 0
     timed_out: bool = False
@@ -311,32 +326,61 @@ def _tasks_of_uid(uid: int) -> int:
 # --- the run ------------------------------------------------------------------------------
 
 
-def _wait_exit(pid: int, timeout: float) -> bool:
-    """Wait until ``pid`` exits (without reaping it); False when ``timeout`` passed first."""
+def run_delay(pid: int) -> float:
+    """Seconds ``pid`` (its main thread) spent runnable but waiting for a CPU (schedstat)."""
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb", buffering=0) as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _alone(pid: int, uid: int | None, token: str) -> bool:
+    """The run is one single-threaded process: its CPU wait cannot be self-inflicted."""
+    try:
+        if len(os.listdir(f"/proc/{pid}/task")) != 1:
+            return False
+    except OSError:
+        return False
+    others = _pids_of_uid(uid) if uid is not None else _pids_with_token(token)
+    return all(p == pid or _is_zombie(p) for p in others)
+
+
+def _wait_exit(pid: int, started: float, limits: Limits, uid: int | None, token: str) -> bool:
+    """Wait until ``pid`` exits (without reaping it); False when its time is up.
+
+    Time is up when the wall time minus the program's CPU wait (``run_delay``) reaches the
+    limit, or the wall time reaches ``limits.max_wall``. The wait is excused only while the
+    run is a single task; a program with several processes or threads may be waiting behind
+    its own (a fork bomb), so its limit stays a plain wall limit.
+    """
     try:
         fd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         fd = -1
+    poller = select.poll()
     if fd >= 0:
-        try:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            deadline = time.monotonic() + timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
+        poller.register(fd, select.POLLIN)
+    hard = started + limits.max_wall
+    deadline = min(started + limits.time, hard)
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                if _alone(pid, uid, token):
+                    deadline = min(started + limits.time + run_delay(pid), hard)
+                if now >= deadline:
                     return False
-                if poller.poll(max(1, math.ceil(left * 1000))):
+            if fd >= 0:
+                if poller.poll(max(1, math.ceil((deadline - now) * 1000))):
                     return True
-        finally:
+            else:  # no pidfd: poll without reaping
+                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    return True
+                time.sleep(min(0.002, max(0.0, deadline - now)))
+    finally:
+        if fd >= 0:
             os.close(fd)
-    deadline = time.monotonic() + timeout  # no pidfd: poll without reaping
-    while time.monotonic() < deadline:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        if info is not None:
-            return True
-        time.sleep(0.002)
-    return False
 
 
 def _read_capped(f: Any, cap: int) -> tuple[str, bool]:
@@ -446,8 +490,9 @@ def _run_in(
             return RunResult(error=f"cannot start {argv[0]!r}: {exc}", limits=limits), {}
         timed_out = False
         try:
-            timed_out = not _wait_exit(proc.pid, limits.time)
+            timed_out = not _wait_exit(proc.pid, started, limits, uid, token)
             wall = time.monotonic() - started
+            waited = run_delay(proc.pid)  # still readable: the program is not reaped yet
         finally:
             # The program (maybe a zombie by now) is not reaped yet, so its pid and pgid
             # cannot have been reused: signalling them is safe. It may have left its group.
@@ -469,6 +514,7 @@ def _run_in(
         exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
         wall=round(wall, 4),
+        cpu_wait=round(waited, 4),
         cpu=round(usage.ru_utime + usage.ru_stime, 4),
         maxrss_kb=usage.ru_maxrss,
         timed_out=timed_out,

@@ -31,10 +31,10 @@ def _seconds(text: str) -> float:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
+    value = float(text)  # "600.0" from a TOML float is fine
+    if not (value.is_integer() and value >= 1):
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+    return int(value)
 
 
 def parse_args(argv: list[str] | None = None) -> SimOptions:

@@ -212,7 +212,7 @@ class Connection(asyncio.Protocol):
             self._transport.write(data)
             self.sent_anything = True
 
-    def _head(self, status: int, headers: dict[str, str] | None, extra: str) -> str:
+    def _head(self, headers: dict[str, str] | None, extra: str) -> str:
         lines = [f"{name}: {value}\r\n" for name, value in (headers or {}).items()]
         lines.append(extra)
         lines.append("Connection: close\r\n" if self.close_after
@@ -224,13 +224,13 @@ class Connection(asyncio.Protocol):
                 headers: dict[str, str] | None = None) -> None:
         """Send a complete response with a ``Content-Length`` body."""
         extra = f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-        self._write(_status_line(status) + self._head(status, headers, extra).encode() + body)
+        self._write(_status_line(status) + self._head(headers, extra).encode() + body)
 
     def start_chunked(self, status: int, *, content_type: str,
                       headers: dict[str, str] | None = None, first: bytes = b"") -> None:
         """Send the head of a chunked response, and optionally a first chunk with it."""
         extra = f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n"
-        data = _status_line(status) + self._head(status, headers, extra).encode()
+        data = _status_line(status) + self._head(headers, extra).encode()
         self._write(data + (chunk(first) if first else b""))
 
     def send_chunks(self, parts: list[bytes], *, last: bool = False) -> None:

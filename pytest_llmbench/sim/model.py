@@ -101,7 +101,7 @@ _I = re.IGNORECASE | re.DOTALL
 #: (pattern, handler): the first pattern found in the message wins.
 INSTRUCTIONS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], bool], str]], ...] = (
     (re.compile(r"\breply (?:only )?in (upper|lower) ?case:\s*(.+)", _I), _upper),
-    (re.compile(r"\breverse the word:?\s*(\S+)", _I), _reverse_word),
+    (re.compile(r"\breverse the word\b:?\s*(\S+)", _I), _reverse_word),
     (re.compile(r"\breverse the (?:order of the )?words(?: in)?:\s*(.+)", _I), _reverse_words),
     (re.compile(r"\bcount the words in:?\s*(.+)", _I), _count_words),
     (re.compile(r"\bhow many words are in:?\s*(.+)", _I), _count_words),
