@@ -324,6 +324,10 @@ class Engine:
 
     def _kill(self, child: Child) -> None:
         """Task deadline: kill the item's whole process tree and record what it did."""
+        self._read(child)
+        if child.result is not None:  # it finished in the very last moment
+            self._finish(child)
+            return
         elapsed = time.monotonic() - child.started
         limit = child.job.deadlines.task_timeout
         log.warning(
@@ -336,11 +340,7 @@ class Engine:
         except ChildProcessError:
             pass
         proc.reap(p for p in killed if p != child.pid)
-        self._read(child)
-        self._close(child)
-        if child.result is not None:  # it finished in the very last moment
-            self.done[child.job.key] = child.result
-            return
+        self._close(child)  # whatever it sent after the deadline does not count
         partial = child.completions[-1]["text"] if child.completions else None
         result = self._error_result(
             child,

@@ -48,3 +48,9 @@ def own_processes_with(token: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+@pytest.fixture
+def leftovers() -> object:
+    """``leftovers(marker)``: pids still alive whose command line or environment has it."""
+    return own_processes_with

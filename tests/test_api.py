@@ -410,7 +410,7 @@ class RecordingLimiter:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def before_request(self, model: ModelSpec, est_tokens: int) -> None:
+    def before_request(self, model: ModelSpec, est_tokens: int, *, deadline: float | None = None) -> None:
         self.events.append(("before", model.name, est_tokens > 0))
 
     def on_response(self, model: ModelSpec, status: int, retry_after: float | None,

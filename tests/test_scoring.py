@@ -607,15 +607,11 @@ def test_notification_hooks_call_every_implementation() -> None:
 
 
 def test_conftest_implements_hooks_in_a_real_pytest_run(pytester: pytest.Pytester) -> None:
-    """Plain conftest functions validate against the specs and resolve through pytest's
-    own plugin manager (the llmbench plugin itself is not involved)."""
+    """Plain conftest functions validate against the specs (registered by the installed
+    plugin) and resolve through pytest's own plugin manager."""
     pytester.makeconftest(
         """
-        from pytest_llmbench import hookspecs
         from pytest_llmbench.records import Score
-
-        def pytest_addhooks(pluginmanager):
-            pluginmanager.add_hookspecs(hookspecs)
 
         def pytest_llmbench_get_scorer(name):
             if name == "length":
