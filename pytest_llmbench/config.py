@@ -30,7 +30,7 @@ from .records import Deadlines, ModelSpec
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 #: The built-in simulated model, used when nothing else is configured.
 SIM_MODEL = ModelSpec(name="sim", model="sim-1", base_url="sim")
@@ -180,7 +180,8 @@ def read_file_config(rootdir: Path) -> tuple[dict[str, Any], Path | None]:
 def _load_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data: dict[str, Any] = tomllib.load(fh)
+            return data
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 

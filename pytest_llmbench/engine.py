@@ -41,6 +41,8 @@ log = logging.getLogger("pytest_llmbench.engine")
 KILL_GRACE = 0.5
 #: Extra seconds past the task deadline before another process may reclaim our claim.
 CLAIM_GRACE = 10.0
+#: Seconds between lease-monitor ticks.
+TICK_INTERVAL = 1.0
 #: How often an item running elsewhere is looked up in the store.
 POLL_ELSEWHERE = 0.05
 
@@ -78,6 +80,7 @@ class Engine:
         make_job: JobFactory,
         key_of: Callable[[Any], str | None],
         fresh: bool = False,
+        tick: Callable[[], object] | None = None,
     ) -> None:
         # ``fresh``: stored results of earlier runs are ignored (they are overwritten).
         self.store = store
@@ -86,6 +89,9 @@ class Engine:
         self.make_job = make_job
         self.key_of = key_of
         self.fresh = fresh
+        self.tick = tick
+        """Called about once a second from the wait loop (the lease monitor)."""
+        self._next_tick = 0.0
         self.running: dict[str, Child] = {}
         self.by_fd: dict[int, Child] = {}
         self.done: dict[str, ItemResult] = {}
@@ -255,6 +261,12 @@ class Engine:
             else:
                 self._finish(child)
         now = time.monotonic()
+        if self.tick is not None and now >= self._next_tick:
+            self._next_tick = now + TICK_INTERVAL
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - a monitor failure must not stop the run
+                log.exception("lease monitor tick failed")
         for child in list(self.running.values()):
             if child.pidfd is None:
                 pid, status = os.waitpid(child.pid, os.WNOHANG)
@@ -335,10 +347,8 @@ class Engine:
             child.job.nodeid, elapsed, limit, child.turn, len(child.attempts),
         )
         killed = proc.kill_tree(child.pid, pgid=child.pid, token=child.token, grace=KILL_GRACE)
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(child.pid, 0)
-        except ChildProcessError:
-            pass
         proc.reap(p for p in killed if p != child.pid)
         self._close(child)  # whatever it sent after the deadline does not count
         partial = child.completions[-1]["text"] if child.completions else None
@@ -405,25 +415,19 @@ class Engine:
         for fd in (child.fd, child.pidfd):
             if fd is None:
                 continue
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(fd)
-            except (KeyError, ValueError):
-                pass
             os.close(fd)
 
     def shutdown(self) -> None:
         """Kill every running child (interrupted run); their claims die with this process."""
         for child in list(self.running.values()):
             proc.reap(proc.kill_tree(child.pid, pgid=child.pid, token=child.token, grace=0.2))
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(child.pid, 0)
-            except ChildProcessError:
-                pass
             self._close(child)
-            try:
+            with contextlib.suppress(OSError):
                 self.store.release(child.job.key, self.holder)
-            except OSError:
-                pass
         self.selector.close()
 
     def pending(self) -> Iterable[str]:
@@ -438,7 +442,8 @@ class _PipeLogHandler(logging.Handler):
         self.send = send
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
+        # A log line must never kill the item.
+        with contextlib.suppress(Exception):
             self.send(
                 "log",
                 {
@@ -450,8 +455,6 @@ class _PipeLogHandler(logging.Handler):
                     "process": record.process,
                 },
             )
-        except Exception:  # noqa: BLE001 - a log line must never kill the item
-            pass
 
 
 def _child_main(job: Job, fd: int, token: str, deadline: float, store: Store) -> None:  # pragma: no cover
@@ -486,9 +489,7 @@ def _child_main(job: Job, fd: int, token: str, deadline: float, store: Store) ->
         send("result", result.to_dict())
     except BaseException:  # noqa: BLE001 - reported to the parent, which records a crash
         code = 1
-        try:
+        with contextlib.suppress(OSError):
             os.write(fd, (json.dumps(["crash", traceback.format_exc()]) + "\n").encode())
-        except OSError:
-            pass
     finally:
         os._exit(code)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .config import DEADLINE_SOURCES, DEFAULT_CONCURRENCY, DEFAULT_STORE
+from .config import DEADLINE_SOURCES, DEFAULT_CONCURRENCY
 
 MODEL_HELP = "Model to evaluate: a name declared in [tool.llmbench.models], 'sim', or NAME@BASE_URL (repeatable)"
 STORE_HELP = "Directory of the result store (default: .llmbench in the rootdir)"
@@ -71,9 +71,9 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if config.option.help or getattr(config.option, "version", False):
         return
+    from .config import load_settings
     from .errors import ConfigError
     from .session import SESSION_KEY, LLMBenchSession
-    from .config import load_settings
 
     try:
         settings = load_settings(config)
@@ -88,7 +88,7 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     from .items import SuiteFile, looks_like_suite
 
     if file_path.suffix == ".toml" and looks_like_suite(file_path):
-        return SuiteFile.from_parent(parent, path=file_path)  # type: ignore[no-any-return]
+        return SuiteFile.from_parent(parent, path=file_path)
     return None
 
 

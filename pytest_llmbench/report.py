@@ -22,7 +22,7 @@ def _excerpt(text: object, limit: int = EXCERPT) -> str:
 
 
 def last_user_message(result: ItemResult, fallback: Iterable[Mapping[str, str]] = ()) -> str:
-    messages = list(result.messages) or list(fallback)
+    messages: list[Mapping[str, str]] = [*result.messages] or [*fallback]
     for message in reversed(messages):
         if message.get("role") == "user":
             return message.get("content", "")

@@ -142,6 +142,11 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
         result.explanation = score.explanation
         result.details = dict(to_jsonable(score.details))
         result.status = PASSED if passed else FAILED
+        if result.details.get("verdict") == "SANDBOX_ERROR":
+            # the judge itself failed: the model's answer was not judged
+            result.status = ERROR
+            result.error_class = "sandbox_error"
+            result.error = score.explanation
     except APIError as exc:
         result.messages = messages
         result.error_class = exc.error_class

@@ -15,7 +15,7 @@ import pytest
 from . import report
 from .config import Settings, check_hierarchy, deadline_overrides
 from .errors import ConfigError, ScorerError
-from .records import ERROR, ItemResult, ModelSpec, ScorerSpec
+from .records import ERROR, Case, ItemResult, ModelSpec, ScorerSpec
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -81,6 +81,7 @@ class LLMBenchSession:
                 make_job=self.make_job,
                 key_of=lambda item: getattr(item, "key", None) if _is_llm_item(item) else None,
                 fresh=self.settings.fresh,
+                tick=self.leases.monitor_tick if self.settings.resources else None,
             )
         return self._engine
 
@@ -193,15 +194,17 @@ class LLMBenchSession:
                               error_class="scorer_error", error=str(exc),
                               expected=item.case.expected)
         rescore_from = None
-        if self.settings.rescore:
+        stored = None
+        if self.settings.rescore or (self.settings.fresh and item.case.scorer.name == "code"):
             stored = self.store.get(item.key)
-            if stored is not None and stored.completions and stored.answer is not None:
-                rescore_from = stored
+        if self.settings.rescore and stored is not None and stored.completions \
+                and stored.answer is not None:
+            rescore_from = stored
         return Job(
             key=item.key,
             nodeid=item.nodeid,
             identity=identity,
-            case=item.case,
+            case=_with_tle_presets(item.case, stored),
             model=self.resolved_model(item.model),
             deadlines=self.deadlines_for(item),
             api_key=self.settings.api_key(item.model),
@@ -328,6 +331,21 @@ class LLMBenchSession:
         if self._sim is not None:
             self._sim.stop()
             self._sim = None
+
+
+def _with_tle_presets(case: Case, stored: ItemResult | None) -> Case:
+    """Seed 004's start-up rule: a code item whose stored run timed out starts with a
+    preset limit (for this run only: the preset is not part of the item's key)."""
+    if stored is None or case.scorer.name != "code" or not stored.details:
+        return case
+    from .codeexec import presets_from_history
+
+    presets = presets_from_history([stored.details])
+    if not presets:
+        return case
+    log.info("%s: preset time limits from stored TLE: %s", stored.identity.get("nodeid"), presets)
+    options = {**case.scorer.options, "preset_limits": presets}
+    return dataclasses.replace(case, scorer=dataclasses.replace(case.scorer, options=options))
 
 
 def _is_llm_item(item: Any) -> bool:

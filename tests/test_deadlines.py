@@ -11,6 +11,7 @@ import json
 import secrets
 import time
 from typing import Any
+
 import pytest
 
 STUCK = {
