@@ -1,0 +1,131 @@
+"""Results survive kill -9, runs resume, and no item is executed twice (store + claims)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_llmbench import proc
+from pytest_llmbench.sim.control import SimServer
+from pytest_llmbench.store import Store
+
+
+def make_suite(path: Path, n: int) -> None:
+    lines = ['[suite]\nscorer = "numeric"\n\n[[prompts]]\nid = "add"\ntemplate = "What is {{a}} + 1000?"\n']
+    for i in range(n):
+        lines.append(f'[[prompts.instances]]\nid = "i{i}"\nvars = {{ a = {i} }}\nexpected = "{i + 1000}"\n')
+    path.write_text("\n".join(lines))
+
+
+def pytest_cmd(tmp: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", str(tmp / "suite.toml"), "-p", "no:cacheprovider",
+            "-q", f"--llmbench-store={tmp / 'store'}", f"--rootdir={tmp}", *extra]
+
+
+def env_for(sim: SimServer) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LLMBENCH_SIM_URL"] = sim.base_url
+    env.pop("PYTEST_XDIST_WORKER", None)
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
+def kill_tree_now(root: int) -> None:
+    """SIGKILL the pytest process and every descendant at once (a crash, not a shutdown)."""
+    victims = [root, *proc.descendants(root)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGSTOP)  # freeze first so nothing forks while we collect
+        except ProcessLookupError:
+            pass
+    victims = sorted(set(victims + [p for v in victims for p in proc.descendants(v)]))
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def all_results(store_dir: Path) -> dict[str, dict]:
+    results = {}
+    for path in (store_dir / "results").rglob("*"):
+        if path.is_file() and not path.name.startswith("."):  # dot-files: index, temp files
+            assert path.suffix == ".json", f"stray file in the store: {path}"
+            data = json.loads(path.read_text())  # a torn file would not parse
+            results[path.stem] = data
+    return results
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
+    n, kills, workers, concurrency = 200, 10, 2, 8
+    make_suite(tmp_path / "suite.toml", n)
+    rng = random.Random(1234)
+    with SimServer.start(latency=0.15, jitter=0.1, request_log=tmp_path / "requests.jsonl") as sim:
+        env = env_for(sim)
+        cmd = pytest_cmd(tmp_path, "-n", str(workers), f"--llmbench-concurrency={concurrency}")
+        for _ in range(kills):
+            run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+            time.sleep(rng.uniform(1.0, 3.0))
+            kill_tree_now(run.pid)
+            run.wait()
+        final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert final.returncode == 0, final.stdout[-3000:]
+        requests = sim.requests()
+
+    results = all_results(tmp_path / "store")
+    assert len(results) == n
+    assert all(r["status"] == "passed" for r in results.values())
+    per_prompt = collections.Counter(r["key"] for r in requests)
+    assert len(per_prompt) == n  # every item was asked
+    repeated = sum(count - 1 for count in per_prompt.values())
+    # each kill may lose at most the items in flight at that moment
+    assert repeated <= kills * workers * concurrency, per_prompt.most_common(5)
+    for leftover in (tmp_path / "store").rglob("*.tmp"):
+        # a write cut by kill -9 may leave its temp file; readers ignore dot-files
+        assert leftover.name.startswith("."), leftover
+
+
+def test_two_concurrent_runs_execute_each_item_once(tmp_path: Path) -> None:
+    n = 100
+    make_suite(tmp_path / "suite.toml", n)
+    with SimServer.start(latency=0.1, request_log=tmp_path / "requests.jsonl") as sim:
+        env = env_for(sim)
+        cmd = pytest_cmd(tmp_path, "--llmbench-concurrency=8")
+        runs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for _ in range(2)]
+        outputs = [run.communicate(timeout=120)[0] for run in runs]
+        requests = sim.requests()
+    for run, out in zip(runs, outputs):
+        assert run.returncode == 0, out[-3000:]
+        assert f"{n} passed" in out
+    assert len(requests) == n, collections.Counter(r["key"] for r in requests).most_common(3)
+    store = Store.open(tmp_path / "store", create=False)
+    assert len([r for _, r in store.iter_results() if r is not None]) == n
+
+
+def test_corrupt_result_file_is_reported_and_run_again(tmp_path: Path) -> None:
+    make_suite(tmp_path / "suite.toml", 3)
+    with SimServer.start(request_log=tmp_path / "requests.jsonl") as sim:
+        env = env_for(sim)
+        first = subprocess.run(pytest_cmd(tmp_path), env=env, capture_output=True, text=True)
+        assert first.returncode == 0, first.stdout
+        files = sorted((tmp_path / "store" / "results").rglob("*.json"))
+        files[0].write_text('{"key": "trunc')
+        files[1].write_text("")
+        second = subprocess.run(pytest_cmd(tmp_path, "-rA"), env=env, capture_output=True, text=True)
+        assert second.returncode == 0, second.stdout
+        assert "3 passed" in second.stdout
+        assert len(sim.requests()) == 3 + 2
+    combined = second.stdout + second.stderr
+    assert str(files[0].name) in combined or "corrupt" in combined
