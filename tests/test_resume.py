@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
@@ -49,10 +50,8 @@ def kill_tree_now(root: int) -> None:
             pass
     victims = sorted(set(victims + [p for v in victims for p in proc.descendants(v)]))
     for pid in victims:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def all_results(store_dir: Path) -> dict[str, dict]:
@@ -106,7 +105,7 @@ def test_two_concurrent_runs_execute_each_item_once(tmp_path: Path) -> None:
                                  text=True) for _ in range(2)]
         outputs = [run.communicate(timeout=120)[0] for run in runs]
         requests = sim.requests()
-    for run, out in zip(runs, outputs):
+    for run, out in zip(runs, outputs, strict=False):
         assert run.returncode == 0, out[-3000:]
         assert f"{n} passed" in out
     assert len(requests) == n, collections.Counter(r["key"] for r in requests).most_common(3)
