@@ -44,10 +44,8 @@ def kill_tree_now(root: int) -> None:
     """SIGKILL the pytest process and every descendant at once (a crash, not a shutdown)."""
     victims = [root, *proc.descendants(root)]
     for pid in victims:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGSTOP)  # freeze first so nothing forks while we collect
-        except ProcessLookupError:
-            pass
     victims = sorted(set(victims + [p for v in victims for p in proc.descendants(v)]))
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
