@@ -52,6 +52,7 @@ class LLMBenchSession:
         self._engine: Engine | None = None
         self._leases: LeaseManager | None = None
         self._limiter: SharedLimiter | None = None
+        self._by_request: dict[str, ItemResult] | None = None
         self._scorers: dict[str, Scorer] = {}
         self._markers: set[str] = set()
         self.suite_errors = 0
@@ -164,6 +165,33 @@ class LLMBenchSession:
             extra={"expected": case.expected, "extra": dict(case.extra)},
         )
 
+    def request_key_for(self, item: LLMItem) -> str:
+        """Hash of what determines the *completions* (not the verdict): rescoring with an
+        edited scorer or expected answer finds the stored answers through it."""
+        from .store import item_key
+
+        case, model = item.case, item.model
+        return item_key(
+            messages=[list(turn) for turn in case.turns], model=model.model,
+            base_url=model.base_url, params={**model.params, **case.params},
+            scorer={}, repeat=item.repeat,
+        )
+
+    def stored_completions(self, item: LLMItem) -> ItemResult | None:
+        """--llmbench-rescore: the newest stored result with completions for this request."""
+        if self._by_request is None:
+            self._by_request = {}
+            for _path, result in self.store.iter_results():
+                if result is None or not result.completions or result.answer is None:
+                    continue
+                rkey = result.identity.get("request_key")
+                if not isinstance(rkey, str):
+                    continue
+                known = self._by_request.get(rkey)
+                if known is None or known.started_at < result.started_at:
+                    self._by_request[rkey] = result
+        return self._by_request.get(self.request_key_for(item))
+
     # --- running -------------------------------------------------------------------------
 
     def deadlines_for(self, item: LLMItem) -> Any:
@@ -186,7 +214,8 @@ class LLMBenchSession:
     def make_job(self, item: LLMItem) -> Job | ItemResult:
         from .runner import Job
 
-        identity = {**item.identity, "run_id": self.run_id}
+        identity = {**item.identity, "run_id": self.run_id,
+                    "request_key": self.request_key_for(item)}
         try:
             scorer = self._resolve_scorer(item.case.scorer)
         except ScorerError as exc:
@@ -195,11 +224,10 @@ class LLMBenchSession:
                               expected=item.case.expected)
         rescore_from = None
         stored = None
-        if self.settings.rescore or (self.settings.fresh and item.case.scorer.name == "code"):
+        if self.settings.rescore:
+            stored = rescore_from = self.stored_completions(item)
+        elif self.settings.fresh and item.case.scorer.name == "code":
             stored = self.store.get(item.key)
-        if self.settings.rescore and stored is not None and stored.completions \
-                and stored.answer is not None:
-            rescore_from = stored
         return Job(
             key=item.key,
             nodeid=item.nodeid,
@@ -304,11 +332,14 @@ class LLMBenchSession:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.is_worker or not self.reported:
             return
-        from .summary import render_table, summarize
+        from .summary import detail_lines, render_table, summarize
 
         results = self.collect_results()
+        groups = summarize(results)
         terminalreporter.section("llmbench summary")
-        terminalreporter.write_line(render_table(summarize(results)))
+        terminalreporter.write_line(render_table(groups))
+        for line in detail_lines(results, groups):
+            terminalreporter.write_line(line)
         cached = sum(1 for r in results if r.cached)
         if cached:
             terminalreporter.write_line(

@@ -271,3 +271,24 @@ def render_table(groups: Sequence[GroupSummary], *, width: int | None = None) ->
     if len(groups) > 1:
         lines += [rule, line(rows[-1])]
     return "\n".join(lines)
+
+
+def detail_lines(results: Iterable[ItemResult], groups: Sequence[GroupSummary]) -> list[str]:
+    """Lines under the table: code-judge verdicts per group (``OK_EXTENDED`` apart from
+    ``OK``) and the deadline layers that fired."""
+    verdicts: dict[tuple[str, str], Counter[str]] = {}
+    for r in results:
+        verdict = r.details.get("verdict") if isinstance(r.details, dict) else None
+        if isinstance(verdict, str):
+            group = (str(r.identity.get("suite", "?")), str(r.identity.get("model", "?")))
+            verdicts.setdefault(group, Counter())[verdict] += 1
+    lines = [
+        f"verdicts {suite} x {model}: " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
+        for (suite, model), counts in sorted(verdicts.items())
+    ]
+    layers: Counter[str] = Counter()
+    for g in groups:
+        layers.update(g.deadline_layers)
+    if layers:
+        lines.append("deadline layers fired: " + ", ".join(f"{k} {n}" for k, n in sorted(layers.items())))
+    return lines

@@ -207,3 +207,24 @@ def test_api_key_never_written_anywhere(
         if path.is_file():
             texts.append(path.read_bytes().decode("utf-8", "replace"))
     assert not [t for t in texts if secret in t]
+
+
+def test_rescore_uses_stored_completions_without_api_calls(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_llmbench.sim.control import SimServer
+
+    suite = '[[prompts]]\nid = "p"\ntemplate = "What is 2 + 2?"\nscorer = "numeric"\n' \
+            '[[prompts.instances]]\nexpected = "5"\n'
+    pytester.makefile(".toml", s=suite)
+    with SimServer.start(request_log=pytester.path / "requests.jsonl") as sim:
+        monkeypatch.setenv("LLMBENCH_SIM_URL", sim.base_url)
+        pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(failed=1)
+        pytester.makefile(".toml", s=suite.replace('"5"', '"4"'))  # the expectation was wrong
+        result = pytester.runpytest("-p", "no:cacheprovider", "--llmbench-rescore")
+        result.assert_outcomes(passed=1)
+        assert len(sim.requests()) == 1
+        # without a stored answer, rescoring a new prompt still runs it
+        pytester.makefile(".toml", s=suite.replace("2 + 2", "3 + 3").replace('"5"', '"6"'))
+        pytester.runpytest("-p", "no:cacheprovider", "--llmbench-rescore").assert_outcomes(passed=1)
+        assert len(sim.requests()) == 2
