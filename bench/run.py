@@ -1,0 +1,576 @@
+"""The benchmark of issue 5: throughput, overhead, xdist, stuck and rate limit, against
+baselines measured in the same run (see bench/README.md and shared/BENCHMARKS.md).
+
+    python bench/run.py                      # everything, medians of 3 (about 40 min)
+    python bench/run.py --quick              # small N, one run each (< 2 min): a smoke check
+    python bench/run.py --only xdist,stuck --repeat 5
+
+Starts the project's simulator itself on 127.0.0.1, generates the suites in a temp dir and
+runs every side as a subprocess (``python -m pytest ... -p no:cacheprovider -q``) with a
+fresh ``--llmbench-store`` and a fresh rate-limit state dir per run, so nothing is cached.
+The sides of a workload run in turn, in alternating order, ``--repeat`` times. CPU is the
+``RUSAGE_CHILDREN`` delta around the subprocess (every process of its tree, once reaped);
+the simulator's own CPU is read from ``/proc/<pid>/stat`` and reported apart. A full run
+(no ``--quick``, no ``--only``) writes its output to ``bench/results/latest.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import gen  # noqa: E402
+
+from pytest_llmbench.sim.control import SimServer  # noqa: E402
+from pytest_llmbench.sim.faults import fraction  # noqa: E402
+
+PY = sys.executable
+RUN_TIMEOUT = 1800.0
+TICKS = os.sysconf("SC_CLK_TCK")
+DEFAULT_K = 16  # the plugin's default --llmbench-concurrency (config.DEFAULT_CONCURRENCY)
+WORKLOADS = ("throughput", "overhead", "xdist", "stuck", "ratelimit")
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+class Out:
+    """Prints as it goes (runs are long) and keeps the lines for the results file."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+
+def load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# --- running one side ----------------------------------------------------------------------
+
+
+@dataclass
+class Sim:
+    """A simulator for one workload (or one run), with a request log to count requests."""
+
+    server: SimServer
+    log: Path
+
+    @classmethod
+    def start(cls, folder: Path, **options: Any) -> Sim:
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / f"requests-{time.monotonic_ns()}.jsonl"
+        return cls(SimServer.start(request_log=log, stderr=subprocess.DEVNULL, **options), log)
+
+    @property
+    def url(self) -> str:
+        return self.server.base_url
+
+    def cpu(self) -> float:
+        """User + system CPU seconds of the simulator process so far."""
+        fields = Path(f"/proc/{self.server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def requests_since(self, offset: int) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        with self.log.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+        out = []
+        for line in data.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@dataclass
+class Run:
+    wall: float
+    cpu: float
+    """User + system CPU of the whole subprocess tree."""
+    sim_cpu: float
+    rc: int
+    out: str
+    requests: list[dict[str, Any]]
+    folder: Path
+
+    def count(self, outcome: str) -> int:
+        """``N <outcome>`` from pytest's last line (0 when absent)."""
+        tail = self.out.strip().splitlines()[-1:] or [""]
+        m = re.search(rf"(\d+) {outcome}\b", tail[0])
+        return int(m.group(1)) if m else 0
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without anything that could redirect a client or a limit."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OPENAI_", "LLMBENCH_", "INSPECT_", "PYTEST_", "SIM_"))}
+    env.update(extra)
+    return env
+
+
+def measure(argv: Sequence[str], *, cwd: Path, env: dict[str, str], sim: Sim | None,
+            folder: Path) -> Run:
+    """Run ``argv`` to its end; wall time, CPU of its whole tree, the simulator's CPU."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sim_before = sim.cpu() if sim else 0.0
+    offset = sim.log_size() if sim else 0
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    sim_cpu = (sim.cpu() - sim_before) if sim else 0.0
+    time.sleep(0.2)  # the request log is written on arrival; let the last lines land
+    requests = sim.requests_since(offset) if sim else []
+    return Run(wall, cpu, sim_cpu, proc.returncode, out.decode(errors="replace"), requests, folder)
+
+
+@dataclass
+class Side:
+    """One way of running a workload. ``run(folder)`` makes one measured run in a fresh dir."""
+
+    name: str
+    run: Callable[[Path], Run]
+    ideal: float | None = None
+    n: int = 0
+    check: Callable[[Run], str] | None = None
+    """Returns '' when the run did what it should, else what went wrong."""
+    runs: list[Run] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(r.wall for r in self.runs)
+
+    def spread(self) -> str:
+        walls = [r.wall for r in self.runs]
+        return f"{min(walls):.1f}-{max(walls):.1f}" if len(walls) > 1 else "-"
+
+    def cpu_per_item(self) -> float:
+        return statistics.median(r.cpu for r in self.runs) / max(1, self.n)
+
+    def sim_cpu_per_item(self) -> float:
+        return statistics.median(r.sim_cpu for r in self.runs) / max(1, self.n)
+
+
+def alternate(sides: Sequence[Side], repeat: int, scratch: Path, out: Out) -> None:
+    """Run every side ``repeat`` times, alternating the order on each round."""
+    for r in range(repeat):
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
+        for side in order:
+            folder = Path(tempfile.mkdtemp(prefix="run-", dir=scratch))
+            run = side.run(folder)
+            side.runs.append(run)
+            if side.check is not None:
+                problem = side.check(run)
+            else:
+                problem = f"rc {run.rc}" if run.rc != 0 else ""
+            if problem:
+                side.problems.append(problem)
+                tail = "\n".join(run.out.strip().splitlines()[-6:])
+                out(f"    ! {side.name} run {r + 1}: {problem}\n      " + tail.replace("\n", "\n      "))
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- command lines -------------------------------------------------------------------------
+
+
+def pytest_argv(*args: str) -> list[str]:
+    return [PY, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args]
+
+
+def plugin_side(name: str, project: Path, suite: Path, sim: Sim, n: int, *args: str,
+                ideal: float | None = None, check: Callable[[Run], str] | None = None) -> Side:
+    def run(folder: Path) -> Run:
+        env = clean_env(LLMBENCH_SIM_URL=sim.url, XDG_CACHE_HOME=str(folder / "cache"))
+        argv = pytest_argv(suite.name, "--llmbench-store", str(folder / "store"), *args)
+        argv = [a.replace("{folder}", str(folder)) for a in argv]
+        return measure(argv, cwd=project, env=env, sim=sim, folder=folder)
+
+    return Side(name, run, ideal=ideal, n=n, check=check or passed_check(n))
+
+
+def bare_side(name: str, project: Path, sim: Sim, n: int, *args: str,
+              ideal: float | None = None) -> Side:
+    def run(folder: Path) -> Run:
+        env = clean_env(LLMBENCH_SIM_URL=sim.url)
+        argv = pytest_argv("-p", "no:llmbench", "test_bare.py", *args)
+        return measure(argv, cwd=project, env=env, sim=sim, folder=folder)
+
+    return Side(name, run, ideal=ideal, n=n, check=passed_check(n))
+
+
+def startup_side(name: str, project: Path, *args: str) -> Side:
+    """pytest (and xdist) start-up with no items; ``llmbench`` disabled unless ``with plugin``."""
+    def run(folder: Path) -> Run:
+        return measure(pytest_argv(*args), cwd=project, env=clean_env(), sim=None, folder=folder)
+
+    return Side(name, run, check=lambda r: "" if r.rc in (0, 5) else f"rc {r.rc}")
+
+
+def inspect_side(name: str, project: Path, sim: Sim, n: int, connections: int) -> Side | None:
+    try:
+        import inspect_ai  # noqa: F401
+    except ImportError:
+        return None
+    exe = Path(PY).parent / "inspect"
+
+    def run(folder: Path) -> Run:
+        env = clean_env(SIM_BASE_URL=sim.url, SIM_API_KEY="x")
+        argv = [str(exe), "eval", "bench_task.py", "--model", f"openai-api/sim/{gen.MODEL}",
+                "--max-connections", str(connections), "--log-dir", str(folder / "logs"),
+                "--display", "none"]
+        return measure(argv, cwd=project, env=env, sim=sim, folder=folder)
+
+    def check(run: Run) -> str:
+        return "" if len(run.requests) == n else f"{len(run.requests)} requests for {n} samples"
+
+    return Side(name, run, n=n, check=check)
+
+
+def passed_check(n: int) -> Callable[[Run], str]:
+    def check(run: Run) -> str:
+        if run.rc != 0:
+            return f"rc {run.rc}"
+        passed = run.count("passed")
+        if passed != n:
+            return f"{passed} passed of {n}"
+        if run.requests and len(run.requests) != n:
+            return f"{len(run.requests)} requests for {n} items (each should run once)"
+        return ""
+
+    return check
+
+
+# --- printing ------------------------------------------------------------------------------
+
+
+def table(out: Out, sides: Sequence[Side], baselines: Sequence[Side]) -> None:
+    head = f"  {'side':<34}{'wall median [range]':>22}{'ideal':>8}{'x ideal':>9}{'CPU/item':>10}"
+    head += "".join(f"{'vs ' + b.name.split()[0]:>16}" for b in baselines)
+    out(head)
+    for side in sides:
+        if not side.runs:
+            continue
+        ideal = f"{side.ideal:.1f} s" if side.ideal else "-"
+        ratio = f"{side.wall / side.ideal:.2f}x" if side.ideal else "-"
+        line = (f"  {side.name:<34}{f'{side.wall:.1f} s [{side.spread()}]':>22}{ideal:>8}"
+                f"{ratio:>9}{side.cpu_per_item() * 1000:>8.1f}ms")
+        for b in baselines:
+            if b is side or not b.runs:
+                line += f"{'-':>16}"
+            else:
+                line += f"{f'{b.wall / side.wall:.2f}x faster':>16}"
+        if side.problems:
+            line += f"  ({len(side.problems)} bad run(s): {side.problems[0]})"
+        out(line)
+
+
+def verdict(out: Out, what: str, ok: bool, figure: str) -> None:
+    out(f"  target {what}: {figure} -> {'PASS' if ok else 'MISS'}")
+
+
+def header(out: Out, title: str) -> None:
+    out()
+    out(f"== {title}  (load avg {load()})")
+
+
+# --- the workloads -------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    scratch: Path
+    repeat: int
+    quick: bool
+    out: Out
+    startups: dict[str, Side] = field(default_factory=dict)
+
+    def startup(self, workers: int, plugin: bool = False) -> Side:
+        """Median start-up of pytest (``-n workers``) with no items, measured once per run."""
+        key = f"{workers}-{plugin}"
+        if key not in self.startups:
+            project = gen.write_empty(self.scratch / "empty")
+            args = ([] if plugin else ["-p", "no:llmbench"]) + (["-n", str(workers)] if workers else [])
+            name = "pytest" + (f" -n {workers}" if workers else "") + (" +plugin" if plugin else "")
+            side = startup_side(name, project, *args)
+            alternate([side], self.repeat, self.scratch, self.out)
+            self.startups[key] = side
+        return self.startups[key]
+
+
+def throughput(ctx: Ctx) -> None:
+    n, latency, c = (300 if ctx.quick else 2000), 0.5, 128
+    header(ctx.out, f"throughput: N={n}, L={latency} s, {c} in flight")
+    sim = Sim.start(ctx.scratch / "sim", latency=latency)
+    try:
+        project = ctx.scratch / "throughput"
+        suite = gen.write_suite(project, n)
+        gen.write_inspect_task(project, n)
+        s0, s2 = ctx.startup(0), ctx.startup(2)
+        one = plugin_side(f"llmbench 1 proc x {c}", project, suite, sim, n,
+                          "--llmbench-concurrency", str(c), ideal=n * latency / c + s0.wall)
+        two = plugin_side(f"llmbench -n 2 x {c // 2}", project, suite, sim, n, "-n", "2",
+                          "--llmbench-concurrency", str(c // 2), ideal=n * latency / c + s2.wall)
+        insp = inspect_side(f"inspect --max-connections {c}", project, sim, n, c)
+        sides = [one, two] + ([insp] if insp else [])
+        alternate(sides, ctx.repeat, ctx.scratch, ctx.out)
+        ctx.out(f"  start-up with no items: pytest {s0.wall:.2f} s, pytest -n 2 {s2.wall:.2f} s;"
+                f" simulator CPU {one.sim_cpu_per_item() * 1000:.2f} ms/request (not counted)")
+        table(ctx.out, sides, [insp] if insp else [])
+        if insp is None:
+            ctx.out("  inspect: not installed (pip install inspect-ai), skipped")
+        for side in (one, two):
+            assert side.ideal
+            verdict(ctx.out, f"{side.name} <= 1.5x ideal", side.wall <= 1.5 * side.ideal,
+                    f"{side.wall / side.ideal:.2f}x")
+            if insp is not None:
+                verdict(ctx.out, f"{side.name} >= 4x faster than inspect",
+                        insp.wall >= 4 * side.wall, f"{insp.wall / side.wall:.2f}x")
+    finally:
+        sim.stop()
+
+
+def overhead(ctx: Ctx) -> None:
+    n = 200 if ctx.quick else 1000
+    header(ctx.out, f"overhead: N={n}, L=0, CPU per item of every process of the run")
+    sim = Sim.start(ctx.scratch / "sim", latency=0.0)
+    try:
+        project = ctx.scratch / "overhead"
+        suite = gen.write_suite(project, n)
+        gen.write_bare_tests(project, n)
+        one = plugin_side(f"llmbench 1 proc x {DEFAULT_K}", project, suite, sim, n)
+        two = plugin_side(f"llmbench -n 2 x {DEFAULT_K}", project, suite, sim, n, "-n", "2")
+        bare = bare_side("bare pytest (sequential SDK)", project, sim, n)
+        alternate([one, two, bare], ctx.repeat, ctx.scratch, ctx.out)
+        s0, s0p = ctx.startup(0), ctx.startup(0, plugin=True)
+        s2p = ctx.startup(2, plugin=True)
+        start0 = statistics.median(r.cpu for r in s0p.runs)
+        start2 = statistics.median(r.cpu for r in s2p.runs)
+        bare_start = statistics.median(r.cpu for r in s0.runs)
+        table(ctx.out, [one, two, bare], [])
+        ctx.out(f"  start-up CPU with no items: pytest {bare_start:.2f} s, +plugin {start0:.2f} s,"
+                f" -n 2 +plugin {start2:.2f} s")
+        for side, base in ((one, start0), (two, start2), (bare, bare_start)):
+            net = (statistics.median(r.cpu for r in side.runs) - base) / n
+            ctx.out(f"  {side.name:<34} CPU/item {side.cpu_per_item() * 1000:6.2f} ms, net of"
+                    f" start-up {net * 1000:6.2f} ms; simulator {side.sim_cpu_per_item() * 1000:.2f}"
+                    " ms/request (apart)")
+        ctx.out(f"  CPU per item vs bare pytest: {one.cpu_per_item() / bare.cpu_per_item():.2f}x"
+                f" (1 proc), {two.cpu_per_item() / bare.cpu_per_item():.2f}x (-n 2)")
+        for side in (one, two):
+            verdict(ctx.out, f"{side.name} <= 10 ms CPU/item (all processes, start-up included)",
+                    side.cpu_per_item() <= 0.010, f"{side.cpu_per_item() * 1000:.1f} ms")
+    finally:
+        sim.stop()
+
+
+def xdist(ctx: Ctx) -> None:
+    n, latency = (100 if ctx.quick else 500), 0.5
+    workers = (8,) if ctx.quick else (2, 8, 32)
+    header(ctx.out, f"xdist: N={n}, L={latency} s, llmbench -n W (default concurrency {DEFAULT_K})"
+           " vs bare pytest-xdist -n W")
+    sim = Sim.start(ctx.scratch / "sim", latency=latency)
+    try:
+        project = ctx.scratch / "xdist"
+        suite = gen.write_suite(project, n)
+        gen.write_bare_tests(project, n)
+        for w in workers:
+            sw = ctx.startup(w)
+            ideal = sw.wall + n * latency / min(n, w * DEFAULT_K)
+            plug = plugin_side(f"llmbench -n {w}", project, suite, sim, n, "-n", str(w), ideal=ideal)
+            bare = bare_side(f"bare-xdist -n {w}", project, sim, n, "-n", str(w),
+                             ideal=sw.wall + n * latency / min(n, w))
+            alternate([plug, bare], ctx.repeat, ctx.scratch, ctx.out)
+            ctx.out(f"  -n {w}: start-up with no items {sw.wall:.2f} s (load avg {load()})")
+            table(ctx.out, [plug, bare], [bare])
+            need = 3.0 if w == 32 else 1.0
+            verdict(ctx.out, f"-n {w} >= {need:g}x faster than bare xdist", bare.wall >= need * plug.wall,
+                    f"{bare.wall / plug.wall:.2f}x")
+    finally:
+        sim.stop()
+
+
+def stuck(ctx: Ctx) -> None:
+    n, latency, c, deadline, rate = (200 if ctx.quick else 1000), 0.5, 128, 5.0, 0.1
+    header(ctx.out, f"stuck: N={n}, L={latency} s, {c} in flight, {rate:.0%} never answered,"
+           f" task deadline {deadline:g} s")
+    sim = Sim.start(ctx.scratch / "sim", latency=latency, hang_rate=rate, seed=0)
+    try:
+        project = ctx.scratch / "stuck"
+        suite = gen.write_suite(project, n)
+        hung = {f"i{i}" for i in range(n) if fraction("hang", 0, gen.messages(i)) < rate}
+        s0 = ctx.startup(0)
+
+        def check(run: Run) -> str:
+            return stuck_check(run, hung, n)
+
+        side = plugin_side(f"llmbench 1 proc x {c}", project, suite, sim, n,
+                           "--llmbench-concurrency", str(c), "--llmbench-task-timeout", str(deadline),
+                           "--llmbench-jsonl", "{folder}/out.jsonl",
+                           ideal=n * latency / c + deadline + s0.wall, check=check)
+        alternate([side], ctx.repeat, ctx.scratch, ctx.out)
+        hang_seen = sum(1 for r in side.runs[-1].requests if "hang_rate" in (r.get("fault") or ""))
+        ctx.out(f"  {len(hung)} items chosen to hang by the simulator's hash ({hang_seen} hung"
+                f" requests in the last run's log); ideal = N*L/C + deadline + start-up {s0.wall:.2f} s")
+        table(ctx.out, [side], [])
+        assert side.ideal
+        verdict(ctx.out, "<= 1.2x (ideal + deadline)", side.wall <= 1.2 * side.ideal,
+                f"{side.wall / side.ideal:.2f}x")
+        bad = [p for p in side.problems if p]
+        verdict(ctx.out, "every hung item task_timeout, every other passed (JSONL)", not bad,
+                "all runs correct" if not bad else bad[0])
+    finally:
+        sim.stop()
+
+
+def stuck_check(run: Run, hung: set[str], n: int) -> str:
+    path = run.folder / "out.jsonl"
+    if not path.exists():
+        return "no JSONL export"
+    wrong = []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for rec in records:
+        inst = str(rec["identity"].get("instance"))
+        want = ("error", "task_timeout") if inst in hung else ("passed", None)
+        got = (rec["status"], rec.get("error_class"))
+        if got != want:
+            wrong.append(f"{inst}: {got} (want {want})")
+    if len(records) != n:
+        wrong.insert(0, f"{len(records)} records for {n} items")
+    return "; ".join(wrong[:3]) + (f" (+{len(wrong) - 3})" if len(wrong) > 3 else "")
+
+
+def ratelimit(ctx: Ctx) -> None:
+    n, latency, c, rpm = (150 if ctx.quick else 1200), 0.1, 64, 600
+    header(ctx.out, f"rate limit: N={n}, L={latency} s, {c} in flight, simulator quota {rpm}/min,"
+           f" model rpm = {rpm}")
+    project = ctx.scratch / "ratelimit"
+    suite = gen.write_suite(project, n)
+    s0 = ctx.startup(0)
+    stats: list[tuple[float, float, int]] = []
+
+    def run(folder: Path) -> Run:
+        # A fresh simulator per run: its sliding window must start empty.
+        sim = Sim.start(folder / "sim", latency=latency, rpm=rpm)
+        try:
+            gen.write_model_config(project, name="limited", base_url=sim.url, rpm=rpm)
+            env = clean_env(XDG_CACHE_HOME=str(folder / "cache"))
+            argv = pytest_argv(suite.name, "--llmbench-store", str(folder / "store"),
+                               "--llmbench-model", "limited", "--llmbench-concurrency", str(c))
+            result = measure(argv, cwd=project, env=env, sim=sim, folder=folder)
+        finally:
+            sim.stop()
+        limited = [r for r in result.requests if "rate_limit" in (r.get("fault") or "")]
+        admitted = sorted(r["t"] for r in result.requests if r not in limited)
+        span = (admitted[-1] - admitted[0] + 60.0 / rpm) if admitted else 1.0
+        used = len(admitted) / span * 60.0 / rpm
+        stats.append((used, len(limited) / max(1, len(result.requests)), len(result.requests)))
+        return result
+
+    side = Side(f"llmbench 1 proc x {c}", run, ideal=n / rpm * 60.0 + s0.wall, n=n,
+                check=lambda r: "" if r.count("passed") == n else f"{r.count('passed')} passed of {n}")
+    alternate([side], ctx.repeat, ctx.scratch, ctx.out)
+    (project / "pyproject.toml").unlink(missing_ok=True)
+    used = statistics.median(s[0] for s in stats)
+    limited = statistics.median(s[1] for s in stats)
+    ctx.out(f"  quota used {used:.1%} (admitted requests per minute from first to last / {rpm});"
+            f" 429s {limited:.2%} of requests; requests per run {[s[2] for s in stats]};"
+            f" ideal = N/R + start-up")
+    table(ctx.out, [side], [])
+    verdict(ctx.out, ">= 90 % of quota used", used >= 0.90, f"{used:.1%}")
+    verdict(ctx.out, "<= 1 % of requests answered 429", limited <= 0.01, f"{limited:.2%}")
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = ""
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = []
+    for mod in ("pytest", "xdist", "openai", "inspect_ai"):
+        try:
+            module = __import__(mod)
+            versions.append(f"{mod} {getattr(module, '__version__', '?')}")
+        except ImportError:
+            versions.append(f"{mod} absent")
+    return (f"{os.cpu_count()} cores ({cpu}); Python {platform.python_version()}; "
+            + ", ".join(versions))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small N, one run each (smoke check)")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(WORKLOADS)}")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per side (default 3; 1 with --quick)")
+    parser.add_argument("--out", default=None, help="also write the output here")
+    args = parser.parse_args(argv)
+    only = [w.strip() for w in args.only.split(",") if w.strip()] or list(WORKLOADS)
+    unknown = set(only) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workload(s) {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+    repeat = args.repeat or (1 if args.quick else 3)
+    out = Out()
+    started = time.monotonic()
+    out(f"pytest-llmbench bench/run.py  {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
+        f"  {'--quick ' if args.quick else ''}repeat {repeat}")
+    out(f"machine: {machine()}")
+    out(f"load average at start: {load()} (1/5/15 min; the machine may be shared)")
+    with tempfile.TemporaryDirectory(prefix="llmbench-bench-") as tmp:
+        ctx = Ctx(scratch=Path(tmp), repeat=repeat, quick=args.quick, out=out)
+        for name in only:
+            globals()[name](ctx)
+    out()
+    out(f"total {time.monotonic() - started:.0f} s; load average at end: {load()}")
+    target = args.out or (None if args.quick or args.only else str(REPO / "bench/results/latest.txt"))
+    if target:
+        Path(target).write_text("\n".join(out.lines) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
