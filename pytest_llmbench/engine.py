@@ -159,7 +159,8 @@ class Engine:
             return
         job = job_or_result
         now = time.time()
-        holder = self._holder(now, job.deadlines.task_timeout)
+        token = secrets.token_hex(8)  # the item process's tag, named in its claim
+        holder = self._holder(now, job.deadlines.task_timeout, token)
         # --llmbench-fresh / --llmbench-rescore: results of earlier runs do not count.
         ignore_before = self.run_id if (self.fresh or job.rescore_from is not None) else None
         claim = self.store.claim(key, holder=holder, fresh_run_id=ignore_before)
@@ -180,7 +181,7 @@ class Engine:
             self.elsewhere.add(key)
             return
         self.elsewhere.discard(key)
-        self._fork(job)
+        self._fork(job, token)
 
     def _check_elsewhere(self, key: str) -> None:
         result = self.store.get(key)
@@ -188,7 +189,7 @@ class Engine:
             self.done[key] = result
             self.elsewhere.discard(key)
 
-    def _holder(self, now: float, task_timeout: float) -> ClaimHolder:
+    def _holder(self, now: float, task_timeout: float, token: str) -> ClaimHolder:
         return ClaimHolder(
             pid=self.holder.pid,
             start_time=self.holder.start_time,
@@ -196,25 +197,38 @@ class Engine:
             run_id=self.run_id,
             claimed_at=now,
             deadline=now + task_timeout + CLAIM_GRACE,
+            token=token,
         )
 
     def _reclaim_overdue(self, key: str, holder: ClaimHolder) -> None:
-        """A live holder kept a claim past task deadline + grace: take the item over.
+        """A live holder kept a claim past task deadline + grace: kill its item, take it over.
 
         The holder is a whole pytest process (another run's worker) whose own engine should
-        have killed the item's child at its task deadline; killing that process would end
-        every other item it runs, so only the claim is taken (logged), never the process.
+        have killed the item at its task deadline but did not (frozen, stopped, overloaded).
+        Killing that process would end every other item it runs, so only the item's own
+        process tree, found by the token named in the claim, is killed; a record left like a
+        lease reclaim's lets the holder report the item as ``lease_timeout``.
         """
+        from .lease import ReclaimEvent, record_reclaim
+
+        held = time.time() - holder.claimed_at
+        killed: list[int] = []
+        if holder.is_local() and holder.token:
+            killed = proc.kill_tree(0, token=holder.token, grace=KILL_GRACE)
+            record_reclaim(self.store.root, ReclaimEvent(
+                resource="claim", slot=0, holder=holder.pid, held=held, reason="over_time",
+                limit=holder.deadline - holder.claimed_at, label=key[:12], token=holder.token,
+                killed=tuple(killed),
+            ))
         log.warning(
-            "[ForcedRelease] item=%s holder=%d on %s claimed %.1f s ago, past its deadline:"
-            " taking the claim over",
-            key[:12], holder.pid, holder.host, time.time() - holder.claimed_at,
+            "[ForcedRelease] resource=claim item=%s holder=%d on %s held=%.1fs past its"
+            " deadline: killed %d item process(es), taking the claim over",
+            key[:12], holder.pid, holder.host, held, len(killed),
         )
 
     # --- children ------------------------------------------------------------------------
 
-    def _fork(self, job: Job) -> None:
-        token = secrets.token_hex(8)
+    def _fork(self, job: Job, token: str) -> None:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         started = time.monotonic()
         deadline = started + job.deadlines.task_timeout
@@ -374,11 +388,15 @@ class Engine:
 
         reclaim = find_reclaim(self.store.root, token=child.token)
         if reclaim is not None:
+            what = (
+                "its claim on the item" if reclaim.resource == "claim"
+                else f"resource {reclaim.resource!r}"
+            )
             result = self._error_result(
                 child,
                 "lease_timeout",
-                f"held resource {reclaim.resource!r} for {reclaim.held:.1f} s, over its limit of"
-                f" {reclaim.limit:g} s; its process tree was killed",
+                f"held {what} for {reclaim.held:.1f} s, over its limit of {reclaim.limit:g} s;"
+                " its process tree was killed",
             )
             result.deadline_layer = "lease"
             return result

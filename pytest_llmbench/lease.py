@@ -141,6 +141,22 @@ def _reclaim_key(token: str | None, pid: int | None, start_time: int | None) -> 
     return None
 
 
+def record_reclaim(
+    root: Path | str, event: ReclaimEvent, *, pid: int | None = None, start_time: int | None = None
+) -> None:
+    """Leave ``event`` where :func:`find_reclaim` finds it (by token, else pid + start time),
+    so the engine that ran the killed item reports ``lease_timeout``, not ``crashed``."""
+    key = _reclaim_key(event.token, pid, start_time)
+    if key is None:
+        return
+    folder = Path(root) / "leases" / _RECLAIMED_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / f"{key}.json", event.to_dict())
+    except OSError as exc:  # the reclaim itself succeeded; only the record is lost
+        log.warning("could not record reclaim of %s[%d]: %s", event.resource, event.slot, exc)
+
+
 def find_reclaim(
     root: Path | str,
     *,
@@ -504,15 +520,7 @@ class LeasePool:
         return event
 
     def _record_reclaim(self, event: ReclaimEvent, holder: Holder) -> None:
-        key = _reclaim_key(holder.token, holder.pid, holder.start_time)
-        if key is None:
-            return
-        folder = self.root / "leases" / _RECLAIMED_DIR
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_json(folder / f"{key}.json", event.to_dict())
-        except OSError as exc:  # the reclaim itself succeeded; only the record is lost
-            log.warning("could not record reclaim of %s[%d]: %s", self.name, event.slot, exc)
+        record_reclaim(self.root, event, pid=holder.pid, start_time=holder.start_time)
 
 
 class LeaseManager:

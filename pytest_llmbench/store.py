@@ -215,6 +215,9 @@ class ClaimHolder:
     """Unix time of the claim."""
     deadline: float
     """Unix time after which a live holder is overdue (task deadline + grace)."""
+    token: str = ""
+    """The item process's ``LLMBENCH_ITEM_TOKEN``: lets an overdue claim's item be killed
+    without touching the pytest process that holds it."""
 
     @classmethod
     def current(cls, *, run_id: str, deadline: float, pid: int | None = None) -> ClaimHolder:
@@ -257,6 +260,7 @@ class ClaimHolder:
                 run_id=str(data["run_id"]),
                 claimed_at=float(data["claimed_at"]),
                 deadline=float(data["deadline"]),
+                token=str(data.get("token", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad claim record: {exc!r}") from None
@@ -793,22 +797,44 @@ class Store:
         """
         data, record = _encode_result(result)
         key = result.key
+        owners = self._owners(holder)
         folder = self._dir(self._results, key[:2])
         final = f"{folder}/{key}.json"
         tmp = f"{folder}/.{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             st = _write_new(tmp, data, fsync=self.fsync)
             with self._locked(key[:2]):
+                if result.status == ERROR and self._keeps_finished(key, owners):
+                    _unlink_quiet(tmp)
+                    return Path(final)
                 os.replace(tmp, final)
                 if record is not None and _append_index(folder, [_index_entry(key, st, record)]):
                     self._compact_index(key[:2], folder)
-                self._drop_claim(key, self._owners(holder))
+                self._drop_claim(key, owners)
         except BaseException:
             _unlink_quiet(tmp)
             raise
         if self.fsync:
             _fsync_dir(folder)
         return Path(final)
+
+    def _keeps_finished(self, key: str, owners: tuple[ClaimHolder, ...]) -> bool:
+        """Whether an error result for ``key`` must not replace what is stored (lock held).
+
+        A process whose claim was taken over (it was frozen past its deadline, another run
+        reclaimed the item) may still report an error for it later; that error never
+        replaces a finished result. The claim's current holder may always write (a fresh run
+        that fails overwrites an earlier pass, as ``--llmbench-fresh`` promises).
+        """
+        current, _ = self._read_claim(key)
+        if current is not None and any(current.same_process(o) for o in owners):
+            return False
+        stored = self.get(key)
+        if stored is None or stored.status == ERROR:
+            return False
+        log.info("kept the finished result of item %s: a late error from a process that no"
+                 " longer holds its claim is not stored", key[:12])
+        return True
 
     # -- claims -------------------------------------------------------------------------
 

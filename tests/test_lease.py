@@ -274,6 +274,7 @@ root, slots, threads, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 
 pool = LeasePool(root, "shared", slots)
 counter, logf = os.path.join(root, "counter"), os.path.join(root, "log")
 go = os.path.join(root, "go")
+open(os.path.join(root, f"ready-{os.getpid()}"), "w").close()
 while not os.path.exists(go):
     time.sleep(0.001)
 
@@ -319,7 +320,10 @@ def test_two_concurrent_runs_never_exceed_pool(tmp_path: Path, slots: int) -> No
         )
         for _ in range(2)
     ]
-    (tmp_path / "go").touch()
+    give_up = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < give_up:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()  # both are past their start-up: they really overlap
     assert [r.wait(timeout=120) for r in runs] == [0, 0]
 
     lines = [ln.split() for ln in (tmp_path / "log").read_text().splitlines()]
@@ -372,3 +376,57 @@ def test_reclaim_event_round_trip() -> None:
         resource="vm", slot=1, holder=42, held=3.5, reason="over_time", limit=1.0, killed=(42, 43)
     )
     assert ReclaimEvent.from_dict(json.loads(json.dumps(event.to_dict()))) == event
+
+
+LEASE_TESTS = """
+import fcntl, os, random, time
+import pytest
+
+def bump(root, delta, what, slot):
+    fd = os.open(os.path.join(root, "counter"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        n = int(os.pread(fd, 32, 0) or b"0") + delta
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(n).encode(), 0)
+        with open(os.path.join(root, "log"), "a") as f:
+            f.write(f"{what} {time.time():.6f} {os.getpid()} {slot} {n}\\n")
+    finally:
+        os.close(fd)
+
+@pytest.mark.parametrize("i", range(10))
+def test_under_lease(llm_lease, i):
+    root = os.path.dirname(__file__)
+    with llm_lease("shared", timeout=60) as lease:
+        bump(root, +1, "acquire", lease.slot)
+        time.sleep(random.uniform(0.02, 0.06))
+        bump(root, -1, "release", lease.slot)
+"""
+
+
+def test_two_concurrent_pytest_runs_share_a_pool_of_two(tmp_path: Path) -> None:
+    """Two pytest runs, each ``-n 2``, on one store: 4 workers contend for ``shared = 2``;
+    every acquisition is recorded, and at no moment are 3 leases held."""
+    (tmp_path / "test_leases.py").write_text(LEASE_TESTS)
+    (tmp_path / "pyproject.toml").write_text("[tool.llmbench.resources]\nshared = 2\n")
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "2",
+           "test_leases.py", f"--rootdir={tmp_path}"]
+    runs = [subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [r.communicate(timeout=120)[0] for r in runs]
+    for run, out in zip(runs, outs, strict=True):
+        assert run.returncode == 0 and "10 passed" in out, out[-2000:]
+    lines = [ln.split() for ln in (tmp_path / "log").read_text().splitlines()]
+    assert len(lines) == 2 * 2 * 10
+    held, peak, owner = 0, 0, {}
+    for what, _t, pid, slot, n in lines:
+        held += 1 if what == "acquire" else -1
+        assert int(n) == held
+        peak = max(peak, held)
+        if what == "acquire":
+            assert slot not in owner, f"slot {slot} granted twice"
+            owner[slot] = pid
+        else:
+            assert owner.pop(slot) == pid
+    assert peak == 2, "the pool was never fully used, or over-granted"
+    assert len({pid for _, _, pid, *_ in lines}) >= 3  # workers of both runs took leases

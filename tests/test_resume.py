@@ -126,3 +126,56 @@ def test_corrupt_result_file_is_reported_and_run_again(tmp_path: Path) -> None:
         assert len(sim.requests()) == 3 + 2
     combined = second.stdout + second.stderr
     assert str(files[0].name) in combined or "corrupt" in combined
+
+
+@pytest.mark.slow
+def test_overdue_claim_of_a_frozen_run_is_reclaimed_and_its_item_killed(tmp_path: Path) -> None:
+    """Run A freezes (SIGSTOP) with its item stuck; past A's task deadline + grace, run B
+    kills A's item process (found by the token in the claim), takes the claim and runs the
+    item to a pass; A, thawed, reports its item as an error, which does not replace B's
+    finished result. A itself is never killed."""
+    # In run A (STUCK set) the scorer ignores every deadline: only a kill ends it.
+    (tmp_path / "stuck_scorer.py").write_text(
+        "import os, time\nfrom pytest_llmbench.records import Score\n"
+        "def score(req):\n    while os.environ.get('STUCK'):\n        time.sleep(0.1)\n"
+        "    return Score(value=1.0)\n"
+    )
+    (tmp_path / "suite.toml").write_text(
+        '[[prompts]]\nid = "stuck"\ntemplate = "What is 1 + 1?"\nscorer = "stuck_scorer:score"\n'
+        '\n[[prompts.instances]]\nid = "only"\nexpected = "2"\n'
+    )
+    with SimServer.start() as sim:
+        env = env_for(sim)
+        env["PYTHONPATH"] = str(tmp_path)
+        cmd = pytest_cmd(tmp_path, "--llmbench-task-timeout=2", "--llmbench-api-timeout=1",
+                         "--llmbench-api-retries=0")
+        a = subprocess.Popen([*cmd, "-o", "log_cli=1", "-o", "log_cli_level=INFO"],
+                             env={**env, "STUCK": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            claims: list[Path] = []
+            give_up = time.monotonic() + 30
+            while not claims and time.monotonic() < give_up:
+                claims = [p for p in (tmp_path / "store" / "claims").rglob("*.claim")]
+                time.sleep(0.05)
+            assert claims, "run A never claimed its item"
+            os.kill(a.pid, signal.SIGSTOP)
+            claim = json.loads(claims[0].read_text())
+            assert claim["pid"] == a.pid and claim["token"]
+            item_pids = proc.pids_with_token(claim["token"])
+            assert item_pids, "run A's item process is not running"
+            time.sleep(max(0.0, claim["deadline"] - time.time()) + 0.5)
+
+            b = subprocess.run([*cmd, "-o", "log_cli=1", "-o", "log_cli_level=INFO"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               timeout=60)
+            assert "[ForcedRelease] resource=claim" in b.stdout, b.stdout[-3000:]
+            assert b.returncode == 0 and "1 passed" in b.stdout, b.stdout[-3000:]
+            assert not [p for p in item_pids if proc.pid_alive(p)], "A's item survived"
+            assert proc.pid_alive(a.pid), "run A itself was killed"
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        out_a = a.communicate(timeout=60)[0]
+    assert a.returncode == 1 and "1 error" in out_a, out_a[-3000:]
+    (stored,) = all_results(tmp_path / "store").values()
+    assert stored["status"] == "passed", stored
