@@ -15,24 +15,24 @@ records a ``task_timeout`` error with what the child reported so far.
 from __future__ import annotations
 
 import contextlib
-import errno
+import gc
 import json
 import logging
 import os
 import secrets
 import selectors
-import signal
 import socket
+import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import proc
+from . import forkserver, proc
+from .child import child_main
 from .records import ERROR, ItemResult
-from .runner import Job, execute
+from .runner import Job
 from .store import ClaimHolder, Store
 
 log = logging.getLogger("pytest_llmbench.engine")
@@ -60,6 +60,8 @@ class Child:
     started: float
     deadline: float
     pidfd: int | None = None
+    remote: bool = False
+    """Forked by the fork server: its exit arrives as a message, it is not our child."""
     buffer: bytearray = field(default_factory=bytearray)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     completions: list[dict[str, Any]] = field(default_factory=list)
@@ -109,6 +111,11 @@ class Engine:
         self.scan_pos = 0
         self.index: dict[int, int] | None = None
         self.subreaper = proc.set_child_subreaper()
+        self.server: forkserver.ForkServer | None = None
+        self.use_server = forkserver.enabled()
+        self.spawning: dict[int, Child] = {}
+        """Sent to the fork server, pid not known yet (by sequence number)."""
+        self.by_pid: dict[int, Child] = {}
 
     # --- the protocol side ---------------------------------------------------------------
 
@@ -229,39 +236,134 @@ class Engine:
     # --- children ------------------------------------------------------------------------
 
     def _fork(self, job: Job, token: str) -> None:
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        """Start ``job``'s child: through the fork server when it can take the job."""
         started = time.monotonic()
         deadline = started + job.deadlines.task_timeout
-        with warnings.catch_warnings():
-            # Python 3.12+ warns when forking a process that has threads (xdist's IO
-            # thread): the child only touches its own pipe and sockets, then _exit()s.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' outcomes
+        if self.use_server and self._spawn_remote(job, token, started, deadline):
+            return
+        self._fork_local(job, token, started, deadline)
+
+    def _spawn_remote(self, job: Job, token: str, started: float, deadline: float) -> bool:
+        payload = forkserver.encode(forkserver.Spawn(
+            job=job, token=token, deadline=deadline, store_root=str(self.store.root),
+            fsync=self.store.fsync, holder=self.holder, sys_path=tuple(sys.path), cwd=os.getcwd(),
+        ))
+        if payload is None:
+            return False
+        if self.server is None:
+            try:
+                self.server = forkserver.ForkServer()
+            except OSError as exc:
+                log.warning("could not start the fork server (%s): items fork from pytest", exc)
+                self.use_server = False
+                return False
+            self.selector.register(self.server.fileno(), selectors.EVENT_READ, ("server", None))
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            seq = self.server.submit(payload, write_fd)
+        except OSError as exc:
             os.close(read_fd)
-            _child_main(job, write_fd, token, deadline, self.store)
+            log.warning("the fork server is gone (%s): items fork from pytest", exc)
+            self.use_server = False
+            return False
+        finally:
+            os.close(write_fd)
+        child = Child(job=job, pid=0, fd=read_fd, token=token, started=started,
+                      deadline=deadline, remote=True)
+        self.spawning[seq] = child
+        self._track(child)
+        return True
+
+    def _fork_local(self, job: Job, token: str, started: float, deadline: float) -> None:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        # The child must not run the cyclic GC over the parent's heap: a collection touches
+        # every tracked object and copies nearly every page (copy-on-write). Freezing moves
+        # the heap out of the collector's reach for the instant of the fork (O(1) both ways).
+        gc.freeze()
+        pid = -1
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns when forking a process that has threads (xdist's IO
+                # thread): the child only touches its own pipe and sockets, then _exit()s.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' outcomes
+                gc.disable()
+                os.close(read_fd)
+                child_main(job, write_fd, token, deadline, self.store, self.holder)
+        finally:
+            if pid != 0:
+                gc.unfreeze()
         os.close(write_fd)
         # Also set the group from the parent: a deadline may fire before the child runs.
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
-        os.set_blocking(read_fd, False)
         child = Child(job=job, pid=pid, fd=read_fd, token=token, started=started, deadline=deadline)
         try:
             child.pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
             child.pidfd = None
-        self.running[job.key] = child
-        self.by_fd[read_fd] = child
-        self.selector.register(read_fd, selectors.EVENT_READ, ("pipe", child))
+        self._track(child)
+
+    def _track(self, child: Child) -> None:
+        os.set_blocking(child.fd, False)
+        self.running[child.job.key] = child
+        self.by_fd[child.fd] = child
+        if child.pid:
+            self.by_pid[child.pid] = child
+        self.selector.register(child.fd, selectors.EVENT_READ, ("pipe", child))
         if child.pidfd is not None:
             self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
+
+    def _server_events(self) -> None:
+        server = self.server
+        assert server is not None
+        for event in server.events():
+            if event[0] == "forked":
+                _, seq, pid = event
+                child = self.spawning.pop(seq, None)
+                if child is None:
+                    continue
+                child.pid = pid
+                self.by_pid[pid] = child
+                if child.job.key not in self.running:  # killed before its pid was known
+                    proc.kill_tree(pid, pgid=pid, token=child.token, grace=0.0)
+            elif event[0] == "exit":
+                _, pid, status = event
+                child = self.by_pid.get(pid)
+                if child is not None and child.remote:
+                    self._finish(child, status)
+            elif event[0] == "refused":
+                _, seq, reason = event
+                child = self.spawning.pop(seq, None)
+                log.debug("fork server refused an item (%s): forking it from pytest", reason)
+                if child is not None and child.job.key in self.running:
+                    self._close(child)
+                    self._fork_local(child.job, child.token, child.started, child.deadline)
+            else:  # the server died: everything it had not forked yet is forked here
+                log.warning("the fork server exited: items fork from pytest from now on")
+                self.selector.unregister(server.fileno())
+                server.close()
+                self.server, self.use_server = None, False
+                waiting = list(self.spawning.values())
+                self.spawning.clear()
+                for child in waiting:
+                    if child.job.key in self.running:
+                        self._close(child)
+                        self._fork_local(child.job, child.token, child.started, child.deadline)
+                for child in list(self.running.values()):
+                    if child.remote:  # re-parented to us (subreaper): watch it as our own
+                        child.remote = False
+                        with contextlib.suppress(OSError):
+                            child.pidfd = os.pidfd_open(child.pid)
+                            self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
 
     def _next_timeout(self) -> float:
         if not self.running:
             return POLL_ELSEWHERE
         soonest = min(c.deadline for c in self.running.values())
         timeout = max(0.0, soonest - time.monotonic())
-        if not self.running or any(c.pidfd is None for c in self.running.values()):
+        if any(c.pidfd is None and not c.remote for c in self.running.values()):
             timeout = min(timeout, 0.02)
         return min(timeout, 1.0)
 
@@ -276,6 +378,8 @@ class Engine:
             kind, child = skey.data
             if kind == "pipe":
                 self._read(child)
+            elif kind == "server":
+                self._server_events()
             else:
                 self._finish(child)
         now = time.monotonic()
@@ -286,7 +390,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - a monitor failure must not stop the run
                 log.exception("lease monitor tick failed")
         for child in list(self.running.values()):
-            if child.pidfd is None:
+            if child.pidfd is None and not child.remote:
                 pid, status = os.waitpid(child.pid, os.WNOHANG)
                 if pid:
                     self._finish(child, status)
@@ -302,7 +406,9 @@ class Engine:
                 return
             except OSError:
                 chunk = b""
-            if not chunk:
+            if not chunk:  # EOF: stop watching the pipe; the exit event finishes the item
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(child.fd)
                 return
             child.buffer.extend(chunk)
             while True:
@@ -336,7 +442,7 @@ class Engine:
         """The child exited by itself: collect its result (or record the crash)."""
         if child.job.key not in self.running:
             return
-        if status is None:
+        if status is None and not child.remote:
             try:
                 _pid, status = os.waitpid(child.pid, 0)
             except ChildProcessError:
@@ -345,7 +451,7 @@ class Engine:
         self._close(child)
         # Anything the item left behind in its group goes with it (one syscall to know).
         if proc.group_exists(child.pid):
-            proc.reap(proc.kill_tree(child.pid, pgid=child.pid, token=child.token, grace=0.2))
+            proc.reap(self._kill_tree(child, 0.2))
         result = child.result
         if result is None:
             result = self._crash_result(child, status)
@@ -364,9 +470,10 @@ class Engine:
             "[TaskTimeout] %s: killed after %.1f s (task_timeout %.1f s, turn %d, %d attempts)",
             child.job.nodeid, elapsed, limit, child.turn, len(child.attempts),
         )
-        killed = proc.kill_tree(child.pid, pgid=child.pid, token=child.token, grace=KILL_GRACE)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(child.pid, 0)
+        killed = self._kill_tree(child, KILL_GRACE)
+        if not child.remote:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, 0)
         proc.reap(p for p in killed if p != child.pid)
         self._close(child)  # whatever it sent after the deadline does not count
         partial = child.completions[-1]["text"] if child.completions else None
@@ -431,9 +538,16 @@ class Engine:
         except OSError as exc:
             log.error("could not store the result of %s: %s", result.identity.get("nodeid"), exc)
 
+    def _kill_tree(self, child: Child, grace: float) -> list[int]:
+        """Everything ``child`` started (before the fork server reported its pid: by token)."""
+        if not child.pid:
+            return proc.kill_tree(0, token=child.token, grace=grace)
+        return proc.kill_tree(child.pid, pgid=child.pid, token=child.token, grace=grace)
+
     def _close(self, child: Child) -> None:
         self.running.pop(child.job.key, None)
         self.by_fd.pop(child.fd, None)
+        self.by_pid.pop(child.pid, None)
         for fd in (child.fd, child.pidfd):
             if fd is None:
                 continue
@@ -444,74 +558,17 @@ class Engine:
     def shutdown(self) -> None:
         """Kill every running child (interrupted run); their claims die with this process."""
         for child in list(self.running.values()):
-            proc.reap(proc.kill_tree(child.pid, pgid=child.pid, token=child.token, grace=0.2))
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child.pid, 0)
+            proc.reap(self._kill_tree(child, 0.2))
+            if not child.remote:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child.pid, 0)
             self._close(child)
             with contextlib.suppress(OSError):
                 self.store.release(child.job.key, self.holder)
+        if self.server is not None:
+            self.server.close()
+            self.server = None
         self.selector.close()
 
     def pending(self) -> Iterable[str]:
         return list(self.running)
-
-
-class _PipeLogHandler(logging.Handler):
-    """In the child: ship the plugin's log records to the parent, which re-emits them."""
-
-    def __init__(self, send: Callable[[str, Any], None]) -> None:
-        super().__init__(logging.DEBUG)
-        self.send = send
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # A log line must never kill the item.
-        with contextlib.suppress(Exception):
-            self.send(
-                "log",
-                {
-                    "name": record.name,
-                    "levelno": record.levelno,
-                    "levelname": record.levelname,
-                    "msg": record.getMessage(),
-                    "created": record.created,
-                    "process": record.process,
-                },
-            )
-
-
-def _child_main(job: Job, fd: int, token: str, deadline: float, store: Store) -> None:  # pragma: no cover
-    """Body of the forked child. Never returns."""
-    code = 0
-    try:
-        os.setpgid(0, 0)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        proc.tag_process(token)
-
-        def send(kind: str, data: Any) -> None:
-            payload = (json.dumps([kind, data], default=str) + "\n").encode()
-            view = memoryview(payload)
-            while view:
-                try:
-                    n = os.write(fd, view)
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    if exc.errno == errno.EPIPE:
-                        return
-                    raise
-                view = view[n:]
-
-        root = logging.getLogger("pytest_llmbench")
-        root.handlers = [_PipeLogHandler(send)]
-        root.propagate = False
-        root.setLevel(logging.DEBUG)
-        result = execute(job, send, task_deadline=deadline)
-        store.put(result)
-        send("result", result.to_dict())
-    except BaseException:  # noqa: BLE001 - reported to the parent, which records a crash
-        code = 1
-        with contextlib.suppress(OSError):
-            os.write(fd, (json.dumps(["crash", traceback.format_exc()]) + "\n").encode())
-    finally:
-        os._exit(code)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -220,6 +221,7 @@ def pids_with_token(token: str) -> list[int]:
     return sorted(p for p, i in scan().items() if i.alive and _has_token(i, needle, comm))
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(None, use_errno=True)

@@ -214,6 +214,10 @@ class _Txn:
     dirty: bool = False
 
 
+def _shared_limiter(root: str, window: float) -> SharedLimiter:
+    return SharedLimiter(Path(root), window=window)
+
+
 class SharedLimiter:
     """Implements ``api.RateLimiter`` for every process that shares ``root``.
 
@@ -240,6 +244,11 @@ class SharedLimiter:
 
     def __repr__(self) -> str:
         return f"SharedLimiter(root={str(self.root)!r}, window={self.window:g})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent to the fork server with a job: only the configuration travels; every process
+        # opens its own state files (flocks belong to open file descriptions).
+        return (_shared_limiter, (str(self.root), self.window))
 
     # --- the RateLimiter protocol ---------------------------------------------------------
 

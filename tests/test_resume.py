@@ -159,11 +159,14 @@ def test_overdue_claim_of_a_frozen_run_is_reclaimed_and_its_item_killed(tmp_path
                 claims = [p for p in (tmp_path / "store" / "claims").rglob("*.claim")]
                 time.sleep(0.05)
             assert claims, "run A never claimed its item"
-            os.kill(a.pid, signal.SIGSTOP)
             claim = json.loads(claims[0].read_text())
             assert claim["pid"] == a.pid and claim["token"]
-            item_pids = proc.pids_with_token(claim["token"])
+            item_pids: list[int] = []
+            while not item_pids and time.monotonic() < give_up:
+                item_pids = proc.pids_with_token(claim["token"])
+                time.sleep(0.05)
             assert item_pids, "run A's item process is not running"
+            os.kill(a.pid, signal.SIGSTOP)
             time.sleep(max(0.0, claim["deadline"] - time.time()) + 0.5)
 
             b = subprocess.run([*cmd, "-o", "log_cli=1", "-o", "log_cli_level=INFO"], env=env,
