@@ -14,6 +14,12 @@ it, the attempt timeout, the retry policy and the task-deadline cap:
   No attempt starts with less than ``MIN_ATTEMPT_TIME`` of task time left. (Name resolution
   and the TLS handshake are bounded by the socket timeout per step, not by the wall deadline;
   the task layer kills the process if they hang.)
+* **Which layer fired.** A timeout of an attempt whose timeout was capped by the task
+  deadline is the *task* deadline firing: the call fails at once (no retry, no backoff)
+  with error class ``task_timeout``, as does a call whose next attempt (or rate-limit grant)
+  finds less than ``MIN_ATTEMPT_TIME`` of task time left. Only an attempt that ran for the
+  full configured ``api_timeout`` ends in ``api_timeout``. ``_final_error`` is the one
+  place that picks the class; the runner maps ``task_timeout`` to deadline layer ``task``.
 * **Retry policy.** ``api_retries`` retries on top of the first attempt. Retried: 408, 409,
   429, 5xx, connection errors (refused, reset, closed), attempt timeouts, invalid 200
   answers and streams without a finish reason. Never retried: 400/401/403/404/422 (the
@@ -583,18 +589,24 @@ def _attempt(req: Request, model: ModelSpec, timeout: float, api_key: str | None
 
 
 def _final_error(model: ModelSpec, ep: Endpoint, attempts: int, last: _Failure | None,
-                 note: str = "", deadline: bool = False) -> APIError:
+                 note: str = "", task: bool = False) -> APIError:
     """The exception that ends the call: names the model, the URL (never the key), the
-    number of attempts and the last error, plus a hint for the usual causes. ``deadline``:
-    the task deadline left no time for another attempt (always ``APITimeoutError``)."""
+    number of attempts and the last error, plus a hint for the usual causes.
+
+    This is the one place that decides the call's error class. ``task``: the *task*
+    deadline ended the call (an attempt capped by it timed out, or no task time was left for
+    the next attempt or rate-limit grant), so the class is ``task_timeout`` whatever the last
+    attempt's outcome (always ``APITimeoutError``). Otherwise the last attempt's outcome
+    decides (``errors.OUTCOME_TO_ERROR_CLASS``): a timeout there means the configured
+    ``api_timeout`` was the binding limit, i.e. ``api_timeout``."""
     who = f"model {model.name!r}" + (f" (id {model.model!r})" if model.model != model.name else "")
     msg = f"{who} at {ep.display}: "
     if last is not None:
         msg += f"{attempts} attempt{'s' if attempts != 1 else ''} failed; last: {last.error}"
         msg += "" if last.retryable else " (not retried)"
     msg += f"; {note}" if last is not None and note else note
-    if last is None or deadline:
-        return APITimeoutError(msg, "api_timeout", last.status if last else None)
+    if task or last is None:  # no failure at all: only the task deadline stops a call early
+        return APITimeoutError(msg, "task_timeout", last.status if last else None)
     if last.outcome == "auth_error":
         env = f" in ${model.api_key_env}" if model.api_key_env else ""
         msg += f"; check the API key{env}"
@@ -605,6 +617,10 @@ def _final_error(model: ModelSpec, ep: Endpoint, attempts: int, last: _Failure |
     if last.outcome == "timeout":
         return APITimeoutError(msg, error_class, last.status)
     return APIError(msg, error_class, last.status)
+
+
+def _task_note(deadlines: Deadlines, what: str) -> str:
+    return f"task deadline of {deadlines.task_timeout:g} s {what}"
 
 
 def chat(
@@ -629,11 +645,12 @@ def chat(
     """Send one chat request under the API deadline layer and return the answer.
 
     ``task_deadline`` is the absolute ``time.monotonic()`` at which the item's task deadline
-    expires; every attempt's timeout is capped by it. ``item_started`` (monotonic) is the
+    expires; every attempt's timeout is capped by it (``deadlines.task_timeout`` only names
+    the limit in messages). ``item_started`` (monotonic) is the
     origin of ``Attempt.started``. ``on_attempt`` receives every attempt, after the wait that
     follows it is decided. ``env`` is where proxy variables are read (default ``os.environ``).
-    Raises ``APIError`` (``error_class`` set) or ``APITimeoutError`` when the call fails
-    for good.
+    Raises ``APIError`` (``error_class`` set) or ``APITimeoutError`` (``api_timeout``, or
+    ``task_timeout`` when the task deadline ended the call) when the call fails for good.
     """
     req = build_request(model, messages, params, api_key, extra_headers)
     ep = req.endpoint
@@ -649,15 +666,18 @@ def chat(
                     deadline=None if task_deadline is None else task_deadline - MIN_ATTEMPT_TIME,
                 )
             except LLMBenchError as exc:
-                raise _final_error(model, ep, number - 1, last,
-                                   f"rate limit: {exc}", True) from None
+                note = _task_note(deadlines, f"leaves no time for attempt {number} ({exc})")
+                raise _final_error(model, ep, number - 1, last, note, task=True) from None
         start = time.monotonic()
         timeout = deadlines.api_timeout
+        capped = False  # the task deadline, not api_timeout, bounds this attempt
         if task_deadline is not None:
             left = task_deadline - start
             if left < MIN_ATTEMPT_TIME:
                 raise _final_error(model, ep, number - 1, last,
-                                   f"task deadline reached before attempt {number}", True)
+                                   _task_note(deadlines, f"reached before attempt {number}"),
+                                   task=True)
+            capped = left < timeout
             timeout = min(timeout, left)
         try:
             completion = _attempt(req, model, timeout, api_key, proxy, ssl_context)
@@ -678,29 +698,46 @@ def chat(
                                    duration=duration, outcome="ok", status=200))
             return replace(completion, latency=duration)
 
+        # Which deadline layer ended the attempt: a timeout of an attempt whose timeout was
+        # capped means the task deadline was reached (classified task_timeout, no retry).
+        task_ended = failure.outcome == "timeout" and capped
         if failure.outcome == "timeout":
-            log.warning("[APITimeout] model=%s attempt=%d/%d timeout=%.2fs label=%s",
-                        model.name, number, total, timeout, label)
+            log.warning("[APITimeout] model=%s attempt=%d/%d timeout=%.2fs label=%s%s",
+                        model.name, number, total, timeout, label,
+                        " (capped by the task deadline)" if capped else "")
         if limiter is not None:
             limiter.on_response(model, failure.status or 0, failure.retry_after, 0)
         wait, note = 0.0, ""
-        retry = failure.retryable and number < total
-        if retry:
+        if task_ended:
+            note = _task_note(deadlines, f"exceeded during attempt {number} (attempt timeout "
+                                         f"capped to {timeout:.2f} s, below api_timeout "
+                                         f"{deadlines.api_timeout:g} s)")
+        policy_retry = retry = failure.retryable and number < total
+        if task_ended:
+            retry = False
+        elif (retry and task_deadline is not None
+                and task_deadline - time.monotonic() < MIN_ATTEMPT_TIME):
+            # no time left for another attempt: no backoff, the task layer ends the call
+            note = _task_note(deadlines, f"reached after attempt {number}, not retried")
+            retry, task_ended = False, True
+        elif retry:
             wait = (failure.retry_after if failure.retry_after is not None
                     else backoff_delay(number, rng))
             if (task_deadline is not None
                     and time.monotonic() + wait + MIN_ATTEMPT_TIME > task_deadline):
+                # the task has time left, just not for this wait: the last outcome stands
                 note = f"not retried: a {wait:.2f} s wait would reach the task deadline"
-                log.warning("[Retry] model=%s attempt=%d/%d outcome=%s status=%s %s label=%s",
-                            model.name, number, total, failure.outcome, failure.status, note,
-                            label)
                 retry, wait = False, 0.0
+        if policy_retry and not retry:  # given up because of the task deadline
+            log.warning("[Retry] model=%s attempt=%d/%d outcome=%s status=%s %s label=%s",
+                        model.name, number, total, failure.outcome, failure.status, note,
+                        label)
         if on_attempt is not None:
             on_attempt(Attempt(turn=turn, number=number, started=start - origin,
                                duration=duration, outcome=failure.outcome,
                                status=failure.status, error=failure.error, wait=wait))
         if not retry:
-            raise _final_error(model, ep, number, failure, note)
+            raise _final_error(model, ep, number, failure, note, task=task_ended)
         log.warning("[Retry] model=%s attempt=%d/%d outcome=%s status=%s wait=%.2fs label=%s",
                  model.name, number, total, failure.outcome, failure.status, wait, label)
         if wait > 0:

@@ -27,7 +27,7 @@ ERROR_CLASSES: dict[str, str] = {
     "bad_request": "the endpoint rejected the request (400/404/422): not retried",
     "connection_error": "the endpoint could not be reached",
     "truncated": "a streamed answer ended without a finish reason",
-    "task_timeout": "the item exceeded its task deadline and its process was killed",
+    "task_timeout": "the item reached its task deadline (its process was killed, or its last API attempt was cut short by it)",
     "lease_timeout": "a shared resource could not be leased in time, or was held too long",
     "crashed": "the item's process died without a result",
     "scorer_error": "the scorer raised or is unknown",

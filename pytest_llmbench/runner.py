@@ -33,6 +33,10 @@ from .records import (
 Emit = Callable[[str, Any], None]
 Scorer = Callable[[ScoreRequest], Score]
 
+#: error class of an ``APIError`` -> the deadline layer that fired (the API layer decides
+#: the class: ``api.chat`` reports ``task_timeout`` when the task deadline ended the call).
+DEADLINE_LAYERS = {"api_timeout": "api", "task_timeout": "task"}
+
 
 @dataclass(frozen=True, kw_only=True)
 class Job:
@@ -151,11 +155,15 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
         result.messages = messages
         result.error_class = exc.error_class
         result.error = str(exc)
-        if exc.error_class == "api_timeout":
-            result.deadline_layer = "api"
+        result.deadline_layer = DEADLINE_LAYERS.get(exc.error_class)
     except ScorerError as exc:
         result.messages = messages
         result.error_class = "scorer_error"
         result.error = str(exc)
     result.elapsed = time.monotonic() - t0
+    if result.deadline_layer == "task":
+        # Measured like the engine's kill path, from the task's start (before the fork), so
+        # a task_timeout reads the same whether this child or the parent's kill got there first.
+        result.elapsed = max(result.elapsed,
+                             time.monotonic() - (task_deadline - job.deadlines.task_timeout))
     return result

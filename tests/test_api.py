@@ -37,8 +37,18 @@ from pytest_llmbench.api import (
     parse_retry_after,
     proxy_for,
 )
-from pytest_llmbench.errors import APIError, APITimeoutError
-from pytest_llmbench.records import Attempt, Completion, Deadlines, Message, ModelSpec
+from pytest_llmbench.errors import APIError, APITimeoutError, LLMBenchError
+from pytest_llmbench.records import (
+    Attempt,
+    Case,
+    Completion,
+    Deadlines,
+    ItemResult,
+    Message,
+    ModelSpec,
+    ScorerSpec,
+)
+from pytest_llmbench.runner import Job, execute
 from pytest_llmbench.sim.control import SimServer
 
 KEY = "sk-test-SECRET-0123456789"
@@ -154,10 +164,33 @@ def test_proxy_selection_and_no_proxy() -> None:
 
 def test_no_attempt_once_task_deadline_has_passed() -> None:
     attempts: list[Attempt] = []
-    with pytest.raises(APITimeoutError, match="task deadline reached before attempt 1"):
-        chat(spec("http://127.0.0.1:9/v1"), USER, deadlines=Deadlines(),
+    with pytest.raises(APITimeoutError, match="task deadline of 5 s reached before attempt 1") \
+            as info:
+        chat(spec("http://127.0.0.1:9/v1"), USER, deadlines=Deadlines(task_timeout=5),
              task_deadline=time.monotonic() + 0.01, on_attempt=attempts.append, env={})
     assert attempts == []
+    assert info.value.error_class == "task_timeout"
+
+
+class NoTimeLimiter:
+    """A rate limiter whose next grant would come after the task deadline."""
+
+    def before_request(self, model: ModelSpec, est_tokens: int, *,
+                       deadline: float | None = None) -> None:
+        raise LLMBenchError("the next request grant is 9.00 s away, past the deadline")
+
+    def on_response(self, model: ModelSpec, status: int, retry_after: float | None,
+                    tokens: int) -> None:
+        raise AssertionError("no attempt was made")
+
+
+def test_rate_limit_grant_past_the_task_deadline_is_task_timeout() -> None:
+    with pytest.raises(APITimeoutError) as info:
+        chat(spec("http://127.0.0.1:9/v1"), USER, deadlines=Deadlines(task_timeout=5),
+             task_deadline=time.monotonic() + 5, limiter=NoTimeLimiter(), env={})
+    assert info.value.error_class == "task_timeout"
+    assert "task deadline of 5 s leaves no time for attempt 1" in str(info.value)
+    assert "9.00 s away" in str(info.value)
 
 
 def test_connection_refused_names_url_and_hint() -> None:
@@ -215,12 +248,14 @@ class Calls:
         return self.server.requests()[self._seen:]
 
     def chat(self, messages: list[Message], *, stream: bool = False, real_sleep: bool = False,
-             api_timeout: float = 5.0, retries: int = 2, **kw: Any) -> Completion:
+             api_timeout: float = 5.0, retries: int = 2, task_timeout: float = 600.0,
+             **kw: Any) -> Completion:
         model = spec(self.server.base_url, name="sim", model="sim", stream=stream)
         kw.setdefault("api_key", KEY)
         kw.setdefault("rng", random.Random(3))
         return chat(model, messages, deadlines=Deadlines(api_timeout=api_timeout,
-                                                         api_retries=retries),
+                                                         api_retries=retries,
+                                                         task_timeout=task_timeout),
                     on_attempt=self.attempts.append, env={}, label="tests::item",
                     sleep=time.sleep if real_sleep else self.sleeps.append, **kw)
 
@@ -360,15 +395,71 @@ def test_hang_times_out_every_attempt(calls: Calls, conv: Callable[[str], list[M
     assert len(calls.new_requests()) == 2
 
 
-def test_task_deadline_caps_the_attempt(calls: Calls,
-                                        conv: Callable[[str], list[Message]]) -> None:
+def test_task_deadline_caps_the_attempt(calls: Calls, conv: Callable[[str], list[Message]],
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The capped attempt's timeout is the task deadline firing: task_timeout, no retry."""
     started = time.monotonic()
-    with pytest.raises(APITimeoutError) as info:
+    with caplog.at_level(logging.INFO, "pytest_llmbench.api"), \
+            pytest.raises(APITimeoutError) as info:
         calls.chat(conv("What is 2 + 3? [[sim:hang=1]]"), api_timeout=30, retries=3,
-                   task_deadline=started + 1.0)
+                   task_timeout=1.0, task_deadline=started + 1.0)
     assert time.monotonic() - started < 3.0
     assert calls.outcomes == ["timeout"] and calls.attempts[0].duration < 1.5
-    assert "task deadline" in str(info.value)
+    assert calls.sleeps == [] and calls.attempts[0].wait == 0.0
+    assert len(calls.new_requests()) == 1
+    err = info.value
+    assert err.error_class == "task_timeout"
+    assert "1 attempt failed; last: timed out after" in str(err)
+    assert "task deadline of 1 s exceeded during attempt 1 (attempt timeout capped to " in str(err)
+    assert "below api_timeout 30 s)" in str(err)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("[APITimeout]") and m.endswith("(capped by the task deadline)")
+               for m in lines)
+    assert [m for m in lines if m.startswith("[Retry]")] == [
+        "[Retry] model=sim attempt=1/4 outcome=timeout status=None "
+        f"{str(err).rsplit('; ', 1)[1]} label=tests::item"]
+
+
+def test_task_deadline_caps_a_later_attempt(calls: Calls,
+                                            conv: Callable[[str], list[Message]]) -> None:
+    """First attempt: a genuine api_timeout; the retry is capped by the task deadline and its
+    timeout is the task deadline firing."""
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError) as info:
+        calls.chat(conv("What is 2 + 3? [[sim:hang=1]]"), api_timeout=0.4, retries=3,
+                   task_timeout=0.7, task_deadline=started + 0.7, rng=random.Random(1))
+    assert calls.outcomes == ["timeout", "timeout"]
+    assert info.value.error_class == "task_timeout"
+    assert "2 attempts failed" in str(info.value)
+    assert "exceeded during attempt 2 (attempt timeout capped to" in str(info.value)
+    assert calls.attempts[1].duration < 0.4
+
+
+def test_no_task_time_left_for_a_retry_is_task_timeout(
+        calls: Calls, conv: Callable[[str], list[Message]]) -> None:
+    """An uncapped attempt times out with less than MIN_ATTEMPT_TIME of task time left: no
+    backoff, no further attempt, and the task layer is what ended the call."""
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError) as info:
+        calls.chat(conv("What is 2 + 3? [[sim:hang=1]]"), api_timeout=0.5, retries=2,
+                   task_timeout=0.52, task_deadline=started + 0.52)
+    assert calls.outcomes == ["timeout"] and calls.sleeps == []
+    assert len(calls.new_requests()) == 1
+    assert info.value.error_class == "task_timeout"
+    assert "task deadline of 0.52 s reached after attempt 1, not retried" in str(info.value)
+
+
+def test_api_timeout_with_task_time_to_spare_stays_api_timeout(
+        calls: Calls, conv: Callable[[str], list[Message]]) -> None:
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError) as info:
+        calls.chat(conv("What is 2 + 3? [[sim:hang=1]]"), api_timeout=1.0, retries=0,
+                   task_timeout=30, task_deadline=started + 30)
+    assert time.monotonic() - started < 3.0
+    assert calls.outcomes == ["timeout"]
+    assert info.value.error_class == "api_timeout"
+    assert "1 attempt failed; last: timed out after 1.00 s" in str(info.value)
+    assert "task deadline" not in str(info.value)
 
 
 def test_retry_after_past_the_task_deadline_fails_now(
@@ -425,6 +516,36 @@ def test_limiter_is_called_around_each_attempt(
                limiter=limiter)
     assert limiter.events == [("before", "sim", True), ("after", 429, 0.01, False),
                               ("before", "sim", True), ("after", 200, None, True)]
+
+
+def run_item(sim: SimServer, user: str, deadlines: Deadlines, task_left: float) -> ItemResult:
+    """``runner.execute`` in this process (what an item's child does), no engine around it."""
+    case = Case(suite_path="s.toml", suite_name="s", prompt_id="p", instance_id="0",
+                turns=(({"role": "user", "content": user},),), expected="5",
+                scorer=ScorerSpec(name="numeric"))
+    job = Job(key="k", nodeid="s.toml::p[0]", identity={}, case=case, api_key=KEY,
+              model=spec(sim.base_url, name="sim", model="sim"), deadlines=deadlines)
+    return execute(job, lambda kind, data: None, task_deadline=time.monotonic() + task_left)
+
+
+def test_item_whose_capped_attempt_times_out_is_a_task_timeout(sim: SimServer) -> None:
+    """The child's own capped timeout (it may beat the engine's kill) reports the task layer,
+    with the elapsed time counted from the task's start like the kill path does."""
+    # the task started 0.2 s before the item's code ran (fork + setup)
+    result = run_item(sim, "What is 2 + 3? [[sim:hang=1]] (runner task)",
+                      Deadlines(api_timeout=30, api_retries=2, task_timeout=1.2), 1.0)
+    assert result.status == "error"
+    assert (result.error_class, result.deadline_layer) == ("task_timeout", "task")
+    assert "task deadline of 1.2 s exceeded during attempt 1" in result.error
+    assert [a["outcome"] for a in result.attempts] == ["timeout"]
+    assert 1.2 <= result.elapsed < 2.0
+
+
+def test_item_whose_attempt_hits_api_timeout_stays_in_the_api_layer(sim: SimServer) -> None:
+    result = run_item(sim, "What is 2 + 3? [[sim:hang=1]] (runner api)",
+                      Deadlines(api_timeout=0.5, api_retries=0, task_timeout=30), 30)
+    assert (result.error_class, result.deadline_layer) == ("api_timeout", "api")
+    assert 0.5 <= result.elapsed < 2.0
 
 
 # --- small real servers for what the simulator does not do ------------------------------

@@ -160,3 +160,45 @@ def test_retries_never_outlive_the_task(pytester: pytest.Pytester, sim_env: str)
     (record,) = map(json.loads, out.read_text().splitlines())
     assert record["error_class"] in ("api_timeout", "task_timeout")
     assert record["elapsed"] <= 1.5 + 2.0
+
+
+def hang_suite(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", s='[[prompts]]\nid = "h"\ntemplate = "What is 1 + 1? [[sim:hang=1]]"\n'
+                      'scorer = "numeric"\n[[prompts.instances]]\nexpected = "2"\n')
+
+
+def test_hang_capped_by_the_task_deadline_is_a_task_timeout(
+    pytester: pytest.Pytester, sim_env: str
+) -> None:
+    """api_timeout 30 s but the task has 2 s: the attempt is capped at the task deadline, and
+    whether the child's capped timeout or the engine's kill comes first, the task layer fired."""
+    hang_suite(pytester)
+    out = pytester.path / "out.jsonl"
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--llmbench-task-timeout=2", "--llmbench-api-timeout=30",
+        f"--llmbench-jsonl={out}", timeout=60)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*ERROR [[]task_timeout[]]*task deadline of 2 s exceeded*"])
+    (record,) = map(json.loads, out.read_text().splitlines())
+    assert record["status"] == "error"
+    assert record["error_class"] == "task_timeout" and record["deadline_layer"] == "task"
+    assert 2.0 <= record["elapsed"] <= 2.0 + 2.0
+    assert all(a["outcome"] == "timeout" for a in record["attempts"])
+    assert len(record["attempts"]) <= 1  # no retry after the capped attempt
+
+
+def test_hang_past_api_timeout_with_task_time_left_is_an_api_timeout(
+    pytester: pytest.Pytester, sim_env: str
+) -> None:
+    hang_suite(pytester)
+    out = pytester.path / "out.jsonl"
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--llmbench-task-timeout=30", "--llmbench-api-timeout=1",
+        "--llmbench-api-retries=0", f"--llmbench-jsonl={out}", timeout=60)
+    result.assert_outcomes(errors=1)
+    (record,) = map(json.loads, out.read_text().splitlines())
+    assert record["status"] == "error"
+    assert record["error_class"] == "api_timeout" and record["deadline_layer"] == "api"
+    assert "1 attempt failed; last: timed out after 1.00 s" in record["error"]
+    assert [a["outcome"] for a in record["attempts"]] == ["timeout"]
+    assert record["elapsed"] < 10
