@@ -1,0 +1,107 @@
+"""Item children come from the fork server; what it cannot take, pytest forks itself; if it
+dies, the run goes on without it."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+import pytest
+
+SUITE = """
+[[prompts]]
+id = "add"
+template = "What is {{a}} + 1?"
+scorer = "parent_scorer:score"
+"""
+
+SCORER = """
+import os, signal
+from pytest_llmbench.records import Score
+
+def score(req):
+    with open(os.environ["PARENTS_LOG"], "a") as fh:
+        fh.write(f"{req.identity['instance']} {os.getpid()} {os.getppid()}\\n")
+    parent = os.getppid()
+    if req.identity["instance"] == "i0" and parent != int(os.environ.get("KILL_SERVER", parent)):
+        os.kill(parent, signal.SIGKILL)  # the fork server, never pytest itself
+    return Score(value=1.0)
+"""
+
+
+def write(pytester: pytest.Pytester, n: int) -> Path:
+    # A module name of its own per test: in-process runs would otherwise share one cached
+    # module, whose function pickle would not recognise as the module's current one.
+    module = f"parent_scorer_{secrets.token_hex(4)}"
+    pytester.makepyfile(**{module: SCORER})
+    pytester.makefile(".toml", suite=SUITE.replace("parent_scorer", module) + "".join(
+        f'[[prompts.instances]]\nid = "i{i}"\nvars = {{ a = {i} }}\nexpected = "{i + 1}"\n'
+        for i in range(n)))
+    return pytester.path / "parents.log"
+
+
+def parents(log: Path) -> dict[str, int]:
+    return {inst: int(ppid) for inst, _pid, ppid in (line.split() for line in log.read_text().splitlines())}
+
+
+def test_children_fork_from_the_server_not_from_pytest(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = write(pytester, 6)
+    monkeypatch.setenv("PARENTS_LOG", str(log))
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=6)
+    found = parents(log)
+    assert len(found) == 6
+    assert len(set(found.values())) == 1 and os.getpid() not in found.values()
+
+
+def test_switched_off_pytest_forks_every_child(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = write(pytester, 3)
+    monkeypatch.setenv("PARENTS_LOG", str(log))
+    monkeypatch.setenv("LLMBENCH_FORK_SERVER", "0")
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=3)
+    assert set(parents(log).values()) == {os.getpid()}
+
+
+def test_a_job_the_server_cannot_take_is_forked_by_pytest(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scorer from a conftest hook is a closure: it cannot be pickled to the server."""
+    log = write(pytester, 3)
+    monkeypatch.setenv("PARENTS_LOG", str(log))
+    pytester.makeconftest("""
+        import os
+        from pytest_llmbench.records import Score
+
+        def pytest_llmbench_get_scorer(name):
+            if name != "closure":
+                return None
+            def score(req):
+                with open(os.environ["PARENTS_LOG"], "a") as fh:
+                    fh.write(f"{req.identity['instance']} {os.getpid()} {os.getppid()}\\n")
+                return Score(value=1.0)
+            return score
+    """)
+    (pytester.path / "suite.toml").write_text(
+        re.sub(r"parent_scorer_\w+:score", "closure", (pytester.path / "suite.toml").read_text()))
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=3)
+    assert set(parents(log).values()) == {os.getpid()}
+
+
+def test_the_run_survives_the_death_of_its_fork_server(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = write(pytester, 8)
+    monkeypatch.setenv("PARENTS_LOG", str(log))
+    monkeypatch.setenv("KILL_SERVER", str(os.getpid()))
+    result = pytester.runpytest("-p", "no:cacheprovider", "--llmbench-concurrency=2")
+    result.assert_outcomes(passed=8)
+    assert "the fork server exited" in caplog.text
+    found = parents(log)
+    assert found["i0"] != os.getpid()  # i0 ran in the server's child, and killed it
+    assert found["i7"] == os.getpid()  # later items were forked by pytest itself
