@@ -525,6 +525,7 @@ from pytest_llmbench.store import ClaimHolder, Store
 store = Store.open(Path(sys.argv[1]))
 keys = json.loads(sys.argv[2])
 holder = ClaimHolder.current(run_id=sys.argv[3], deadline=time.time() + 300)
+print("ready", flush=True)
 sys.stdin.readline()  # start together
 mine = [k for k in keys if store.claim(k, holder=holder).kind == "claimed"]
 print(json.dumps(mine), flush=True)
@@ -542,6 +543,9 @@ def test_two_processes_racing_claim_disjoint_covering_sets(store: Store, tmp_pat
         for name, order in (("a", keys), ("b", keys[::-1]))
     ]
     try:
+        for p in procs:  # both past their start-up before either begins
+            assert p.stdout is not None
+            assert p.stdout.readline().strip() == "ready"
         for p in procs:
             assert p.stdin is not None
             p.stdin.write("go\n")
