@@ -555,6 +555,15 @@ class Engine:
                 self.selector.unregister(fd)
             os.close(fd)
 
+    def drain(self) -> None:
+        """Let every running child finish (each is bounded by its task deadline).
+
+        Lookahead claims items of other xdist workers; one still running when this worker's
+        session ends belongs to a worker waiting for its stored result. Killing it would throw
+        away its API call and release the claim, and the owner would run the item again."""
+        while self.running:
+            self._service(self._next_timeout())
+
     def shutdown(self) -> None:
         """Kill every running child (interrupted run); their claims die with this process."""
         for child in list(self.running.values()):

@@ -350,8 +350,10 @@ class LLMBenchSession:
             count = report.write_jsonl(self.settings.jsonl, results)
             terminalreporter.write_line(f"llmbench: wrote {count} records to {self.settings.jsonl}")
 
-    def pytest_sessionfinish(self) -> None:
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self._engine is not None:
+            if exitstatus != pytest.ExitCode.INTERRUPTED and not session.shouldstop:
+                self._engine.drain()  # items claimed for other workers: finish, do not waste
             self._engine.shutdown()
             self._engine = None
 

@@ -182,3 +182,17 @@ def test_overdue_claim_of_a_frozen_run_is_reclaimed_and_its_item_killed(tmp_path
     assert a.returncode == 1 and "1 error" in out_a, out_a[-3000:]
     (stored,) = all_results(tmp_path / "store").values()
     assert stored["status"] == "passed", stored
+
+
+def test_a_worker_that_finishes_early_lets_other_workers_items_finish(tmp_path: Path) -> None:
+    """Lookahead runs items xdist hands to other workers; a worker whose session ends first
+    must let them finish, not kill them (their owners would request them again)."""
+    n = 60
+    make_suite(tmp_path / "suite.toml", n)
+    with SimServer.start(latency=0.2, jitter=1.0, request_log=tmp_path / "requests.jsonl") as sim:
+        run = subprocess.run(pytest_cmd(tmp_path, "-n", "4", "--llmbench-concurrency=8"),
+                             env=env_for(sim), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, timeout=120)
+        requests = sim.requests()
+    assert run.returncode == 0 and f"{n} passed" in run.stdout, run.stdout[-3000:]
+    assert len(requests) == n, collections.Counter(r["key"] for r in requests).most_common(3)
