@@ -60,14 +60,29 @@ class Child:
     started: float
     deadline: float
     pidfd: int | None = None
-    remote: bool = False
-    """Forked by the fork server: its exit arrives as a message, it is not our child."""
+    host: Host | None = None
+    """The item host running it (its pid, pipes, exit); None: forked by us for this item."""
     buffer: bytearray = field(default_factory=bytearray)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     completions: list[dict[str, Any]] = field(default_factory=list)
     turn: int = 0
     result: ItemResult | None = None
     crash: str = ""
+
+
+@dataclass(eq=False)
+class Host:
+    """An item host (see ``forkserver.py``): runs our items one at a time."""
+
+    seq: int
+    jobs_fd: int
+    fd: int
+    pid: int = 0
+    """0 until the fork server reports it."""
+    child: Child | None = None
+    """The item it runs now."""
+    idle: bool = False
+    buffer: bytearray = field(default_factory=bytearray)
 
 
 class Engine:
@@ -113,9 +128,10 @@ class Engine:
         self.subreaper = proc.set_child_subreaper()
         self.server: forkserver.ForkServer | None = None
         self.use_server = forkserver.enabled()
-        self.spawning: dict[int, Child] = {}
-        """Sent to the fork server, pid not known yet (by sequence number)."""
+        self.hosts: dict[int, Host] = {}
+        """Live item hosts by request sequence number."""
         self.by_pid: dict[int, Child] = {}
+        """Children we forked ourselves, by pid."""
 
     # --- the protocol side ---------------------------------------------------------------
 
@@ -236,43 +252,72 @@ class Engine:
     # --- children ------------------------------------------------------------------------
 
     def _fork(self, job: Job, token: str) -> None:
-        """Start ``job``'s child: through the fork server when it can take the job."""
+        """Start ``job``: in an idle item host, a new one, or a child forked for it alone."""
         started = time.monotonic()
         deadline = started + job.deadlines.task_timeout
-        if self.use_server and self._spawn_remote(job, token, started, deadline):
+        if self.use_server and self._run_in_host(job, token, started, deadline):
             return
         self._fork_local(job, token, started, deadline)
 
-    def _spawn_remote(self, job: Job, token: str, started: float, deadline: float) -> bool:
+    def _run_in_host(self, job: Job, token: str, started: float, deadline: float) -> bool:
         payload = forkserver.encode(forkserver.Spawn(
             job=job, token=token, deadline=deadline, store_root=str(self.store.root),
             fsync=self.store.fsync, holder=self.holder, sys_path=tuple(sys.path), cwd=os.getcwd(),
         ))
         if payload is None:
             return False
+        host = next((h for h in self.hosts.values() if h.idle), None) or self._new_host()
+        if host is None:
+            return False
+        try:
+            os.write(host.jobs_fd, len(payload).to_bytes(4, "big") + payload)
+        except OSError as exc:  # the host is gone; its exit is on its way
+            log.debug("item host %d did not take a job: %s", host.pid, exc)
+            self._drop_host(host)
+            return False
+        child = Child(job=job, pid=host.pid, fd=host.fd, token=token, started=started,
+                      deadline=deadline, host=host)
+        host.child, host.idle = child, False
+        self.running[job.key] = child
+        return True
+
+    def _new_host(self) -> Host | None:
         if self.server is None:
             try:
                 self.server = forkserver.ForkServer()
             except OSError as exc:
                 log.warning("could not start the fork server (%s): items fork from pytest", exc)
                 self.use_server = False
-                return False
+                return None
             self.selector.register(self.server.fileno(), selectors.EVENT_READ, ("server", None))
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        jobs_r, jobs_w = os.pipe2(os.O_CLOEXEC)
+        results_r, results_w = os.pipe2(os.O_CLOEXEC)
         try:
-            seq = self.server.submit(payload, write_fd)
+            seq = self.server.spawn_host(jobs_r, results_w)
         except OSError as exc:
-            os.close(read_fd)
+            for fd in (jobs_w, results_r):
+                os.close(fd)
             log.warning("the fork server is gone (%s): items fork from pytest", exc)
             self.use_server = False
-            return False
+            return None
         finally:
-            os.close(write_fd)
-        child = Child(job=job, pid=0, fd=read_fd, token=token, started=started,
-                      deadline=deadline, remote=True)
-        self.spawning[seq] = child
-        self._track(child)
-        return True
+            os.close(jobs_r)
+            os.close(results_w)
+        os.set_blocking(results_r, False)
+        host = Host(seq=seq, jobs_fd=jobs_w, fd=results_r)
+        self.hosts[seq] = host
+        self.selector.register(results_r, selectors.EVENT_READ, ("host", host))
+        return host
+
+    def _drop_host(self, host: Host) -> None:
+        """Forget ``host`` (dead, killed or leaving); its item, if any, is handled apart."""
+        if self.hosts.pop(host.seq, None) is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(host.fd)
+        for fd in (host.fd, host.jobs_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _fork_local(self, job: Job, token: str, started: float, deadline: float) -> None:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -321,49 +366,114 @@ class Engine:
         for event in server.events():
             if event[0] == "forked":
                 _, seq, pid = event
-                child = self.spawning.pop(seq, None)
-                if child is None:
-                    continue
-                child.pid = pid
-                self.by_pid[pid] = child
-                if child.job.key not in self.running:  # killed before its pid was known
-                    proc.kill_tree(pid, pgid=pid, token=child.token, grace=0.0)
+                host = self.hosts.get(seq)
+                if host is not None:
+                    host.pid = pid
+                    if host.child is not None:
+                        host.child.pid = pid
             elif event[0] == "exit":
                 _, pid, status = event
-                child = self.by_pid.get(pid)
-                if child is not None and child.remote:
-                    self._finish(child, status)
-            elif event[0] == "refused":
-                _, seq, reason = event
-                child = self.spawning.pop(seq, None)
-                log.debug("fork server refused an item (%s): forking it from pytest", reason)
-                if child is not None and child.job.key in self.running:
-                    self._close(child)
-                    self._fork_local(child.job, child.token, child.started, child.deadline)
-            else:  # the server died: everything it had not forked yet is forked here
+                host = next((h for h in self.hosts.values() if h.pid == pid), None)
+                if host is not None:
+                    self._host_exited(host, status)
+            elif event[0] == "gone":  # the server died: from now on items fork from pytest
                 log.warning("the fork server exited: items fork from pytest from now on")
                 self.selector.unregister(server.fileno())
                 server.close()
                 self.server, self.use_server = None, False
-                waiting = list(self.spawning.values())
-                self.spawning.clear()
-                for child in waiting:
-                    if child.job.key in self.running:
-                        self._close(child)
-                        self._fork_local(child.job, child.token, child.started, child.deadline)
-                for child in list(self.running.values()):
-                    if child.remote:  # re-parented to us (subreaper): watch it as our own
-                        child.remote = False
+                for host in list(self.hosts.values()):
+                    # Hosts re-parent to us (subreaper); each leaves at the end of its job
+                    # pipe, after its current item, whose result still arrives on its pipe.
+                    if host.child is None or not host.pid:
+                        self._drop_host(host)
+                        if host.child is not None and host.child.job.key in self.running:
+                            child = host.child
+                            self.running.pop(child.job.key, None)
+                            self._fork_local(child.job, child.token, child.started, child.deadline)
+                    else:
                         with contextlib.suppress(OSError):
-                            child.pidfd = os.pidfd_open(child.pid)
-                            self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
+                            os.close(host.jobs_fd)
+                        host.jobs_fd = -1
+
+    def _host_output(self, host: Host) -> None:
+        """Read what ``host`` sent: its item's events, ``result``, ``idle``; or its end."""
+        while True:
+            try:
+                chunk = os.read(host.fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                if self.server is not None and host.pid:
+                    # Its exit status follows from the fork server: finish the item then.
+                    with contextlib.suppress(KeyError, ValueError):
+                        self.selector.unregister(host.fd)
+                else:
+                    self._host_exited(host, None)
+                return
+            host.buffer.extend(chunk)
+            while (nl := host.buffer.find(b"\n")) >= 0:
+                line = bytes(host.buffer[:nl])
+                del host.buffer[: nl + 1]
+                self._host_event(host, line)
+
+    def _host_event(self, host: Host, line: bytes) -> None:
+        try:
+            kind, data = json.loads(line)
+        except (ValueError, TypeError):
+            return
+        child = host.child
+        if kind == "idle":
+            host.idle = host.jobs_fd >= 0
+            if not host.idle:
+                self._drop_host(host)
+            return
+        if child is None:
+            return
+        if kind == "refused":  # the host cannot load this job: we fork it ourselves
+            log.debug("an item host refused %s (%s): forking it from pytest", child.job.nodeid, data)
+            host.child = None
+            if self.running.get(child.job.key) is child:
+                del self.running[child.job.key]
+                self._fork_local(child.job, child.token, child.started, child.deadline)
+            return
+        self._event(child, line)
+        if kind == "result" and child.result is not None:
+            host.child = None
+            if self.running.get(child.job.key) is child:
+                del self.running[child.job.key]
+                self.done[child.job.key] = child.result
+
+    def _host_exited(self, host: Host, status: int | None) -> None:
+        """The host is gone (its pipe closed, or the server reaped it)."""
+        if host.seq not in self.hosts:
+            return
+        with contextlib.suppress(OSError):
+            while chunk := os.read(host.fd, 65536):
+                host.buffer.extend(chunk)
+        while (nl := host.buffer.find(b"\n")) >= 0:
+            line = bytes(host.buffer[:nl])
+            del host.buffer[: nl + 1]
+            self._host_event(host, line)
+        self._drop_host(host)
+        if self.server is None and host.pid:  # re-parented to us when the server died
+            status = proc.reap([host.pid]).get(host.pid, status)
+        child = host.child
+        if child is not None and self.running.get(child.job.key) is child:
+            del self.running[child.job.key]
+            if host.pid and proc.group_exists(host.pid):
+                proc.reap(self._kill_tree(child, 0.2))
+            result = self._crash_result(child, status)
+            self._put(result)
+            self.done[child.job.key] = result
 
     def _next_timeout(self) -> float:
         if not self.running:
             return POLL_ELSEWHERE
         soonest = min(c.deadline for c in self.running.values())
         timeout = max(0.0, soonest - time.monotonic())
-        if any(c.pidfd is None and not c.remote for c in self.running.values()):
+        if any(c.pidfd is None and c.host is None for c in self.running.values()):
             timeout = min(timeout, 0.02)
         return min(timeout, 1.0)
 
@@ -378,6 +488,8 @@ class Engine:
             kind, child = skey.data
             if kind == "pipe":
                 self._read(child)
+            elif kind == "host":
+                self._host_output(child)
             elif kind == "server":
                 self._server_events()
             else:
@@ -390,7 +502,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - a monitor failure must not stop the run
                 log.exception("lease monitor tick failed")
         for child in list(self.running.values()):
-            if child.pidfd is None and not child.remote:
+            if child.pidfd is None and child.host is None:
                 pid, status = os.waitpid(child.pid, os.WNOHANG)
                 if pid:
                     self._finish(child, status)
@@ -442,7 +554,7 @@ class Engine:
         """The child exited by itself: collect its result (or record the crash)."""
         if child.job.key not in self.running:
             return
-        if status is None and not child.remote:
+        if status is None:
             try:
                 _pid, status = os.waitpid(child.pid, 0)
             except ChildProcessError:
@@ -460,10 +572,15 @@ class Engine:
 
     def _kill(self, child: Child) -> None:
         """Task deadline: kill the item's whole process tree and record what it did."""
-        self._read(child)
-        if child.result is not None:  # it finished in the very last moment
-            self._finish(child)
-            return
+        if child.host is not None:
+            self._host_output(child.host)
+            if self.running.get(child.job.key) is not child:  # finished in the last moment
+                return
+        else:
+            self._read(child)
+            if child.result is not None:  # it finished in the very last moment
+                self._finish(child)
+                return
         elapsed = time.monotonic() - child.started
         limit = child.job.deadlines.task_timeout
         log.warning(
@@ -471,7 +588,9 @@ class Engine:
             child.job.nodeid, elapsed, limit, child.turn, len(child.attempts),
         )
         killed = self._kill_tree(child, KILL_GRACE)
-        if not child.remote:
+        if child.host is not None:
+            self._drop_host(child.host)  # the fork server reaps it
+        else:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(child.pid, 0)
         proc.reap(p for p in killed if p != child.pid)
@@ -546,6 +665,8 @@ class Engine:
 
     def _close(self, child: Child) -> None:
         self.running.pop(child.job.key, None)
+        if child.host is not None:  # the host's pipes are the host's
+            return
         self.by_fd.pop(child.fd, None)
         self.by_pid.pop(child.pid, None)
         for fd in (child.fd, child.pidfd):
@@ -568,12 +689,14 @@ class Engine:
         """Kill every running child (interrupted run); their claims die with this process."""
         for child in list(self.running.values()):
             proc.reap(self._kill_tree(child, 0.2))
-            if not child.remote:
+            if child.host is None:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(child.pid, 0)
             self._close(child)
             with contextlib.suppress(OSError):
                 self.store.release(child.job.key, self.holder)
+        for host in list(self.hosts.values()):
+            self._drop_host(host)  # an idle host leaves at the end of its job pipe
         if self.server is not None:
             self.server.close()
             self.server = None

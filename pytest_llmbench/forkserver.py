@@ -1,4 +1,4 @@
-"""The fork server: a small process that forks the item children, so pytest never forks.
+"""The fork server: a small process that forks the item hosts, so pytest never forks.
 
 Forking costs in proportion to the memory of the process that forks: the page tables are
 copied, and every page either side writes afterwards is copied again (copy-on-write). A
@@ -8,18 +8,26 @@ parent; bench/run.py, overhead workload). This server is a fresh interpreter hol
 what a child needs (``runner``, ``api``, ``store``; ~25 MB, ~0.1 CPU-s to start): a fork
 from it costs ~2 ms, and the pytest process takes no copy-on-write faults at all.
 
+An *item host* is a process forked from this server that runs items for the engine one at a
+time (``child.host_main``): the engine writes a job (a pickled ``Spawn``, length-prefixed)
+to the host's job pipe and reads its events and result from its result pipe. A host is
+killed, with its process group and the item's token holders, when its item passes its task
+deadline, and replaced; it also leaves by itself after an item that left a process or
+thread behind, and after ``HOST_MAX_ITEMS`` items. Reusing a host saves the fork and the
+copy-on-write faults of a fresh process per item (~7 ms of CPU per item here, see
+docs/architecture.md).
+
 Protocol, one ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair (message boundaries kept):
 
-- parent -> server: ``pickle((seq, Spawn))`` with the write end of the item's result pipe
-  attached (``SCM_RIGHTS``);
-- server -> parent: ``("forked", seq, pid)`` once the child exists; ``("refused", seq,
-  reason)`` when the job cannot be unpickled here (e.g. a scorer defined in a conftest), and
-  the parent forks that item itself; ``("exit", pid, status)`` when a child is reaped.
+- parent -> server: ``pickle(seq)`` with the host's job pipe (read end) and result pipe
+  (write end) attached (``SCM_RIGHTS``);
+- server -> parent: ``("forked", seq, pid)`` once the host exists; ``("exit", pid,
+  status)`` when a host is reaped.
 
-The server is the children's parent and a child subreaper, so it reaps them and their
-orphaned descendants; killing stays the engine's job (process group, token, ``/proc``).
-When the pytest process goes away (the socket closes), the server exits; children still
-running finish and store their results as orphans, as they would after a crash of pytest.
+The server is the hosts' parent and a child subreaper, so it reaps them and their orphaned
+descendants; killing stays the engine's job (process group, token, ``/proc``). When the
+pytest process goes away (the socket closes), the server exits; a host then sees the end of
+its job pipe after its current item, which finishes and is stored, as after a crash of pytest.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +52,9 @@ from .store import ClaimHolder, Store
 
 log = logging.getLogger(__name__)
 
-#: A job larger than this is forked by the pytest process itself (it would not fit the
-#: socket's buffer in one message; such jobs are rare: huge prompts or test data).
-MAX_MESSAGE = 128 * 1024
+#: A job larger than this is forked by the pytest process itself (it would sit in the
+#: host's job pipe, 64 KiB, while the engine waits; such jobs are rare: huge prompts or data).
+MAX_MESSAGE = 60 * 1024
 #: Set to ``0`` to fork every item from the pytest process (debugging, comparison).
 ENV_SWITCH = "LLMBENCH_FORK_SERVER"
 
@@ -89,10 +98,11 @@ class ForkServer:
         self.seq = 0
         self.closed = False
 
-    def submit(self, payload: bytes, fd: int) -> int:
-        """Send one pickled ``Spawn`` with ``fd`` attached; returns its sequence number."""
+    def spawn_host(self, jobs_fd: int, results_fd: int) -> int:
+        """Ask for an item host reading jobs from ``jobs_fd``, writing to ``results_fd``;
+        returns the request's sequence number (the reply ``forked`` carries it)."""
         self.seq += 1
-        socket.send_fds(self.sock, [pickle.dumps((self.seq, payload))], [fd])
+        socket.send_fds(self.sock, [pickle.dumps(self.seq)], [jobs_fd, results_fd])
         return self.seq
 
     def fileno(self) -> int:
@@ -177,8 +187,17 @@ class _Server:
                         while os.read(self.wake_r, 4096):
                             pass
                 elif not self.request():
+                    self.wait_for_hosts()
                     return
             self.reap()
+
+    def wait_for_hosts(self, timeout: float = 5.0) -> None:
+        """At the end: reap the hosts (each leaves at the end of its job pipe), so their CPU
+        time and exit are accounted to this process and, through it, to pytest."""
+        deadline = time.monotonic() + timeout
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.005)
 
     def reap(self) -> None:
         while True:
@@ -193,32 +212,25 @@ class _Server:
                 self.send(("exit", pid, status))
 
     def request(self) -> bool:
-        """Handle one message; False when the parent has closed the socket."""
+        """Fork one item host; False when the parent has closed the socket."""
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE + 4096, 1)
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 4096, 2)
         except InterruptedError:
             return True
         except OSError:
             return False
         if not data:
             return False
-        seq, payload = pickle.loads(data)
-        fd = fds[0] if fds else -1
-        try:
-            spawn: Spawn = pickle.loads(payload)
-            if list(spawn.sys_path) != sys.path:
-                sys.path[:] = spawn.sys_path
-            if spawn.cwd != os.getcwd():
-                os.chdir(spawn.cwd)
-            store = self.store(spawn.store_root, spawn.fsync)
-        except Exception as exc:  # noqa: BLE001 - any failure here: the parent forks it itself
-            if fd >= 0:
+        seq = pickle.loads(data)
+        if len(fds) != 2:
+            for fd in fds:
                 os.close(fd)
-            self.send(("refused", seq, f"{type(exc).__name__}: {exc}"))
+            self.send(("refused", seq, "expected 2 file descriptors"))
             return True
+        jobs_fd, results_fd = fds
         pid = os.fork()
-        if pid == 0:  # pragma: no cover - the item's child
-            from .child import child_main
+        if pid == 0:  # pragma: no cover - the item host
+            from .child import host_main
 
             gc.disable()
             signal.set_wakeup_fd(-1)
@@ -226,8 +238,9 @@ class _Server:
             self.sock.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
-            child_main(spawn.job, fd, spawn.token, spawn.deadline, store, spawn.holder)
-        os.close(fd)
+            host_main(jobs_fd, results_fd, self.store)
+        os.close(jobs_fd)
+        os.close(results_fd)
         self.children.add(pid)
         self.send(("forked", seq, pid))
         return True
@@ -237,7 +250,7 @@ def warm_up() -> None:
     """Import and initialise here, once, what every child would otherwise do itself: the
     child's module, the scorers, the IDNA codec ``http.client`` uses for host names (it
     loads ``unicodedata``), libc for ``prctl``."""
-    from . import child, proc, scoring  # noqa: F401
+    from . import child, proc, scoring  # noqa: F401 - imported once here, not in every host
 
     "localhost".encode("idna")
     proc._libc()

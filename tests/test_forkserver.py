@@ -27,6 +27,9 @@ def score(req):
     parent = os.getppid()
     if req.identity["instance"] == "i0" and parent != int(os.environ.get("KILL_SERVER", parent)):
         os.kill(parent, signal.SIGKILL)  # the fork server, never pytest itself
+    if req.identity["instance"] == "i1" and os.environ.get("LEAVE_THREAD"):
+        import threading, time
+        threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
     return Score(value=1.0)
 """
 
@@ -105,3 +108,28 @@ def test_the_run_survives_the_death_of_its_fork_server(
     found = parents(log)
     assert found["i0"] != os.getpid()  # i0 ran in the server's child, and killed it
     assert found["i7"] == os.getpid()  # later items were forked by pytest itself
+
+
+def pids(log: Path) -> dict[str, int]:
+    return {inst: int(pid) for inst, pid, _ in (line.split() for line in log.read_text().splitlines())}
+
+
+def test_an_item_host_runs_item_after_item(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = write(pytester, 5)
+    monkeypatch.setenv("PARENTS_LOG", str(log))
+    pytester.runpytest("-p", "no:cacheprovider", "--llmbench-concurrency=1").assert_outcomes(passed=5)
+    assert len(set(pids(log).values())) == 1  # one host ran all five, one after the other
+
+
+def test_an_item_that_leaves_a_thread_behind_gets_its_host_replaced(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = write(pytester, 4)
+    monkeypatch.setenv("PARENTS_LOG", str(log))
+    monkeypatch.setenv("LEAVE_THREAD", "1")
+    pytester.runpytest("-p", "no:cacheprovider", "--llmbench-concurrency=1").assert_outcomes(passed=4)
+    found = pids(log)
+    assert found["i0"] == found["i1"]  # i1 started the thread in the host i0 used
+    assert found["i2"] != found["i1"] and found["i2"] == found["i3"]  # then a fresh host
