@@ -47,7 +47,12 @@ from pytest_llmbench.sim.faults import fraction  # noqa: E402
 PY = sys.executable
 RUN_TIMEOUT = 1800.0
 TICKS = os.sysconf("SC_CLK_TCK")
-DEFAULT_K = 16  # the plugin's default --llmbench-concurrency (config.DEFAULT_CONCURRENCY)
+DEFAULT_K = 16  # the plugin's default --llmbench-concurrency in one process
+
+
+def default_k(workers: int) -> int:
+    """The plugin's default per process under ``-n workers`` (config.default_concurrency)."""
+    return DEFAULT_K if workers <= 1 else max(2, 64 // workers)
 WORKLOADS = ("throughput", "overhead", "xdist", "stuck", "ratelimit")
 
 
@@ -379,7 +384,7 @@ def overhead(ctx: Ctx) -> None:
         suite = gen.write_suite(project, n)
         gen.write_bare_tests(project, n)
         one = plugin_side(f"llmbench 1 proc x {DEFAULT_K}", project, suite, sim, n)
-        two = plugin_side(f"llmbench -n 2 x {DEFAULT_K}", project, suite, sim, n, "-n", "2")
+        two = plugin_side(f"llmbench -n 2 x {default_k(2)}", project, suite, sim, n, "-n", "2")
         bare = bare_side("bare pytest (sequential SDK)", project, sim, n)
         alternate([one, two, bare], ctx.repeat, ctx.scratch, ctx.out)
         s0, s0p = ctx.startup(0), ctx.startup(0, plugin=True)
@@ -407,8 +412,8 @@ def overhead(ctx: Ctx) -> None:
 def xdist(ctx: Ctx) -> None:
     n, latency = (100 if ctx.quick else 500), 0.5
     workers = (8,) if ctx.quick else (2, 8, 32)
-    header(ctx.out, f"xdist: N={n}, L={latency} s, llmbench -n W (default concurrency {DEFAULT_K})"
-           " vs bare pytest-xdist -n W")
+    header(ctx.out, f"xdist: N={n}, L={latency} s, llmbench -n W (default concurrency: 64 per run,"
+           " at least 2 per worker) vs bare pytest-xdist -n W")
     sim = Sim.start(ctx.scratch / "sim", latency=latency)
     try:
         project = ctx.scratch / "xdist"
@@ -416,7 +421,7 @@ def xdist(ctx: Ctx) -> None:
         gen.write_bare_tests(project, n)
         for w in workers:
             sw = ctx.startup(w)
-            ideal = sw.wall + n * latency / min(n, w * DEFAULT_K)
+            ideal = sw.wall + n * latency / min(n, w * default_k(w))
             plug = plugin_side(f"llmbench -n {w}", project, suite, sim, n, "-n", str(w), ideal=ideal)
             bare = bare_side(f"bare-xdist -n {w}", project, sim, n, "-n", str(w),
                              ideal=sw.wall + n * latency / min(n, w))

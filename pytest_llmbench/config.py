@@ -37,6 +37,22 @@ SIM_MODEL = ModelSpec(name="sim", model="sim-1", base_url="sim")
 
 DEFAULT_DEADLINES = Deadlines()
 DEFAULT_CONCURRENCY = 16
+#: Without a configured concurrency, the items in flight of a whole ``-n W`` run: each
+#: worker gets ``max(2, DEFAULT_RUN_CONCURRENCY // W)``. Measured (bench/run.py, xdist):
+#: under ``-n 32`` on 2 cores, 16 per worker (512 in flight) took 21 s for 500 items, 2-4
+#: per worker 14.5 s; and a paid endpoint is not hit by hundreds of requests at once.
+DEFAULT_RUN_CONCURRENCY = 64
+
+
+def default_concurrency() -> int:
+    """16 per process; under xdist, a run-wide 64 shared by the workers (at least 2 each)."""
+    try:
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    except ValueError:
+        workers = 1
+    if workers <= 1:
+        return DEFAULT_CONCURRENCY
+    return max(2, DEFAULT_RUN_CONCURRENCY // workers)
 DEFAULT_STORE = ".llmbench"
 
 #: setting -> (CLI dest, ini name, env vars, help). One help text serves CLI and ini.
@@ -402,7 +418,7 @@ def load_settings(config: Any) -> Settings:
     if concurrency_raw is None:
         concurrency_raw = os.environ.get("LLMBENCH_CONCURRENCY") or ini("llmbench_concurrency")
     if concurrency_raw in (None, ""):
-        concurrency_raw = file_config.get("concurrency", DEFAULT_CONCURRENCY)
+        concurrency_raw = file_config.get("concurrency", default_concurrency())
     concurrency = parse_count(concurrency_raw, "llmbench concurrency", minimum=1)
 
     resources_raw = file_config.get("resources", {})

@@ -882,13 +882,22 @@ class Store:
         return False
 
     def claim(
-        self, key: str, *, holder: ClaimHolder, force: bool = False, fresh_run_id: str | None = None
+        self,
+        key: str,
+        *,
+        holder: ClaimHolder,
+        force: bool = False,
+        fresh_run_id: str | None = None,
+        run_id: str | None = None,
     ) -> ClaimResult:
         """Try to become the one process that runs item ``key`` (see ``ClaimResult``).
 
         A stored non-error result wins over everything (``done``); with ``fresh_run_id``
         (``--llmbench-fresh``, re-scoring) only one whose ``identity["run_id"]`` is that run
-        counts, so earlier runs' results are run again and overwritten. A claim held by the same
+        counts, so earlier runs' results are run again and overwritten. Any result of the run
+        ``run_id``, an error included, is ``done``: a run executes an item at most once (an
+        error is run again by the next run, not by another worker of the same one). A claim
+        held by the same
         process is re-entrant. A local holder whose process is gone (or whose pid now
         belongs to another process) is stale and taken over. A holder on another host cannot
         be checked: it counts as alive until its deadline, then as stale. ``force`` takes
@@ -897,10 +906,10 @@ class Store:
         _check_key(key)
         with self._locked(key[:2]):
             result = self.get(key)
-            if (
-                result is not None
-                and result.status != ERROR
-                and (fresh_run_id is None or result.identity.get("run_id") == fresh_run_id)
+            produced_by = result.identity.get("run_id") if result is not None else None
+            if result is not None and (
+                (run_id is not None and produced_by == run_id)
+                or (result.status != ERROR and (fresh_run_id is None or produced_by == fresh_run_id))
             ):
                 return ClaimResult(kind="done", result=result)
             current, why = self._read_claim(key)

@@ -228,3 +228,16 @@ def test_rescore_uses_stored_completions_without_api_calls(
         pytester.makefile(".toml", s=suite.replace("2 + 2", "3 + 3").replace('"5"', '"6"'))
         pytester.runpytest("-p", "no:cacheprovider", "--llmbench-rescore").assert_outcomes(passed=1)
         assert len(sim.requests()) == 2
+
+
+@pytest.mark.parametrize(("workers", "expected"), [(None, 16), ("1", 16), ("2", 32), ("8", 8), ("32", 2), ("64", 2)])
+def test_default_concurrency_is_shared_by_xdist_workers(
+    monkeypatch: pytest.MonkeyPatch, workers: str | None, expected: int
+) -> None:
+    from pytest_llmbench.config import default_concurrency
+
+    if workers is None:
+        monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
+    assert default_concurrency() == expected
