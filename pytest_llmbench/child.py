@@ -71,6 +71,12 @@ def _sender(fd: int) -> Callable[..., None]:
     return send
 
 
+def _report_crash(fd: int) -> None:
+    """The traceback of what went wrong outside the item's own error handling."""
+    with contextlib.suppress(OSError):
+        os.write(fd, (json.dumps(["crash", traceback.format_exc()]) + "\n").encode())
+
+
 def _become_item_process(send: Callable[..., None]) -> None:
     os.setpgid(0, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -106,8 +112,7 @@ def child_main(
         _run_item(job, send, deadline, store, holder)
     except BaseException:  # noqa: BLE001 - reported to the parent, which records a crash
         code = 1
-        with contextlib.suppress(OSError):
-            os.write(fd, (json.dumps(["crash", traceback.format_exc()]) + "\n").encode())
+        _report_crash(fd)
     finally:
         os._exit(code)
 
@@ -189,7 +194,6 @@ def host_main(
                 break
     except BaseException:  # noqa: BLE001 - reported to the parent, which records a crash
         code = 1
-        with contextlib.suppress(OSError):
-            os.write(fd, (json.dumps(["crash", traceback.format_exc()]) + "\n").encode())
+        _report_crash(fd)
     finally:
         os._exit(code)

@@ -437,26 +437,17 @@ class Engine:
 
     def _host_output(self, host: Host) -> None:
         """Read what ``host`` sent: its item's events, ``result``, ``idle``; or its end."""
-        while True:
-            try:
-                chunk = os.read(host.fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                chunk = b""
-            if not chunk:
-                if self.server is not None and host.pid:
-                    # Its exit status follows from the fork server: finish the item then.
-                    with contextlib.suppress(KeyError, ValueError):
-                        self.selector.unregister(host.fd)
-                else:
-                    self._host_exited(host, None)
-                return
-            host.buffer.extend(chunk)
-            while (nl := host.buffer.find(b"\n")) >= 0:
-                line = bytes(host.buffer[:nl])
-                del host.buffer[: nl + 1]
-                self._host_event(host, line)
+        lines, eof = _read_lines(host.fd, host.buffer)
+        for line in lines:
+            self._host_event(host, line)
+        if not eof:
+            return
+        if self.server is not None and host.pid:
+            # Its exit status follows from the fork server: finish the item then.
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(host.fd)
+        else:
+            self._host_exited(host, None)
 
     def _host_event(self, host: Host, line: bytes) -> None:
         try:
@@ -489,12 +480,7 @@ class Engine:
         """The host is gone (its pipe closed, or the server reaped it)."""
         if host.seq not in self.hosts:
             return
-        with contextlib.suppress(OSError):
-            while chunk := os.read(host.fd, 65536):
-                host.buffer.extend(chunk)
-        while (nl := host.buffer.find(b"\n")) >= 0:
-            line = bytes(host.buffer[:nl])
-            del host.buffer[: nl + 1]
+        for line in _read_lines(host.fd, host.buffer)[0]:
             self._host_event(host, line)
         self._drop_host(host)
         if self.server is None and host.pid:  # re-parented to us when the server died
@@ -551,25 +537,12 @@ class Engine:
                 self._kill(child)
 
     def _read(self, child: Child) -> None:
-        while True:
-            try:
-                chunk = os.read(child.fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                chunk = b""
-            if not chunk:  # EOF: stop watching the pipe; the exit event finishes the item
-                with contextlib.suppress(KeyError, ValueError):
-                    self.selector.unregister(child.fd)
-                return
-            child.buffer.extend(chunk)
-            while True:
-                nl = child.buffer.find(b"\n")
-                if nl < 0:
-                    break
-                line = bytes(child.buffer[:nl])
-                del child.buffer[: nl + 1]
-                self._event(child, line)
+        lines, eof = _read_lines(child.fd, child.buffer)
+        for line in lines:
+            self._event(child, line)
+        if eof:  # stop watching the pipe; the exit event finishes the item
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(child.fd)
 
     def _event(self, child: Child, line: bytes) -> None:
         try:
@@ -744,3 +717,25 @@ class Engine:
 
     def pending(self) -> Iterable[str]:
         return list(self.running)
+
+
+def _read_lines(fd: int, buffer: bytearray) -> tuple[list[bytes], bool]:
+    """Every complete line readable now from the non-blocking ``fd`` (the rest stays in
+    ``buffer``), and whether the pipe reached its end."""
+    eof = False
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        except OSError:
+            chunk = b""
+        if not chunk:
+            eof = True
+            break
+        buffer.extend(chunk)
+    lines = []
+    while (nl := buffer.find(b"\n")) >= 0:
+        lines.append(bytes(buffer[:nl]))
+        del buffer[: nl + 1]
+    return lines, eof

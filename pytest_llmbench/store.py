@@ -324,6 +324,23 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _sweep_temp_files(folder: str, names: Iterable[str]) -> None:
+    """Remove the temp files (``.KEY.PID.RAND.tmp``) of writers that died mid-write (kill
+    -9 between the write and the rename); a live writer's are left alone. Readers never
+    look at them, this only gives the space back."""
+    for name in names:
+        if name[0] != "." or not name.endswith(".tmp"):
+            continue
+        parts = name.split(".")
+        try:
+            pid = int(parts[2])
+        except (IndexError, ValueError):
+            continue
+        if pid > 0 and not proc.pid_alive(pid):
+            _unlink_quiet(f"{folder}/{name}")
+            log.debug("removed %s/%s, left by dead writer %d", folder, name, pid)
+
+
 def _unlink_quiet(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -687,6 +704,8 @@ class Store:
             names = os.listdir(folder)
         except (FileNotFoundError, NotADirectoryError):
             return
+        if not self.readonly:
+            _sweep_temp_files(folder, names)
         if keys is None:
             present = sorted(n[:-5] for n in names if n.endswith(".json") and n[0] != ".")
         else:

@@ -575,3 +575,21 @@ def test_docs_describe_the_layout() -> None:
     for part in ("store.json", "results/<key[:2]>/<key>.json", "claims/<key[:2]>/<key>.claim",
                  "locks/<key[:2]>.lock", "NFS", f'"format": {FORMAT_VERSION}'):
         assert part in doc, part
+
+
+def test_temp_files_of_dead_writers_are_swept_live_ones_kept(store: Store) -> None:
+    k = key_of(7)
+    store.put(make_result(k))
+    folder = store.result_path(k).parent
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = folder / f".{k}.{dead.pid}.0badf00d.tmp"  # kill -9 between write and rename
+    live = folder / f".{k}.{os.getpid()}.0cafe000.tmp"  # a write in progress
+    left.write_text("{")
+    live.write_text("{")
+    assert store.lookup_many([k])[k].status == "passed"
+    assert not left.exists() and live.exists()
+    ro = Store.open(store.root, readonly=True)
+    left.write_text("{")
+    ro.lookup_many([k])
+    assert left.exists()  # a read-only store (the report CLI) never deletes
