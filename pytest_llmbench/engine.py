@@ -39,6 +39,10 @@ log = logging.getLogger("pytest_llmbench.engine")
 
 #: Seconds between SIGTERM and SIGKILL when a task deadline fires.
 KILL_GRACE = 0.5
+#: The item process ends its own API attempt at the task deadline (``api.chat`` caps it) and
+#: reports ``task_timeout`` itself; it is killed only if it has not within this much more.
+#: An item host that reported keeps running (no kill, no new host).
+KILL_SLACK = 0.25
 #: Extra seconds past the task deadline before another process may reclaim our claim.
 CLAIM_GRACE = 10.0
 #: Seconds between lease-monitor ticks.
@@ -497,7 +501,7 @@ class Engine:
     def _next_timeout(self) -> float:
         if not self.running:
             return POLL_ELSEWHERE
-        soonest = min(c.deadline for c in self.running.values())
+        soonest = min(c.deadline for c in self.running.values()) + KILL_SLACK
         timeout = max(0.0, soonest - time.monotonic())
         if any(c.pidfd is None and c.host is None for c in self.running.values()):
             timeout = min(timeout, 0.02)
@@ -527,14 +531,17 @@ class Engine:
                 self.tick()
             except Exception:  # noqa: BLE001 - a monitor failure must not stop the run
                 log.exception("lease monitor tick failed")
+        overdue = []
         for child in list(self.running.values()):
             if child.pidfd is None and child.host is None:
                 pid, status = os.waitpid(child.pid, os.WNOHANG)
                 if pid:
                     self._finish(child, status)
                     continue
-            if now >= child.deadline and child.job.key in self.running:
-                self._kill(child)
+            if now >= child.deadline + KILL_SLACK and child.job.key in self.running:
+                overdue.append(child)
+        if overdue:
+            self._kill(overdue)
 
     def _read(self, child: Child) -> None:
         lines, eof = _read_lines(child.fd, child.buffer)
@@ -583,31 +590,43 @@ class Engine:
             self._put(result)
         self.done[child.job.key] = result
 
-    def _kill(self, child: Child) -> None:
-        """Task deadline: kill the item's whole process tree and record what it did."""
-        if child.host is not None:
-            self._host_output(child.host)
-            if self.running.get(child.job.key) is not child:  # finished in the last moment
-                return
-        else:
-            self._read(child)
-            if child.result is not None:  # it finished in the very last moment
-                self._finish(child)
-                return
+    def _kill(self, children: list[Child]) -> None:
+        """Task deadline: kill these items' whole process trees (in one pass: items that
+        started together often time out together) and record what each had done."""
+        due = []
+        for child in children:
+            if child.host is not None:
+                self._host_output(child.host)
+                if self.running.get(child.job.key) is not child:  # finished in the last moment
+                    continue
+            else:
+                self._read(child)
+                if child.result is not None:  # it finished in the very last moment
+                    self._finish(child)
+                    continue
+            log.warning(
+                "[TaskTimeout] %s: killed after %.1f s (task_timeout %.1f s, turn %d, %d attempts)",
+                child.job.nodeid, time.monotonic() - child.started, child.job.deadlines.task_timeout,
+                child.turn, len(child.attempts),
+            )
+            due.append(child)
+        if not due:
+            return
+        killed = proc.kill_trees([self._kill_spec(c) for c in due], grace=KILL_GRACE)
+        for child in due:
+            if child.host is not None:
+                self._drop_host(child.host)  # the fork server reaps it
+            else:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child.pid, 0)
+        proc.reap(p for p in killed if p not in {c.pid for c in due})
+        for child in due:
+            self._close(child)  # whatever it sent after the deadline does not count
+            self._timed_out(child)
+
+    def _timed_out(self, child: Child) -> None:
         elapsed = time.monotonic() - child.started
         limit = child.job.deadlines.task_timeout
-        log.warning(
-            "[TaskTimeout] %s: killed after %.1f s (task_timeout %.1f s, turn %d, %d attempts)",
-            child.job.nodeid, elapsed, limit, child.turn, len(child.attempts),
-        )
-        killed = self._kill_tree(child, KILL_GRACE)
-        if child.host is not None:
-            self._drop_host(child.host)  # the fork server reaps it
-        else:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child.pid, 0)
-        proc.reap(p for p in killed if p != child.pid)
-        self._close(child)  # whatever it sent after the deadline does not count
         partial = child.completions[-1]["text"] if child.completions else None
         result = self._error_result(
             child,
@@ -670,11 +689,15 @@ class Engine:
         except OSError as exc:
             log.error("could not store the result of %s: %s", result.identity.get("nodeid"), exc)
 
-    def _kill_tree(self, child: Child, grace: float) -> list[int]:
+    @staticmethod
+    def _kill_spec(child: Child) -> proc.KillSpec:
         """Everything ``child`` started (before the fork server reported its pid: by token)."""
         if not child.pid:
-            return proc.kill_tree(0, token=child.token, grace=grace)
-        return proc.kill_tree(child.pid, pgid=child.pid, token=child.token, grace=grace)
+            return proc.KillSpec(0, token=child.token)
+        return proc.KillSpec(child.pid, pgid=child.pid, token=child.token)
+
+    def _kill_tree(self, child: Child, grace: float) -> list[int]:
+        return proc.kill_trees([self._kill_spec(child)], grace=grace)
 
     def _close(self, child: Child) -> None:
         self.running.pop(child.job.key, None)

@@ -36,7 +36,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 log = logging.getLogger("pytest_llmbench.proc")
@@ -406,37 +406,61 @@ def kill_tree(
     stuck in uninterruptible sleep, are logged). Call it *before* reaping ``pid``: an unreaped
     child's pid cannot be recycled. Nothing is reaped here (see :func:`reap`).
     """
-    if pid <= 1 and pgid is None and not token:
+    return kill_trees([KillSpec(pid, pgid=pgid, token=token, start_time=start_time)], grace=grace)
+
+
+@dataclass(frozen=True)
+class KillSpec:
+    """One item's process tree for :func:`kill_trees` (the arguments of :func:`kill_tree`)."""
+
+    pid: int
+    pgid: int | None = None
+    token: str | None = None
+    start_time: int | None = None
+
+
+def kill_trees(specs: Sequence[KillSpec], *, grace: float = 0.5) -> list[int]:
+    """:func:`kill_tree` for several items at once, sharing every ``/proc`` scan and the
+    grace period: items that reach their deadline together (a batch of hung calls) are
+    killed in about the time of one."""
+    specs = [s for s in specs if s.pid > 1 or s.pgid is not None or s.token]
+    if not specs:
         return []
     procs = scan()
     protected, protected_groups = _protected(procs)
-    root = procs.get(pid)
-    if root is not None and start_time is not None and root.start_time != start_time:
-        root = None  # pid recycled: only the group/token marks still apply
-    if pgid is None and root is not None and root.pgrp == pid:
-        pgid = pid
-    if pgid is not None and (pgid <= 1 or pgid in protected_groups):
-        log.warning("kill_tree: refusing to signal process group %d (ours or invalid)", pgid)
-        pgid = None
-    targets = _Targets(pid, start_time, pgid, token)
+    all_targets: list[_Targets] = []
+    for spec in specs:
+        pgid = spec.pgid
+        root = procs.get(spec.pid)
+        if root is not None and spec.start_time is not None and root.start_time != spec.start_time:
+            root = None  # pid recycled: only the group/token marks still apply
+        if pgid is None and root is not None and root.pgrp == spec.pid:
+            pgid = spec.pid
+        if pgid is not None and (pgid <= 1 or pgid in protected_groups):
+            log.warning("kill_tree: refusing to signal process group %d (ours or invalid)", pgid)
+            pgid = None
+        all_targets.append(_Targets(spec.pid, spec.start_time, pgid, spec.token))
     signalled: set[int] = set()
 
-    first = targets.select(procs, protected)
-    if _killpg(pgid, signal.SIGTERM):
-        # One SIGTERM each: a second one could land after a Python handler began a clean
-        # exit and the interpreter restored SIG_DFL, turning that exit into a kill.
-        signalled.update(p for p in first if procs[p].pgrp == pgid)
-        first = {p: st for p, st in first.items() if procs[p].pgrp != pgid}
-        _killpg(pgid, signal.SIGCONT)
-    for p, st in first.items():
-        if _signal(p, st, signal.SIGTERM, protected):
-            signalled.add(p)
-            _signal(p, st, signal.SIGCONT, protected)
+    for targets in all_targets:
+        first = targets.select(procs, protected)
+        pgid = targets.pgid
+        if _killpg(pgid, signal.SIGTERM):
+            # One SIGTERM each: a second one could land after a Python handler began a clean
+            # exit and the interpreter restored SIG_DFL, turning that exit into a kill.
+            signalled.update(p for p in first if procs[p].pgrp == pgid)
+            first = {p: st for p, st in first.items() if procs[p].pgrp != pgid}
+            _killpg(pgid, signal.SIGCONT)
+        for p, st in first.items():
+            if _signal(p, st, signal.SIGTERM, protected):
+                signalled.add(p)
+                _signal(p, st, signal.SIGCONT, protected)
 
     deadline = time.monotonic() + grace
     delay = 0.001
-    while targets.any_alive():
-        targets.check_group()  # notice an emptied group before its number can be recycled
+    while any(t.any_alive() for t in all_targets):
+        for targets in all_targets:
+            targets.check_group()  # notice an emptied group before its number can be recycled
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
@@ -448,19 +472,25 @@ def kill_tree(
     budget_end = time.monotonic() + _KILL_BUDGET
     clean, delay = 0, 0.0
     while clean < 2:
-        alive = targets.select(scan(), protected)
+        current = scan()
+        alive: dict[int, int] = {}
+        for targets in all_targets:
+            alive.update(targets.select(current, protected))
         if not alive:
             clean += 1
             continue
         clean = 0
         if time.monotonic() > budget_end:
-            log.warning("kill_tree(%d): still alive after SIGKILL: %s", pid, sorted(alive))
+            log.warning("kill_tree(%s): still alive after SIGKILL: %s",
+                        ", ".join(str(s.pid) for s in specs), sorted(alive))
             break
-        _killpg(targets.check_group(), signal.SIGKILL)
+        for targets in all_targets:
+            _killpg(targets.check_group(), signal.SIGKILL)
         for p, st in alive.items():
             if _signal(p, st, signal.SIGKILL, protected):
                 signalled.add(p)
         time.sleep(delay)
         delay = min(max(delay * 2, 0.001), _POLL_MAX)
-    log.debug("kill_tree(%d, pgid=%s): signalled %d processes", pid, pgid, len(signalled))
+    log.debug("kill_trees(%s): signalled %d processes",
+              ", ".join(str(s.pid) for s in specs), len(signalled))
     return sorted(signalled)
