@@ -23,15 +23,13 @@ from pytest_llmbench import proc
 from pytest_llmbench.errors import StoreError
 from pytest_llmbench.records import ItemResult
 from pytest_llmbench.store import (
-    _FRAME,
     FORMAT_VERSION,
     ClaimHolder,
     Store,
-    _index_frame,
-    _load_index,
     _parse_result,
     item_key,
 )
+from pytest_llmbench.store_index import _FRAME, _index_frame, _load_index
 
 REPO = Path(__file__).resolve().parent.parent
 
