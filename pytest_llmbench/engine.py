@@ -1,15 +1,18 @@
-"""Runs items: up to K at once per pytest process, each in its own killable child process.
+"""Runs items: up to K at once per pytest process, each in a killable process of its own.
 
 Why this shape (DESIGN.md section 4): reports cannot be deferred under xdist, so the pytest
 protocol for an item *waits* for that item's result while the engine, in the same loop,
-keeps up to ``concurrency`` forked children busy with the items that come next. Items are
+keeps up to ``concurrency`` items running with the items that come next. Items are
 **claimed** in the store before they start, so xdist workers and concurrent runs never
 execute the same item twice; the store is the coordinator.
 
-Each child runs ``runner.execute`` in its own process group with a per-item token in its
-environment. The parent enforces the task deadline: on expiry it kills the whole tree
-(``proc.kill_tree``: group, descendants, token holders, SIGTERM then SIGKILL), reaps it and
-records a ``task_timeout`` error with what the child reported so far.
+An item runs in an *item host* (``child.host_main``: a process forked by the fork server,
+``forkserver.py``, that runs the engine's items one at a time) or, when its job cannot be
+sent there, in a child this process forks for it (``child.child_main``). Either way it runs
+``runner.execute`` in its own process group with a per-item token in its environment. The
+engine enforces the task deadline: on expiry it kills the whole tree (``proc.kill_trees``:
+group, descendants, token holders, SIGTERM then SIGKILL; a host killed so is replaced) and
+records a ``task_timeout`` error with what the item reported so far.
 """
 
 from __future__ import annotations
