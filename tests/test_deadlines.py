@@ -202,3 +202,34 @@ def test_hang_past_api_timeout_with_task_time_left_is_an_api_timeout(
     assert "1 attempt failed; last: timed out after 1.00 s" in record["error"]
     assert [a["outcome"] for a in record["attempts"]] == ["timeout"]
     assert record["elapsed"] < 10
+
+
+def test_items_that_time_out_together_are_all_killed_and_the_rest_run(
+    pytester: pytest.Pytester, sim_env: str, leftovers: Any
+) -> None:
+    """Four items stuck in a child ``sleep`` reach their deadline together (one kill pass);
+    the four fine items after them still run, in hosts that replace the killed ones, and no
+    ``sleep`` is left."""
+    mark = str(int(secrets.token_hex(4), 16))
+    pytester.makepyfile(stuck_scorer=STUCK["child_sleep"].replace("MARK", mark))
+    pytester.makefile(".toml", suite=(
+        '[[prompts]]\nid = "stuck"\ntemplate = "What is {{a}} + 1?"\nscorer = "stuck_scorer:score"\n'
+        + "".join(f'[[prompts.instances]]\nvars = {{ a = {i} }}\nexpected = "{i + 1}"\n' for i in range(4))
+        + '[[prompts]]\nid = "fine"\ntemplate = "What is {{a}} + 1?"\nscorer = "numeric"\n'
+        + "".join(f'[[prompts.instances]]\nvars = {{ a = {i} }}\nexpected = "{i + 1}"\n' for i in range(4))
+    ))
+    out = pytester.path / "r.jsonl"
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--llmbench-task-timeout={TASK_TIMEOUT}",
+        "--llmbench-api-timeout=30", "--llmbench-concurrency=4", f"--llmbench-jsonl={out}",
+        timeout=60,
+    )
+    result.assert_outcomes(passed=4, errors=4)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    stuck = [r for r in records if r["identity"]["prompt"] == "stuck"]
+    assert [r["error_class"] for r in stuck] == ["task_timeout"] * 4
+    assert all(TASK_TIMEOUT <= r["elapsed"] <= TASK_TIMEOUT + 2.0 for r in stuck)
+    deadline = time.monotonic() + 5
+    while leftovers(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(mark) == []
