@@ -119,7 +119,6 @@ class Engine:
         """Called about once a second from the wait loop (the lease monitor)."""
         self._next_tick = 0.0
         self.running: dict[str, Child] = {}
-        self.by_fd: dict[int, Child] = {}
         self.done: dict[str, ItemResult] = {}
         self.elsewhere: set[str] = set()
         """Keys known to be claimed by another process (not retried during lookahead)."""
@@ -144,8 +143,6 @@ class Engine:
         self.use_server = forkserver.enabled()
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
-        self.by_pid: dict[int, Child] = {}
-        """Children we forked ourselves, by pid."""
 
     # --- the protocol side ---------------------------------------------------------------
 
@@ -400,9 +397,6 @@ class Engine:
     def _track(self, child: Child) -> None:
         os.set_blocking(child.fd, False)
         self.running[child.job.key] = child
-        self.by_fd[child.fd] = child
-        if child.pid:
-            self.by_pid[child.pid] = child
         self.selector.register(child.fd, selectors.EVENT_READ, ("pipe", child))
         if child.pidfd is not None:
             self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
@@ -706,8 +700,6 @@ class Engine:
         self.running.pop(child.job.key, None)
         if child.host is not None:  # the host's pipes are the host's
             return
-        self.by_fd.pop(child.fd, None)
-        self.by_pid.pop(child.pid, None)
         for fd in (child.fd, child.pidfd):
             if fd is None:
                 continue

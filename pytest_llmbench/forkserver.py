@@ -222,11 +222,10 @@ class _Server:
         if not data:
             return False
         seq = pickle.loads(data)
-        if len(fds) != 2:
+        if len(fds) != 2:  # not our engine's request: stop serving (the engine falls back)
             for fd in fds:
                 os.close(fd)
-            self.send(("refused", seq, "expected 2 file descriptors"))
-            return True
+            return False
         jobs_fd, results_fd = fds
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the item host
