@@ -26,6 +26,7 @@ import secrets
 import selectors
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -143,6 +144,64 @@ class Engine:
         self.use_server = forkserver.enabled()
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
+        self._prefetcher: threading.Thread | None = None
+        self._stop_prefetch = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+
+    # --- before the first item: xdist workers wait for every other worker ----------------
+
+    def prefetch(self, items: list[Any], order: list[int]) -> None:
+        """Start items in ``order`` (positions in ``items``) on a thread, until the first
+        ``wait`` (or ``drain``/``shutdown``) takes the engine back.
+
+        An xdist worker gets its first item only once *every* worker has collected; under
+        ``-n 32`` on 2 cores that takes seconds, and the workers that are ready would sit
+        idle. The engine is used by one thread at a time: this one until the hand-over,
+        which stops and joins it (``_take_over``), then the pytest protocol's."""
+        if self._prefetcher is not None or not order:
+            return
+        self._prefetcher = threading.Thread(
+            target=self._prefetch_loop, args=(items, order), name="llmbench-prefetch", daemon=True
+        )
+        self._prefetcher.start()
+
+    def _prefetch_loop(self, items: list[Any], order: list[int]) -> None:
+        cursor = 0
+        try:
+            while not self._stop_prefetch.is_set():
+                while (len(self.running) < self.concurrency and cursor < len(order)
+                       and not self._stop_prefetch.is_set()):
+                    item = items[order[cursor]]
+                    cursor += 1
+                    key = self.key_of(item)
+                    if (key is None or key in self.running or key in self.done
+                            or key in self.elsewhere):
+                        continue
+                    if self._seen_elsewhere(key):
+                        self.elsewhere.add(key)
+                        continue
+                    if not self.fresh and self.store.result_path(key).exists():
+                        # Stored by an earlier run: its owner reads it (or retries an
+                        # error); every worker reading every stored result is waste.
+                        continue
+                    self._try_start(item, key, priority=False)
+                if cursor >= len(order) and not self.running:
+                    return
+                self._service(self._next_timeout())
+        except Exception:  # noqa: BLE001 - the protocol runs every item anyway
+            log.debug("prefetch stopped on an error; items run in the protocol", exc_info=True)
+
+    def _take_over(self) -> None:
+        """Stop the prefetch thread (if any) so this thread owns the engine."""
+        thread = self._prefetcher
+        if thread is None:
+            return
+        self._stop_prefetch.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        thread.join()
+        self._prefetcher = None
 
     # --- the protocol side ---------------------------------------------------------------
 
@@ -150,6 +209,8 @@ class Engine:
         """Block until ``item``'s result is known; keep the lookahead window busy meanwhile."""
         key = self.key_of(item)
         assert key is not None
+        if self._prefetcher is not None:
+            self._take_over()
         if self.index is None:
             self.index = {id(it): i for i, it in enumerate(items)}
         position = self.index.get(id(item), 0)
@@ -519,6 +580,9 @@ class Engine:
                 self._host_output(child)
             elif kind == "server":
                 self._server_events()
+            elif kind == "wake":
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 64)
             else:
                 self._finish(child)
         now = time.monotonic()
@@ -718,6 +782,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Kill every running child (interrupted run); their claims die with this process."""
+        self._take_over()
         for child in list(self.running.values()):
             proc.reap(self._kill_tree(child, 0.2))
             if child.host is None:
@@ -732,9 +797,30 @@ class Engine:
             self.server.close()
             self.server = None
         self.selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def pending(self) -> Iterable[str]:
         return list(self.running)
+
+
+def prefetch_order(positions: list[int], worker: int, workers: int) -> list[int]:
+    """The order in which xdist worker ``worker`` of ``workers`` prefetches ``positions``.
+
+    xdist's load scheduler deals its first batch round-robin over the collection, so worker
+    ``w`` first gets items ``w, w+W, w+2W...``: those first, then the others, starting at
+    a different point for each worker so that workers do not all race for the same ones.
+    """
+    if workers <= 1:
+        return list(positions)
+    mine = positions[worker % workers::workers]
+    taken = set(mine)
+    rest = [p for p in positions if p not in taken]
+    if rest:
+        shift = (worker * len(rest)) // workers
+        rest = rest[shift:] + rest[:shift]
+    return mine + rest
 
 
 def _read_lines(fd: int, buffer: bytearray) -> tuple[list[bytes], bool]:

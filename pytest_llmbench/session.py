@@ -307,6 +307,28 @@ class LLMBenchSession:
         """
         if self.suite_errors and not self.other_collect_errors:
             session.config.option.continue_on_collection_errors = True
+        self._start_prefetch(session)
+
+    def _start_prefetch(self, session: pytest.Session) -> None:
+        """xdist worker: run items while the controller waits for the other workers.
+
+        Each worker starts with the items xdist's first round-robin batch gives it
+        (positions ``w, w+W, w+2W...``), then the rest; items another worker has taken are
+        skipped. Not with ``--collect-only``, ``-x``/``--maxfail`` (items the run may never
+        reach) or a collection error that ends the run."""
+        workerinput: dict[str, Any] | None = getattr(self.config, "workerinput", None)
+        opt = self.config.option
+        if (workerinput is None or getattr(opt, "collectonly", False) or getattr(opt, "maxfail", 0)
+                or self.other_collect_errors or session.shouldstop or session.shouldfail):
+            return
+        positions = [i for i, item in enumerate(session.items) if _is_llm_item(item)]
+        if not positions:
+            return
+        from .engine import prefetch_order
+
+        worker = int(str(workerinput.get("workerid", "gw0")).removeprefix("gw") or 0)
+        count = int(workerinput.get("workercount", 1) or 1)
+        self.engine.prefetch(session.items, prefetch_order(positions, worker, count))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)

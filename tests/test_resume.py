@@ -196,3 +196,43 @@ def test_a_worker_that_finishes_early_lets_other_workers_items_finish(tmp_path: 
         requests = sim.requests()
     assert run.returncode == 0 and f"{n} passed" in run.stdout, run.stdout[-3000:]
     assert len(requests) == n, collections.Counter(r["key"] for r in requests).most_common(3)
+
+
+def test_xdist_workers_start_items_before_the_controller_hands_any_out(tmp_path: Path) -> None:
+    """xdist schedules only once every worker has collected; the workers that are ready
+    meanwhile run items already (each item still once, every result reported)."""
+    n = 24
+    make_suite(tmp_path / "suite.toml", n)
+    scheduled = tmp_path / "scheduled-at"
+    (tmp_path / "conftest.py").write_text(
+        "import time\n"
+        "def pytest_xdist_node_collection_finished(node, ids):\n"
+        "    # the controller: hold back scheduling for 3 s after the last worker collected\n"
+        "    seen = getattr(pytest_xdist_node_collection_finished, 'seen', 0) + 1\n"
+        "    pytest_xdist_node_collection_finished.seen = seen\n"
+        "    if seen == 2:\n"
+        "        time.sleep(3)\n"
+        f"        open({str(scheduled)!r}, 'w').write(repr(time.time()))\n"
+    )
+    with SimServer.start(latency=0.2, request_log=tmp_path / "requests.jsonl") as sim:
+        run = subprocess.run(pytest_cmd(tmp_path, "-n", "2", "--llmbench-concurrency=4"),
+                             env=env_for(sim), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, timeout=120)
+        requests = sim.requests()
+    assert run.returncode == 0 and f"{n} passed" in run.stdout, run.stdout[-3000:]
+    assert len(requests) == n, collections.Counter(r["key"] for r in requests).most_common(3)
+    handed_out = float(scheduled.read_text())
+    early = [r for r in requests if r["t"] < handed_out]
+    assert len(early) >= 8, f"{len(early)} of {n} requests before the controller scheduled"
+
+
+def test_prefetch_order_starts_with_the_first_batch_xdist_deals_each_worker() -> None:
+    from pytest_llmbench.engine import prefetch_order
+
+    positions = list(range(10))
+    assert prefetch_order(positions, 0, 1) == positions
+    first, second = prefetch_order(positions, 0, 3), prefetch_order(positions, 1, 3)
+    assert first[:4] == [0, 3, 6, 9] and second[:3] == [1, 4, 7]
+    for order in (first, second):
+        assert sorted(order) == positions  # every item, once
+    assert first[4] != second[3]  # the rest starts at different points
