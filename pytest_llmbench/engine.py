@@ -108,6 +108,7 @@ class Engine:
         key_of: Callable[[Any], str | None],
         fresh: bool = False,
         tick: Callable[[], object] | None = None,
+        fork_server: str | None = None,
     ) -> None:
         # ``fresh``: stored results of earlier runs are ignored (they are overwritten).
         self.store = store
@@ -142,6 +143,8 @@ class Engine:
         gc.freeze()
         self.server: forkserver.ForkServer | None = None
         self.use_server = forkserver.enabled()
+        self.server_path = fork_server
+        """Where the run's shared fork server listens (xdist), or None: start our own."""
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
         self._prefetcher: threading.Thread | None = None
@@ -389,7 +392,7 @@ class Engine:
     def _new_host(self) -> Host | None:
         if self.server is None:
             try:
-                self.server = forkserver.ForkServer()
+                self.server = self._connect_server()
             except OSError as exc:
                 log.warning("could not start the fork server (%s): items fork from pytest", exc)
                 self.use_server = False
@@ -413,6 +416,17 @@ class Engine:
         self.hosts[seq] = host
         self.selector.register(results_r, selectors.EVENT_READ, ("host", host))
         return host
+
+    def _connect_server(self) -> forkserver.ForkServer:
+        """The run's shared fork server if there is one and it answers, else our own."""
+        if self.server_path:
+            try:
+                return forkserver.ForkServer.connect(self.server_path)
+            except OSError as exc:
+                log.warning("could not connect to the shared fork server at %s (%s): "
+                            "starting one for this process", self.server_path, exc)
+                self.server_path = None
+        return forkserver.ForkServer()
 
     def _drop_host(self, host: Host) -> None:
         """Forget ``host`` (dead, killed or leaving); its item, if any, is handled apart."""

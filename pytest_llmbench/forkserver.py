@@ -17,17 +17,27 @@ thread behind, and after ``HOST_MAX_ITEMS`` items. Reusing a host saves the fork
 copy-on-write faults of a fresh process per item (~7 ms of CPU per item here, see
 docs/architecture.md).
 
-Protocol, one ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair (message boundaries kept):
+Protocol, over ``AF_UNIX``/``SOCK_SEQPACKET`` connections (message boundaries kept):
 
-- parent -> server: ``pickle(seq)`` with the host's job pipe (read end) and result pipe
+- client -> server: ``pickle(seq)`` with the host's job pipe (read end) and result pipe
   (write end) attached (``SCM_RIGHTS``);
-- server -> parent: ``("forked", seq, pid)`` once the host exists; ``("exit", pid,
-  status)`` when a host is reaped.
+- server -> client: ``("forked", seq, pid)`` once the host exists; ``("exit", pid,
+  status)`` when a host is reaped, to the connection that asked for that host.
+
+Two ways to run it. Without xdist, the pytest process starts its own server and talks to it
+over a socket pair (``ForkServer()``). Under xdist, the controller starts one server for the
+whole run (``SharedForkServer``), listening at a path handed to every worker in its
+``workerinput``; each worker connects to it (``ForkServer.connect``) instead of starting its
+own (32 workers: one server, ~0.13 CPU-s, instead of 32). Either way the server has one
+*primary* connection (the socket pair, or the controller's end): when it closes, the server
+exits. Another connection closing is just forgotten: its hosts leave by themselves at the end
+of their job pipes, and are reaped as usual.
 
 The server is the hosts' parent and a child subreaper, so it reaps them and their orphaned
 descendants; killing stays the engine's job (process group, token, ``/proc``). When the
-pytest process goes away (the socket closes), the server exits; a host then sees the end of
-its job pipe after its current item, which finishes and is stored, as after a crash of pytest.
+pytest process that started it goes away (the primary socket closes), the server exits; a
+host then sees the end of its job pipe after its current item, which finishes and is stored,
+as after a crash of pytest.
 """
 
 from __future__ import annotations
@@ -38,10 +48,12 @@ import logging
 import os
 import pickle
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,25 +90,49 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _start(fds: list[int]) -> subprocess.Popen[bytes]:
+    """The server process, given the primary connection (and the listening socket)."""
+    env = dict(os.environ)
+    env.pop("PYTHONSTARTUP", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest_llmbench.forkserver", *map(str, fds)],
+        pass_fds=tuple(fds),
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+
+
 class ForkServer:
-    """The pytest process's handle on its fork server (started on first use)."""
+    """A pytest process's handle on a fork server: its own (started on first use), or the
+    run's shared one (``connect``)."""
+
+    process: subprocess.Popen[bytes] | None
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
-        env = dict(os.environ)
-        env.pop("PYTHONSTARTUP", None)
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "pytest_llmbench.forkserver", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
+            self.process = _start([theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.seq = 0
         self.closed = False
+
+    @classmethod
+    def connect(cls, path: str) -> ForkServer:
+        """A connection to the shared server listening at ``path`` (raises ``OSError``)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        self = cls.__new__(cls)
+        self.sock, self.process, self.seq, self.closed = sock, None, 0, False
+        return self
 
     def spawn_host(self, jobs_fd: int, results_fd: int) -> int:
         """Ask for an item host reading jobs from ``jobs_fd``, writing to ``results_fd``;
@@ -127,12 +163,51 @@ class ForkServer:
         if self.closed:
             return
         self.closed = True
-        self.sock.close()  # the server sees EOF and exits
+        self.sock.close()  # our own server sees EOF and exits; a shared one forgets us
+        if self.process is None:
+            return
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class SharedForkServer:
+    """The xdist controller's fork server, shared by every worker of the run: it listens at
+    ``path`` (a short path under ``/tmp``: ``AF_UNIX`` paths are limited to ~100 bytes).
+    The controller holds the primary connection; closing it ends the server."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="llmb-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        self.path = os.path.join(self.dir, "fs")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            listener.bind(self.path)
+            listener.listen(64)
+            self.process = _start([theirs.fileno(), listener.fileno()])
+        except BaseException:
+            ours.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        finally:
+            theirs.close()
+            listener.close()
+        self.sock = ours
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.sock.close()  # the server sees EOF, waits for its hosts and exits
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def encode(spawn: Spawn) -> bytes | None:
@@ -153,11 +228,16 @@ def encode(spawn: Spawn) -> bytes | None:
 
 
 class _Server:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, listener: socket.socket | None = None) -> None:
         self.sock = sock
-        self.children: set[int] = set()
+        """The primary connection: the server exits when it closes."""
+        self.listener = listener
+        self.conns: set[socket.socket] = {sock}
+        self.children: dict[int, socket.socket | None] = {}
+        """Live hosts, each with the connection that asked for it (None once it closed)."""
         self.stores: dict[tuple[str, bool], Store] = {}
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector = selectors.DefaultSelector()
 
     def store(self, root: str, fsync: bool) -> Store:
         key = (root, fsync)
@@ -165,9 +245,11 @@ class _Server:
             self.stores[key] = Store(Path(root), fsync=fsync)
         return self.stores[key]
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        with contextlib.suppress(OSError):  # the parent is gone: run() notices the EOF
-            self.sock.send(pickle.dumps(message))
+    def send(self, conn: socket.socket | None, message: tuple[Any, ...]) -> None:
+        if conn is None:
+            return
+        with contextlib.suppress(OSError):  # the client is gone: run() notices the EOF
+            conn.send(pickle.dumps(message))
 
     def run(self) -> None:
         from . import proc
@@ -176,9 +258,12 @@ class _Server:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pytest process's to handle
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        selector = selectors.DefaultSelector()
-        selector.register(self.sock, selectors.EVENT_READ, "sock")
+        selector = self.selector
+        selector.register(self.sock, selectors.EVENT_READ, "conn")
         selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        if self.listener is not None:
+            self.listener.setblocking(False)
+            selector.register(self.listener, selectors.EVENT_READ, "listen")
         gc.freeze()  # what is imported now is never scanned again (fewer copied pages)
         while True:
             for key, _mask in selector.select():
@@ -186,10 +271,53 @@ class _Server:
                     with contextlib.suppress(BlockingIOError):
                         while os.read(self.wake_r, 4096):
                             pass
-                elif not self.request():
-                    self.wait_for_hosts()
-                    return
+                elif key.data == "listen":
+                    self.accept()
+                else:
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)
+                    if self.request(conn):
+                        continue
+                    if conn is self.sock:
+                        self.shut()
+                        self.wait_for_hosts()
+                        return
+                    self.forget(conn)
             self.reap()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _addr = self.listener.accept()  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("fork server: accept failed: %s", exc)
+                return
+            conn.setblocking(True)
+            self.conns.add(conn)
+            self.selector.register(conn, selectors.EVENT_READ, "conn")
+
+    def forget(self, conn: socket.socket) -> None:
+        """A client went away: its hosts leave by themselves at the end of their job pipes."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn)
+        self.conns.discard(conn)
+        conn.close()
+        for pid, owner in self.children.items():
+            if owner is conn:
+                self.children[pid] = None
+
+    def shut(self) -> None:
+        """The primary connection closed: take no more clients."""
+        for conn in list(self.conns):
+            if conn is not self.sock:
+                self.forget(conn)
+        if self.listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
 
     def wait_for_hosts(self, timeout: float = 5.0) -> None:
         """At the end: reap the hosts (each leaves at the end of its job pipe), so their CPU
@@ -208,18 +336,19 @@ class _Server:
             if pid == 0:
                 return
             if pid in self.children:
-                self.children.discard(pid)
-                self.send(("exit", pid, status))
+                self.send(self.children.pop(pid), ("exit", pid, status))
 
-    def request(self) -> bool:
-        """Fork one item host; False when the parent has closed the socket."""
+    def request(self, conn: socket.socket) -> bool:
+        """Fork one item host for ``conn``; False when the client has closed the socket."""
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, 4096, 2)
+            data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 2)
         except InterruptedError:
             return True
         except OSError:
             return False
         if not data:
+            for fd in fds:
+                os.close(fd)
             return False
         seq = pickle.loads(data)
         if len(fds) != 2:  # not our engine's request: stop serving (the engine falls back)
@@ -234,14 +363,18 @@ class _Server:
             gc.disable()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            self.sock.close()
+            # No client may wait on a socket a host still holds: close every one.
+            for other in self.conns:
+                other.close()
+            if self.listener is not None:
+                self.listener.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
             host_main(jobs_fd, results_fd, self.store)
         os.close(jobs_fd)
         os.close(results_fd)
-        self.children.add(pid)
-        self.send(("forked", seq, pid))
+        self.children[pid] = conn
+        self.send(conn, ("forked", seq, pid))
         return True
 
 
@@ -259,7 +392,8 @@ def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server proce
     warm_up()
 
     sock = socket.socket(fileno=int(argv[0]))
-    _Server(sock).run()
+    listener = socket.socket(fileno=int(argv[1])) if len(argv) > 1 else None
+    _Server(sock, listener).run()
     return 0
 
 

@@ -19,6 +19,7 @@ from .records import ERROR, Case, ItemResult, ModelSpec, ScorerSpec
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .forkserver import SharedForkServer
     from .items import LLMItem
     from .lease import LeaseManager
     from .ratelimit import SharedLimiter
@@ -48,6 +49,8 @@ class LLMBenchSession:
             "LLMBENCH_SIM_URL"
         )
         self._sim: SimServer | None = None
+        self._fork_server: SharedForkServer | None = None
+        self._fork_server_failed = False
         self._store: Store | None = None
         self._engine: Engine | None = None
         self._leases: LeaseManager | None = None
@@ -83,6 +86,8 @@ class LLMBenchSession:
                 key_of=lambda item: getattr(item, "key", None) if _is_llm_item(item) else None,
                 fresh=self.settings.fresh,
                 tick=self.leases.monitor_tick if self.settings.resources else None,
+                fork_server=(getattr(self.config, "workerinput", None) or {}).get(
+                    "llmbench_fork_server"),
             )
         return self._engine
 
@@ -286,10 +291,29 @@ class LLMBenchSession:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
-        """xdist controller: hand the run id and the simulator URL to every worker."""
+        """xdist controller: hand the run id, the simulator URL and the run's fork server
+        to every worker."""
         node.workerinput["llmbench_run_id"] = self.run_id
         if self.uses_sim():
             node.workerinput["llmbench_sim_url"] = self.ensure_sim()
+        path = self.ensure_fork_server()
+        if path is not None:
+            node.workerinput["llmbench_fork_server"] = path
+
+    def ensure_fork_server(self) -> str | None:
+        """xdist controller: the path of the fork server every worker shares (one for the
+        run instead of one per worker), started on first call; None if switched off or it
+        could not start (each worker then starts its own)."""
+        from . import forkserver
+
+        if self._fork_server is None and not self._fork_server_failed and forkserver.enabled():
+            try:
+                self._fork_server = forkserver.SharedForkServer()
+            except OSError as exc:
+                log.warning("could not start the shared fork server (%s): each worker "
+                            "starts its own", exc)
+                self._fork_server_failed = True
+        return self._fork_server.path if self._fork_server is not None else None
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:
@@ -383,6 +407,9 @@ class LLMBenchSession:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+        if self._fork_server is not None:
+            self._fork_server.close()
+            self._fork_server = None
         if self._sim is not None:
             self._sim.stop()
             self._sim = None

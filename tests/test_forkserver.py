@@ -133,3 +133,52 @@ def test_an_item_that_leaves_a_thread_behind_gets_its_host_replaced(
     found = pids(log)
     assert found["i0"] == found["i1"]  # i1 started the thread in the host i0 used
     assert found["i2"] != found["i1"] and found["i2"] == found["i3"]  # then a fresh host
+
+
+def test_xdist_workers_share_one_fork_server_started_by_the_controller(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = write(pytester, 8)
+    workers = pytester.path / "workers.log"
+    monkeypatch.setenv("PARENTS_LOG", str(log))
+    monkeypatch.setenv("WORKERS_LOG", str(workers))
+    pytester.makeconftest("""
+        import os
+
+        def pytest_configure(config):
+            if hasattr(config, "workerinput"):
+                with open(os.environ["WORKERS_LOG"], "a") as fh:
+                    fh.write(f"{os.getpid()} {config.workerinput['llmbench_fork_server']}\\n")
+    """)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-n", "2", "-v", "--llmbench-concurrency=1")
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(["*[[]gw0[]]*PASSED*"])
+    result.stdout.fnmatch_lines(["*[[]gw1[]]*PASSED*"])
+    result.stdout.no_fnmatch_line("*could not connect to the shared fork server*")
+    entries = [line.split() for line in workers.read_text().splitlines()]
+    worker_pids = {int(pid) for pid, _path in entries}
+    paths = {path for _pid, path in entries}
+    assert len(worker_pids) == 2 and len(paths) == 1
+    assert len(next(iter(paths))) < 100 and not os.path.exists(next(iter(paths)))  # removed
+    found = parents(log)
+    assert len(found) == 8
+    (server,) = set(found.values())  # one process forked every host, for both workers
+    assert server not in worker_pids and server != os.getpid()
+
+
+def test_a_worker_that_cannot_reach_the_shared_server_starts_its_own(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = write(pytester, 4)
+    monkeypatch.setenv("PARENTS_LOG", str(log))
+    pytester.makeconftest("""
+        import pytest
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_configure_node(node):
+            node.workerinput["llmbench_fork_server"] = "/nonexistent/llmb-fs"
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=4)
+    assert os.getpid() not in parents(log).values()
