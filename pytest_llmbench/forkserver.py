@@ -90,12 +90,14 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _start(fds: list[int]) -> subprocess.Popen[bytes]:
-    """The server process, given the primary connection (and the listening socket)."""
+def _start(fds: list[int], path: str | None = None) -> subprocess.Popen[bytes]:
+    """The server process, given the primary connection (and the listening socket, and the
+    path it is bound to: the server removes it, and its directory, when it exits)."""
     env = dict(os.environ)
     env.pop("PYTHONSTARTUP", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "pytest_llmbench.forkserver", *map(str, fds)],
+        [sys.executable, "-m", "pytest_llmbench.forkserver", *map(str, fds),
+         *([path] if path else [])],
         pass_fds=tuple(fds),
         stdin=subprocess.DEVNULL,
         env=env,
@@ -186,7 +188,7 @@ class SharedForkServer:
         try:
             listener.bind(self.path)
             listener.listen(64)
-            self.process = _start([theirs.fileno(), listener.fileno()])
+            self.process = _start([theirs.fileno(), listener.fileno()], self.path)
         except BaseException:
             ours.close()
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -363,6 +365,8 @@ class _Server:
             gc.disable()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             # No client may wait on a socket a host still holds: close every one.
             for other in self.conns:
                 other.close()
@@ -388,12 +392,26 @@ def warm_up() -> None:
     proc._libc()
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server process
     warm_up()
 
     sock = socket.socket(fileno=int(argv[0]))
     listener = socket.socket(fileno=int(argv[1])) if len(argv) > 1 else None
-    _Server(sock, listener).run()
+    if len(argv) > 2:  # killed with the controller's group: still remove our path
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _exit_on_signal)
+    try:
+        _Server(sock, listener).run()
+    finally:
+        if len(argv) > 2:  # our listening path: gone with us, even if the controller died
+            with contextlib.suppress(OSError):
+                os.unlink(argv[2])
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(argv[2]))
     return 0
 
 
