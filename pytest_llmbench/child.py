@@ -175,6 +175,9 @@ def host_main(
                     sys.path[:] = spawn.sys_path
                 if spawn.cwd != os.getcwd():
                     os.chdir(spawn.cwd)
+                if spawn.env is not None and spawn.env != os.environ:
+                    os.environ.clear()
+                    os.environ.update(spawn.env)
                 store = stores(spawn.store_root, spawn.fsync)
             except Exception as exc:  # noqa: BLE001 - the engine forks this item itself
                 send("refused", f"{type(exc).__name__}: {exc}",

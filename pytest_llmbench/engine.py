@@ -93,6 +93,8 @@ class Host:
     """The item it runs now."""
     idle: bool = False
     buffer: bytearray = field(default_factory=bytearray)
+    env: dict[str, str] | None = None
+    """The environment its last item was sent with."""
 
 
 class Engine:
@@ -137,22 +139,40 @@ class Engine:
         self.started_at = time.time()  # results stored since are (likely) this run's
         self.index: dict[int, int] | None = None
         self.subreaper = proc.set_child_subreaper()
-        # Everything alive now (the session, its collected items) stays alive for the run:
-        # keep it out of the cyclic GC's full collections, which otherwise cost a worker of
-        # ``-n 32`` a tenth of its CPU walking the same objects again and again (perf).
-        gc.freeze()
         self.server: forkserver.ForkServer | None = None
         self.use_server = forkserver.enabled()
         self.server_path = fork_server
         """Where the run's shared fork server listens (xdist), or None: start our own."""
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
+        self._warmed = 0
         self._prefetcher: threading.Thread | None = None
         self._stop_prefetch = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
 
     # --- before the first item: xdist workers wait for every other worker ----------------
+
+    def warm(self, items: int) -> None:
+        """Start the fork server, and idle hosts for up to ``items`` more items (at most
+        ``concurrency`` in all), while pytest is still collecting: the server's start-up
+        and the forks then run beside the collection instead of ahead of the first items."""
+        if not self.use_server:
+            return
+        want = min(self.concurrency, self._warmed + items)
+        self._warmed = want
+        while len(self.hosts) < want:
+            host = self._new_host()
+            if host is None:
+                return
+            host.idle = True
+
+    @staticmethod
+    def _freeze() -> None:
+        # Everything alive now (the session, its collected items) stays alive for the run:
+        # keep it out of the cyclic GC's full collections, which otherwise cost a worker of
+        # ``-n 32`` a tenth of its CPU walking the same objects again and again (perf).
+        gc.freeze()
 
     def prefetch(self, items: list[Any], order: list[int]) -> None:
         """Start items in ``order`` (positions in ``items``) on a thread, until the first
@@ -164,6 +184,7 @@ class Engine:
         which stops and joins it (``_take_over``), then the pytest protocol's."""
         if self._prefetcher is not None or not order:
             return
+        self._freeze()
         self._prefetcher = threading.Thread(
             target=self._prefetch_loop, args=(items, order), name="llmbench-prefetch", daemon=True
         )
@@ -215,6 +236,7 @@ class Engine:
         if self._prefetcher is not None:
             self._take_over()
         if self.index is None:
+            self._freeze()
             self.index = {id(it): i for i, it in enumerate(items)}
         position = self.index.get(id(item), 0)
         self.scan_pos = max(self.scan_pos, position + 1)
@@ -272,8 +294,9 @@ class Engine:
     def _try_start(self, item: Any, key: str, *, priority: bool) -> None:
         """Claim ``key`` and fork its child, or learn that it is done / busy elsewhere."""
         if priority and len(self.running) >= self.concurrency:
-            # The item being reported waits for a free slot; no claim yet.
-            if key in self.elsewhere:
+            # The item being reported waits for a free slot, no claim yet, unless it is
+            # done already (another xdist worker's lookahead ran it: a ``stat`` tells).
+            if key in self.elsewhere or self.store.result_path(key).exists():
                 self._check_elsewhere(key)
             return
         job_or_result = self.make_job(item)
@@ -368,15 +391,19 @@ class Engine:
         self._fork_local(job, token, started, deadline)
 
     def _run_in_host(self, job: Job, token: str, started: float, deadline: float) -> bool:
-        payload = forkserver.encode(forkserver.Spawn(
-            job=job, token=token, deadline=deadline, store_root=str(self.store.root),
-            fsync=self.store.fsync, holder=self.holder, sys_path=tuple(sys.path), cwd=os.getcwd(),
-        ))
-        if payload is None:
-            return False
         host = next((h for h in self.hosts.values() if h.idle), None) or self._new_host()
         if host is None:
             return False
+        env = dict(os.environ)
+        payload = forkserver.encode(forkserver.Spawn(
+            job=job, token=token, deadline=deadline, store_root=str(self.store.root),
+            fsync=self.store.fsync, holder=self.holder, sys_path=tuple(sys.path), cwd=os.getcwd(),
+            env=None if env == host.env else env,
+        ))
+        if payload is None:
+            host.idle = True  # free for the next job; this one forks from pytest
+            return False
+        host.env = env
         try:
             os.write(host.jobs_fd, len(payload).to_bytes(4, "big") + payload)
         except OSError as exc:  # the host is gone; its exit is on its way

@@ -47,13 +47,13 @@ import gc
 import logging
 import os
 import pickle
+import secrets
 import selectors
-import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,20 +84,27 @@ class Spawn:
     holder: ClaimHolder
     sys_path: tuple[str, ...]
     cwd: str
+    env: dict[str, str] | None
+    """The pytest process's environment now, which the host runs the item with (the server
+    was started earlier, or by the xdist controller, whose environment differs); None:
+    the same as for the host's previous item."""
 
 
 def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _start(fds: list[int], path: str | None = None) -> subprocess.Popen[bytes]:
-    """The server process, given the primary connection (and the listening socket, and the
-    path it is bound to: the server removes it, and its directory, when it exits)."""
+_MAIN = "import sys; from pytest_llmbench.forkserver import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _start(fds: list[int]) -> subprocess.Popen[bytes]:
+    """The server process, given the primary connection (and the listening socket)."""
     env = dict(os.environ)
     env.pop("PYTHONSTARTUP", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "pytest_llmbench.forkserver", *map(str, fds),
-         *([path] if path else [])],
+        # ``-c``, not ``-m``: the module is imported under its own name, once (a host
+        # unpickling a ``Spawn`` would otherwise import it again, as a module apart).
+        [sys.executable, "-c", _MAIN, *map(str, fds)],
         pass_fds=tuple(fds),
         stdin=subprocess.DEVNULL,
         env=env,
@@ -128,7 +135,7 @@ class ForkServer:
         """A connection to the shared server listening at ``path`` (raises ``OSError``)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            sock.connect(path)
+            sock.connect(_address(path))
         except BaseException:
             sock.close()
             raise
@@ -176,22 +183,24 @@ class ForkServer:
 
 
 class SharedForkServer:
-    """The xdist controller's fork server, shared by every worker of the run: it listens at
-    ``path`` (a short path under ``/tmp``: ``AF_UNIX`` paths are limited to ~100 bytes).
-    The controller holds the primary connection; closing it ends the server."""
+    """The xdist controller's fork server, shared by every worker of the run.
+
+    It listens on an *abstract* ``AF_UNIX`` address (Linux: a name, not a file, gone with
+    the socket; nothing is left behind however the run ends) with a random name, and serves
+    only connections from processes of our own user (``SO_PEERCRED``). ``path`` is that
+    name with ``@`` for its leading NUL byte (``connect`` takes it so). The controller holds
+    the primary connection; closing it ends the server."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="llmb-", dir="/tmp" if os.path.isdir("/tmp") else None)
-        self.path = os.path.join(self.dir, "fs")
+        self.path = "@llmbench-fs-" + secrets.token_hex(12)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            listener.bind(self.path)
+            listener.bind(_address(self.path))
             listener.listen(64)
-            self.process = _start([theirs.fileno(), listener.fileno()], self.path)
+            self.process = _start([theirs.fileno(), listener.fileno()])
         except BaseException:
             ours.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
             raise
         finally:
             theirs.close()
@@ -209,7 +218,17 @@ class SharedForkServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _address(path: str) -> str:
+    """``@name`` -> the abstract address ``\\0name``; a filesystem path as it is."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def _same_user(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return bool(uid == os.getuid())
 
 
 def encode(spawn: Spawn) -> bytes | None:
@@ -296,6 +315,10 @@ class _Server:
             except OSError as exc:
                 log.debug("fork server: accept failed: %s", exc)
                 return
+            if not _same_user(conn):  # a job pipe carries pickles: only our own user
+                log.warning("fork server: refused a connection from another user")
+                conn.close()
+                continue
             conn.setblocking(True)
             self.conns.add(conn)
             self.selector.register(conn, selectors.EVENT_READ, "conn")
@@ -365,8 +388,6 @@ class _Server:
             gc.disable()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             # No client may wait on a socket a host still holds: close every one.
             for other in self.conns:
                 other.close()
@@ -386,14 +407,11 @@ def warm_up() -> None:
     """Import and initialise here, once, what every child would otherwise do itself: the
     child's module, the scorers, the IDNA codec ``http.client`` uses for host names (it
     loads ``unicodedata``), libc for ``prctl``."""
-    from . import child, proc, scoring  # noqa: F401 - imported once here, not in every host
+    # Imported once here, not in every host: everything an item touches.
+    from . import api, child, proc, ratelimit, runner, scoring  # noqa: F401
 
     "localhost".encode("idna")
     proc._libc()
-
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server process
@@ -401,17 +419,7 @@ def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server proce
 
     sock = socket.socket(fileno=int(argv[0]))
     listener = socket.socket(fileno=int(argv[1])) if len(argv) > 1 else None
-    if len(argv) > 2:  # killed with the controller's group: still remove our path
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, _exit_on_signal)
-    try:
-        _Server(sock, listener).run()
-    finally:
-        if len(argv) > 2:  # our listening path: gone with us, even if the controller died
-            with contextlib.suppress(OSError):
-                os.unlink(argv[2])
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(argv[2]))
+    _Server(sock, listener).run()
     return 0
 
 

@@ -333,6 +333,16 @@ class LLMBenchSession:
             session.config.option.continue_on_collection_errors = True
         self._start_prefetch(session)
 
+    def warm(self, items: int) -> None:
+        """A suite file is being collected: get item hosts ready for ``items`` items."""
+        opt = self.config.option
+        if getattr(opt, "collectonly", False):
+            return
+        try:
+            self.engine.warm(items)
+        except OSError as exc:  # the run goes on; items start their hosts when they run
+            log.debug("could not warm item hosts: %s", exc)
+
     def _start_prefetch(self, session: pytest.Session) -> None:
         """xdist worker: run items while the controller waits for the other workers.
 

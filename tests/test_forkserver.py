@@ -23,7 +23,8 @@ from pytest_llmbench.records import Score
 
 def score(req):
     with open(os.environ["PARENTS_LOG"], "a") as fh:
-        fh.write(f"{req.identity['instance']} {os.getpid()} {os.getppid()}\\n")
+        fh.write(f"{req.identity['instance']} {os.getpid()} {os.getppid()}"
+                 f" {os.environ.get('PYTEST_XDIST_WORKER', '-')} {os.environ.get('LATE', '-')}\\n")
     parent = os.getppid()
     if req.identity["instance"] == "i0" and parent != int(os.environ.get("KILL_SERVER", parent)):
         os.kill(parent, signal.SIGKILL)  # the fork server, never pytest itself
@@ -46,7 +47,13 @@ def write(pytester: pytest.Pytester, n: int) -> Path:
 
 
 def parents(log: Path) -> dict[str, int]:
-    return {inst: int(ppid) for inst, _pid, ppid in (line.split() for line in log.read_text().splitlines())}
+    return {inst: int(ppid) for inst, _pid, ppid, *_ in (line.split() for line in log.read_text().splitlines())}
+
+
+def environments(log: Path) -> dict[str, tuple[str, str]]:
+    """Item -> (its PYTEST_XDIST_WORKER, its LATE), as the item saw them."""
+    return {inst: (worker, late) for inst, _pid, _ppid, worker, late
+            in (line.split() for line in log.read_text().splitlines())}
 
 
 def test_children_fork_from_the_server_not_from_pytest(
@@ -54,10 +61,21 @@ def test_children_fork_from_the_server_not_from_pytest(
 ) -> None:
     log = write(pytester, 6)
     monkeypatch.setenv("PARENTS_LOG", str(log))
-    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=6)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # when these tests run under -n
+    # The server starts while the suite is collected; an item still runs with the
+    # environment pytest has when the item starts.
+    pytester.makeconftest("""
+        import os
+
+        def pytest_collection_finish(session):
+            os.environ["LATE"] = "set-after-collection"
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6)
     found = parents(log)
     assert len(found) == 6
     assert len(set(found.values())) == 1 and os.getpid() not in found.values()
+    assert set(environments(log).values()) == {("-", "set-after-collection")}
 
 
 def test_switched_off_pytest_forks_every_child(
@@ -85,7 +103,7 @@ def test_a_job_the_server_cannot_take_is_forked_by_pytest(
                 return None
             def score(req):
                 with open(os.environ["PARENTS_LOG"], "a") as fh:
-                    fh.write(f"{req.identity['instance']} {os.getpid()} {os.getppid()}\\n")
+                    fh.write(f"{req.identity['instance']} {os.getpid()} {os.getppid()} - -\\n")
                 return Score(value=1.0)
             return score
     """)
@@ -111,7 +129,7 @@ def test_the_run_survives_the_death_of_its_fork_server(
 
 
 def pids(log: Path) -> dict[str, int]:
-    return {inst: int(pid) for inst, pid, _ in (line.split() for line in log.read_text().splitlines())}
+    return {inst: int(pid) for inst, pid, *_ in (line.split() for line in log.read_text().splitlines())}
 
 
 def test_an_item_host_runs_item_after_item(
@@ -160,11 +178,15 @@ def test_xdist_workers_share_one_fork_server_started_by_the_controller(
     worker_pids = {int(pid) for pid, _path in entries}
     paths = {path for _pid, path in entries}
     assert len(worker_pids) == 2 and len(paths) == 1
-    assert len(next(iter(paths))) < 100 and not os.path.exists(next(iter(paths)))  # removed
+    (path,) = paths
+    assert path.startswith("@llmbench-fs-")  # an abstract socket: no file to leave behind
     found = parents(log)
     assert len(found) == 8
     (server,) = set(found.values())  # one process forked every host, for both workers
     assert server not in worker_pids and server != os.getpid()
+    # Items run with their worker's environment, not the controller's (the server's).
+    assert {worker for worker, _late in environments(log).values()} <= {"gw0", "gw1"}
+    assert len(environments(log)) == 8
 
 
 def test_a_worker_that_cannot_reach_the_shared_server_starts_its_own(
