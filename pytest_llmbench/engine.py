@@ -21,14 +21,17 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import secrets
 import selectors
 import socket
+import statistics
 import sys
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +58,16 @@ TICK_INTERVAL = 1.0
 POLL_ELSEWHERE = 0.05
 #: How often its claim is tried again (a dead holder's claim is taken over then).
 RECLAIM_ELSEWHERE = 1.0
+
+#: A slow item never holds back the items queued behind it: one running longer than
+#: ``STRAGGLER_FACTOR`` times the median duration of the items finished so far (and at least
+#: ``STRAGGLER_MIN`` s) stops counting against the concurrency, so another item starts in its
+#: place; at most ``concurrency`` such stragglers at once (2 x concurrency processes in all).
+#: It still runs, to its own task deadline. Until ``STRAGGLER_SAMPLES`` items have finished
+#: there is no median and every running item counts.
+STRAGGLER_FACTOR = 3.0
+STRAGGLER_MIN = 1.0
+STRAGGLER_SAMPLES = 16
 
 JobFactory = Callable[[Any], "Job | ItemResult"]
 
@@ -146,6 +159,10 @@ class Engine:
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
         self._warmed = 0
+        self.durations: deque[float] = deque(maxlen=256)
+        """Seconds taken by recent items that finished with a result (not an error)."""
+        self.straggler_after = math.inf
+        """An item running longer than this no longer counts against ``concurrency``."""
         self._prefetcher: threading.Thread | None = None
         self._stop_prefetch = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -194,8 +211,8 @@ class Engine:
         cursor = 0
         try:
             while not self._stop_prefetch.is_set():
-                while (len(self.running) < self.concurrency and cursor < len(order)
-                       and not self._stop_prefetch.is_set()):
+                free = self.free_slots()
+                while free > 0 and cursor < len(order) and not self._stop_prefetch.is_set():
                     item = items[order[cursor]]
                     cursor += 1
                     key = self.key_of(item)
@@ -209,7 +226,9 @@ class Engine:
                         # Stored by an earlier run: its owner reads it (or retries an
                         # error); every worker reading every stored result is waste.
                         continue
+                    before = len(self.running)
                     self._try_start(item, key, priority=False)
+                    free -= len(self.running) - before
                 if cursor >= len(order) and not self.running:
                     return
                 self._service(self._next_timeout())
@@ -252,7 +271,7 @@ class Engine:
                         self._try_start(item, key, priority=True)
                     elif self.store.result_path(key).exists() and self._check_elsewhere(key):
                         continue
-                    elif now >= next_claim and len(self.running) < self.concurrency:
+                    elif now >= next_claim and self.free_slots() > 0:
                         # Cheap polls above; a claim attempt (lock, read, holder check) only
                         # now and then, to take over from a holder that died.
                         next_claim = now + RECLAIM_ELSEWHERE
@@ -265,7 +284,8 @@ class Engine:
 
     def _fill(self, items: list[Any]) -> None:
         """Start lookahead items until ``concurrency`` children run."""
-        while len(self.running) < self.concurrency and self.scan_pos < len(items):
+        free = self.free_slots()
+        while free > 0 and self.scan_pos < len(items):
             item = items[self.scan_pos]
             self.scan_pos += 1
             key = self.key_of(item)
@@ -274,7 +294,28 @@ class Engine:
             if self._seen_elsewhere(key):
                 self.elsewhere.add(key)
                 continue
+            before = len(self.running)
             self._try_start(item, key, priority=False)
+            free -= len(self.running) - before
+
+    def free_slots(self) -> int:
+        """How many more items may start now: ``concurrency`` less the running items that
+        are not stragglers (see ``STRAGGLER_FACTOR``)."""
+        busy = len(self.running)
+        if busy >= self.concurrency and self.straggler_after < math.inf:
+            cutoff = time.monotonic() - self.straggler_after
+            stragglers = sum(1 for c in self.running.values() if c.started < cutoff)
+            busy -= min(stragglers, self.concurrency)
+        return self.concurrency - busy
+
+    def _finished_ok(self, child: Child, result: ItemResult) -> None:
+        """Learn how long items take (the straggler threshold) from one that finished."""
+        if result.status == ERROR:
+            return
+        self.durations.append(time.monotonic() - child.started)
+        if len(self.durations) >= STRAGGLER_SAMPLES and len(self.durations) % 4 == 0:
+            self.straggler_after = max(
+                STRAGGLER_MIN, STRAGGLER_FACTOR * statistics.median(self.durations))
 
     def _seen_elsewhere(self, key: str) -> bool:
         """Two ``stat`` calls instead of a claim: another process runs the item, or stored it
@@ -293,7 +334,7 @@ class Engine:
 
     def _try_start(self, item: Any, key: str, *, priority: bool) -> None:
         """Claim ``key`` and fork its child, or learn that it is done / busy elsewhere."""
-        if priority and len(self.running) >= self.concurrency:
+        if priority and self.free_slots() <= 0:
             # The item being reported waits for a free slot, no claim yet, unless it is
             # done already (another xdist worker's lookahead ran it: a ``stat`` tells).
             if key in self.elsewhere or self.store.result_path(key).exists():
@@ -578,6 +619,7 @@ class Engine:
             if self.running.get(child.job.key) is child:
                 del self.running[child.job.key]
                 self.done[child.job.key] = child.result
+                self._finished_ok(child, child.result)
 
     def _host_exited(self, host: Host, status: int | None) -> None:
         """The host is gone (its pipe closed, or the server reaped it)."""
@@ -601,6 +643,12 @@ class Engine:
         if not self.running:
             return POLL_ELSEWHERE
         soonest = min(c.deadline for c in self.running.values()) + KILL_SLACK
+        if len(self.running) >= self.concurrency and self.straggler_after < math.inf:
+            # The next item to turn straggler frees a slot then: wake up to fill it.
+            cutoff = time.monotonic() - self.straggler_after
+            waiting = [c.started for c in self.running.values() if c.started >= cutoff]
+            if waiting:
+                soonest = min(soonest, min(waiting) + self.straggler_after)
         timeout = max(0.0, soonest - time.monotonic())
         if any(c.pidfd is None and c.host is None for c in self.running.values()):
             timeout = min(timeout, 0.02)
@@ -690,6 +738,8 @@ class Engine:
         if result is None:
             result = self._crash_result(child, status)
             self._put(result)
+        else:
+            self._finished_ok(child, result)
         self.done[child.job.key] = result
 
     def _kill(self, children: list[Child]) -> None:

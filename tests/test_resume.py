@@ -236,3 +236,33 @@ def test_prefetch_order_starts_with_the_first_batch_xdist_deals_each_worker() ->
     for order in (first, second):
         assert sorted(order) == positions  # every item, once
     assert first[4] != second[3]  # the rest starts at different points
+
+
+def test_a_stuck_item_does_not_hold_back_the_items_queued_behind_it(tmp_path: Path) -> None:
+    """One slot (--llmbench-concurrency=1), one hanging item among quick ones: once it has
+    run several times longer than items usually take, the next items start beside it; it
+    still ends at its own task deadline, as task_timeout."""
+    n, stuck = 40, 20
+    lines = ['[suite]\nscorer = "numeric"\n\n[[prompts]]\nid = "add"\n'
+             'template = "What is {{a}} + 1000? {{d}}"\n']
+    for i in range(n):
+        d = "[[sim:hang=1]]" if i == stuck else ""
+        lines.append(f'[[prompts.instances]]\nid = "i{i}"\nvars = {{ a = {i}, d = "{d}" }}\n'
+                     f'expected = "{i + 1000}"\n')
+    (tmp_path / "suite.toml").write_text("\n".join(lines))
+    with SimServer.start(latency=0.05, request_log=tmp_path / "requests.jsonl") as sim:
+        run = subprocess.run(
+            pytest_cmd(tmp_path, "--llmbench-concurrency=1", "--llmbench-task-timeout=8",
+                       f"--llmbench-jsonl={tmp_path / 'out.jsonl'}"),
+            env=env_for(sim), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=120)
+        requests = sorted(sim.requests(), key=lambda r: r["t"])
+    assert f"{n - 1} passed, 1 error" in run.stdout, run.stdout[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    errors = {row["identity"]["instance"]: row["error_class"] for row in rows if row["status"] == "error"}
+    assert errors == {f"i{stuck}": "task_timeout"}
+    assert len(requests) == n
+    (hung,) = [r for r in requests if "hang" in (r.get("fault") or "")]
+    after = [r["t"] - hung["t"] for r in requests if r["t"] > hung["t"]]
+    # Without the straggler rule the next request waits for the kill at 8 s.
+    assert after and after[0] < 5.0, after[:3]
