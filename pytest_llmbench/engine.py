@@ -158,7 +158,6 @@ class Engine:
         """Where the run's shared fork server listens (xdist), or None: start our own."""
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
-        self._warmed = 0
         self.durations: deque[float] = deque(maxlen=256)
         """Seconds taken by recent items that finished with a result (not an error)."""
         self.straggler_after = math.inf
@@ -170,19 +169,20 @@ class Engine:
 
     # --- before the first item: xdist workers wait for every other worker ----------------
 
-    def warm(self, items: int) -> None:
-        """Start the fork server, and idle hosts for up to ``items`` more items (at most
-        ``concurrency`` in all), while pytest is still collecting: the server's start-up
-        and the forks then run beside the collection instead of ahead of the first items."""
-        if not self.use_server:
+    def warm(self) -> None:
+        """Start the fork server now, while pytest is still collecting: its start-up (a new
+        interpreter, ~0.1 CPU-s) then runs beside the collection, not before the first item.
+        (Forking the hosts ahead as well was measured: no faster, and wasted when the items
+        are stored already.)"""
+        if not self.use_server or self.server is not None:
             return
-        want = min(self.concurrency, self._warmed + items)
-        self._warmed = want
-        while len(self.hosts) < want:
-            host = self._new_host()
-            if host is None:
-                return
-            host.idle = True
+        try:
+            self.server = self._connect_server()
+        except OSError as exc:
+            log.warning("could not start the fork server (%s): items fork from pytest", exc)
+            self.use_server = False
+            return
+        self.selector.register(self.server.fileno(), selectors.EVENT_READ, ("server", None))
 
     @staticmethod
     def _freeze() -> None:
@@ -458,14 +458,9 @@ class Engine:
         return True
 
     def _new_host(self) -> Host | None:
+        self.warm()
         if self.server is None:
-            try:
-                self.server = self._connect_server()
-            except OSError as exc:
-                log.warning("could not start the fork server (%s): items fork from pytest", exc)
-                self.use_server = False
-                return None
-            self.selector.register(self.server.fileno(), selectors.EVENT_READ, ("server", None))
+            return None
         jobs_r, jobs_w = os.pipe2(os.O_CLOEXEC)
         results_r, results_w = os.pipe2(os.O_CLOEXEC)
         try:

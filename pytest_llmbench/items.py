@@ -37,7 +37,7 @@ class SuiteFile(pytest.File):
         from .suite import load_suite
 
         session = _session(self.config)
-        session.warm(0)  # the fork server starts beside the parsing
+        session.warm()  # the fork server starts beside the parsing
         try:
             suite = load_suite(
                 self.path,
@@ -49,7 +49,6 @@ class SuiteFile(pytest.File):
             raise self.CollectError(str(exc)) from None
         except LLMBenchError as exc:
             raise self.CollectError(f"{self.path}: {exc}") from None
-        session.warm(len(suite.cases) * len(session.settings.models))
         for tag in suite.tags:
             session.register_marker(tag)
         for case in suite.cases:

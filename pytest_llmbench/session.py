@@ -53,6 +53,7 @@ class LLMBenchSession:
         self._fork_server_failed = False
         self._store: Store | None = None
         self._engine: Engine | None = None
+        self._warm_done = False
         self._leases: LeaseManager | None = None
         self._limiter: SharedLimiter | None = None
         self._by_request: dict[str, ItemResult] | None = None
@@ -333,15 +334,12 @@ class LLMBenchSession:
             session.config.option.continue_on_collection_errors = True
         self._start_prefetch(session)
 
-    def warm(self, items: int) -> None:
-        """A suite file is being collected: get item hosts ready for ``items`` items."""
-        opt = self.config.option
-        if getattr(opt, "collectonly", False):
+    def warm(self) -> None:
+        """A suite file is being collected: start the fork server beside the collection."""
+        if self._warm_done or getattr(self.config.option, "collectonly", False):
             return
-        try:
-            self.engine.warm(items)
-        except OSError as exc:  # the run goes on; items start their hosts when they run
-            log.debug("could not warm item hosts: %s", exc)
+        self._warm_done = True
+        self.engine.warm()
 
     def _start_prefetch(self, session: pytest.Session) -> None:
         """xdist worker: run items while the controller waits for the other workers.
