@@ -21,23 +21,28 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import secrets
 import selectors
 import socket
-import statistics
 import sys
 import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import forkserver, proc
 from .child import child_main
+from .inflight import (
+    Child,
+    Host,
+    Stragglers,
+    crash_result,
+    kill_spec,
+    read_lines,
+    timeout_result,
+)
 from .records import ERROR, ItemResult
 from .runner import Job
 from .store import ClaimHolder, Store
@@ -59,55 +64,7 @@ POLL_ELSEWHERE = 0.05
 #: How often its claim is tried again (a dead holder's claim is taken over then).
 RECLAIM_ELSEWHERE = 1.0
 
-#: A slow item never holds back the items queued behind it: one running longer than
-#: ``STRAGGLER_FACTOR`` times the median duration of the items finished so far (and at least
-#: ``STRAGGLER_MIN`` s) stops counting against the concurrency, so another item starts in its
-#: place; at most ``concurrency`` such stragglers at once (2 x concurrency processes in all).
-#: It still runs, to its own task deadline. Until ``STRAGGLER_SAMPLES`` items have finished
-#: there is no median and every running item counts.
-STRAGGLER_FACTOR = 3.0
-STRAGGLER_MIN = 1.0
-STRAGGLER_SAMPLES = 16
-
 JobFactory = Callable[[Any], "Job | ItemResult"]
-
-
-@dataclass
-class Child:
-    """One running item."""
-
-    job: Job
-    pid: int
-    fd: int
-    token: str
-    started: float
-    deadline: float
-    pidfd: int | None = None
-    host: Host | None = None
-    """The item host running it (its pid, pipes, exit); None: forked by us for this item."""
-    buffer: bytearray = field(default_factory=bytearray)
-    attempts: list[dict[str, Any]] = field(default_factory=list)
-    completions: list[dict[str, Any]] = field(default_factory=list)
-    turn: int = 0
-    result: ItemResult | None = None
-    crash: str = ""
-
-
-@dataclass(eq=False)
-class Host:
-    """An item host (see ``forkserver.py``): runs our items one at a time."""
-
-    seq: int
-    jobs_fd: int
-    fd: int
-    pid: int = 0
-    """0 until the fork server reports it."""
-    child: Child | None = None
-    """The item it runs now."""
-    idle: bool = False
-    buffer: bytearray = field(default_factory=bytearray)
-    env: dict[str, str] | None = None
-    """The environment its last item was sent with."""
 
 
 class Engine:
@@ -158,10 +115,7 @@ class Engine:
         """Where the run's shared fork server listens (xdist), or None: start our own."""
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
-        self.durations: deque[float] = deque(maxlen=256)
-        """Seconds taken by recent items that finished with a result (not an error)."""
-        self.straggler_after = math.inf
-        """An item running longer than this no longer counts against ``concurrency``."""
+        self.stragglers = Stragglers()
         self._prefetcher: threading.Thread | None = None
         self._stop_prefetch = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -299,23 +253,8 @@ class Engine:
             free -= len(self.running) - before
 
     def free_slots(self) -> int:
-        """How many more items may start now: ``concurrency`` less the running items that
-        are not stragglers (see ``STRAGGLER_FACTOR``)."""
-        busy = len(self.running)
-        if busy >= self.concurrency and self.straggler_after < math.inf:
-            cutoff = time.monotonic() - self.straggler_after
-            stragglers = sum(1 for c in self.running.values() if c.started < cutoff)
-            busy -= min(stragglers, self.concurrency)
-        return self.concurrency - busy
-
-    def _finished_ok(self, child: Child, result: ItemResult) -> None:
-        """Learn how long items take (the straggler threshold) from one that finished."""
-        if result.status == ERROR:
-            return
-        self.durations.append(time.monotonic() - child.started)
-        if len(self.durations) >= STRAGGLER_SAMPLES and len(self.durations) % 4 == 0:
-            self.straggler_after = max(
-                STRAGGLER_MIN, STRAGGLER_FACTOR * statistics.median(self.durations))
+        """How many more items may start now (``inflight.Stragglers``)."""
+        return self.stragglers.free_slots(self.running, self.concurrency)
 
     def _seen_elsewhere(self, key: str) -> bool:
         """Two ``stat`` calls instead of a claim: another process runs the item, or stored it
@@ -576,7 +515,7 @@ class Engine:
 
     def _host_output(self, host: Host) -> None:
         """Read what ``host`` sent: its item's events, ``result``, ``idle``; or its end."""
-        lines, eof = _read_lines(host.fd, host.buffer)
+        lines, eof = read_lines(host.fd, host.buffer)
         for line in lines:
             self._host_event(host, line)
         if not eof:
@@ -614,13 +553,13 @@ class Engine:
             if self.running.get(child.job.key) is child:
                 del self.running[child.job.key]
                 self.done[child.job.key] = child.result
-                self._finished_ok(child, child.result)
+                self.stragglers.finished(child, child.result)
 
     def _host_exited(self, host: Host, status: int | None) -> None:
         """The host is gone (its pipe closed, or the server reaped it)."""
         if host.seq not in self.hosts:
             return
-        for line in _read_lines(host.fd, host.buffer)[0]:
+        for line in read_lines(host.fd, host.buffer)[0]:
             self._host_event(host, line)
         self._drop_host(host)
         if self.server is None and host.pid:  # re-parented to us when the server died
@@ -630,7 +569,7 @@ class Engine:
             del self.running[child.job.key]
             if host.pid and proc.group_exists(host.pid):
                 proc.reap(self._kill_tree(child, 0.2))
-            result = self._crash_result(child, status)
+            result = crash_result(child, status, self.store.root)
             self._put(result)
             self.done[child.job.key] = result
 
@@ -638,12 +577,8 @@ class Engine:
         if not self.running:
             return POLL_ELSEWHERE
         soonest = min(c.deadline for c in self.running.values()) + KILL_SLACK
-        if len(self.running) >= self.concurrency and self.straggler_after < math.inf:
-            # The next item to turn straggler frees a slot then: wake up to fill it.
-            cutoff = time.monotonic() - self.straggler_after
-            waiting = [c.started for c in self.running.values() if c.started >= cutoff]
-            if waiting:
-                soonest = min(soonest, min(waiting) + self.straggler_after)
+        # The next item to turn straggler frees a slot then: wake up to fill it.
+        soonest = min(soonest, self.stragglers.next_change(self.running, self.concurrency))
         timeout = max(0.0, soonest - time.monotonic())
         if any(c.pidfd is None and c.host is None for c in self.running.values()):
             timeout = min(timeout, 0.02)
@@ -689,7 +624,7 @@ class Engine:
             self._kill(overdue)
 
     def _read(self, child: Child) -> None:
-        lines, eof = _read_lines(child.fd, child.buffer)
+        lines, eof = read_lines(child.fd, child.buffer)
         for line in lines:
             self._event(child, line)
         if eof:  # stop watching the pipe; the exit event finishes the item
@@ -731,10 +666,10 @@ class Engine:
             proc.reap(self._kill_tree(child, 0.2))
         result = child.result
         if result is None:
-            result = self._crash_result(child, status)
+            result = crash_result(child, status, self.store.root)
             self._put(result)
         else:
-            self._finished_ok(child, result)
+            self.stragglers.finished(child, result)
         self.done[child.job.key] = result
 
     def _kill(self, children: list[Child]) -> None:
@@ -759,7 +694,7 @@ class Engine:
             due.append(child)
         if not due:
             return
-        killed = proc.kill_trees([self._kill_spec(c) for c in due], grace=KILL_GRACE)
+        killed = proc.kill_trees([kill_spec(c) for c in due], grace=KILL_GRACE)
         for child in due:
             if child.host is not None:
                 self._drop_host(child.host)  # the fork server reaps it
@@ -772,63 +707,9 @@ class Engine:
             self._timed_out(child)
 
     def _timed_out(self, child: Child) -> None:
-        elapsed = time.monotonic() - child.started
-        limit = child.job.deadlines.task_timeout
-        partial = child.completions[-1]["text"] if child.completions else None
-        result = self._error_result(
-            child,
-            "task_timeout",
-            f"task deadline of {limit:g} s exceeded after {elapsed:.1f} s at turn {child.turn}"
-            f" ({len(child.attempts)} API attempts); its process tree was killed",
-        )
-        result.deadline_layer = "task"
-        result.answer = partial
-        result.details = {"limit": limit, "elapsed": elapsed, "turn": child.turn}
+        result = timeout_result(child)
         self._put(result)
         self.done[child.job.key] = result
-
-    def _crash_result(self, child: Child, status: int | None) -> ItemResult:
-        """The child died without a result: a lease reclaim killed it, or it crashed."""
-        from .lease import find_reclaim
-
-        reclaim = find_reclaim(self.store.root, token=child.token)
-        if reclaim is not None:
-            what = (
-                "its claim on the item" if reclaim.resource == "claim"
-                else f"resource {reclaim.resource!r}"
-            )
-            result = self._error_result(
-                child,
-                "lease_timeout",
-                f"held {what} for {reclaim.held:.1f} s, over its limit of {reclaim.limit:g} s;"
-                " its process tree was killed",
-            )
-            result.deadline_layer = "lease"
-            return result
-        code = os.waitstatus_to_exitcode(status) if status is not None else None
-        how = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
-        last = child.crash.strip().splitlines()[-1] if child.crash.strip() else ""
-        return self._error_result(
-            child, "crashed", f"item process exited with {how} without a result"
-            + (f": {last}" if last else ""),
-        )
-
-    def _error_result(self, child: Child, error_class: str, message: str) -> ItemResult:
-        job = child.job
-        return ItemResult(
-            key=job.key,
-            identity=dict(job.identity),
-            status=ERROR,
-            error_class=error_class,
-            error=message,
-            expected=job.case.expected,
-            threshold=job.case.scorer.threshold,
-            attempts=list(child.attempts),
-            completions=list(child.completions),
-            started_at=time.time() - (time.monotonic() - child.started),
-            elapsed=time.monotonic() - child.started,
-            turn=child.turn,
-        )
 
     def _put(self, result: ItemResult) -> None:
         try:
@@ -836,15 +717,8 @@ class Engine:
         except OSError as exc:
             log.error("could not store the result of %s: %s", result.identity.get("nodeid"), exc)
 
-    @staticmethod
-    def _kill_spec(child: Child) -> proc.KillSpec:
-        """Everything ``child`` started (before the fork server reported its pid: by token)."""
-        if not child.pid:
-            return proc.KillSpec(0, token=child.token)
-        return proc.KillSpec(child.pid, pgid=child.pid, token=child.token)
-
     def _kill_tree(self, child: Child, grace: float) -> list[int]:
-        return proc.kill_trees([self._kill_spec(child)], grace=grace)
+        return proc.kill_trees([kill_spec(child)], grace=grace)
 
     def _close(self, child: Child) -> None:
         self.running.pop(child.job.key, None)
@@ -884,48 +758,10 @@ class Engine:
             self.server = None
         self.selector.close()
         for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1  # a second shutdown closes nothing reused since
 
     def pending(self) -> Iterable[str]:
         return list(self.running)
-
-
-def prefetch_order(positions: list[int], worker: int, workers: int) -> list[int]:
-    """The order in which xdist worker ``worker`` of ``workers`` prefetches ``positions``.
-
-    xdist's load scheduler deals its first batch round-robin over the collection, so worker
-    ``w`` first gets items ``w, w+W, w+2W...``: those first, then the others, starting at
-    a different point for each worker so that workers do not all race for the same ones.
-    """
-    if workers <= 1:
-        return list(positions)
-    mine = positions[worker % workers::workers]
-    taken = set(mine)
-    rest = [p for p in positions if p not in taken]
-    if rest:
-        shift = (worker * len(rest)) // workers
-        rest = rest[shift:] + rest[:shift]
-    return mine + rest
-
-
-def _read_lines(fd: int, buffer: bytearray) -> tuple[list[bytes], bool]:
-    """Every complete line readable now from the non-blocking ``fd`` (the rest stays in
-    ``buffer``), and whether the pipe reached its end."""
-    eof = False
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            break
-        except OSError:
-            chunk = b""
-        if not chunk:
-            eof = True
-            break
-        buffer.extend(chunk)
-    lines = []
-    while (nl := buffer.find(b"\n")) >= 0:
-        lines.append(bytes(buffer[:nl]))
-        del buffer[: nl + 1]
-    return lines, eof

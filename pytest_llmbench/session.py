@@ -356,10 +356,10 @@ class LLMBenchSession:
         positions = [i for i, item in enumerate(session.items) if _is_llm_item(item)]
         if not positions:
             return
-        from .engine import prefetch_order
+        from .inflight import prefetch_order
 
-        worker = int(str(workerinput.get("workerid", "gw0")).removeprefix("gw") or 0)
-        count = int(workerinput.get("workercount", 1) or 1)
+        worker = _worker_index(workerinput.get("workerid"))
+        count = _worker_index(workerinput.get("workercount")) or 1
         self.engine.prefetch(session.items, prefetch_order(positions, worker, count))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -436,6 +436,14 @@ def _with_tle_presets(case: Case, stored: ItemResult | None) -> Case:
     log.info("%s: preset time limits from stored TLE: %s", stored.identity.get("nodeid"), presets)
     options = {**case.scorer.options, "preset_limits": presets}
     return dataclasses.replace(case, scorer=dataclasses.replace(case.scorer, options=options))
+
+
+def _worker_index(value: object) -> int:
+    """``gw3`` -> 3 (xdist's worker ids; a custom id counts as 0: only an ordering hint)."""
+    try:
+        return max(0, int(str(value).removeprefix("gw")))
+    except ValueError:
+        return 0
 
 
 def _is_llm_item(item: Any) -> bool:

@@ -227,7 +227,7 @@ def test_xdist_workers_start_items_before_the_controller_hands_any_out(tmp_path:
 
 
 def test_prefetch_order_starts_with_the_first_batch_xdist_deals_each_worker() -> None:
-    from pytest_llmbench.engine import prefetch_order
+    from pytest_llmbench.inflight import prefetch_order
 
     positions = list(range(10))
     assert prefetch_order(positions, 0, 1) == positions
@@ -266,3 +266,33 @@ def test_a_stuck_item_does_not_hold_back_the_items_queued_behind_it(tmp_path: Pa
     after = [r["t"] - hung["t"] for r in requests if r["t"] > hung["t"]]
     # Without the straggler rule the next request waits for the kill at 8 s.
     assert after and after[0] < 5.0, after[:3]
+
+
+def test_worker_ids_that_are_not_gwN_do_not_break_prefetch() -> None:
+    from pytest_llmbench.session import _worker_index
+
+    assert _worker_index("gw7") == 7 and _worker_index(32) == 32
+    assert _worker_index("custom-id") == 0 and _worker_index(None) == 0
+
+
+def test_the_straggler_rule_frees_slots_only_past_3x_the_median_and_at_most_k() -> None:
+    import time as _time
+    from types import SimpleNamespace
+
+    from pytest_llmbench.inflight import STRAGGLER_SAMPLES, Stragglers
+    from pytest_llmbench.records import PASSED
+
+    rule = Stragglers()
+    now = _time.monotonic()
+    ok = SimpleNamespace(status=PASSED)
+    running = {f"k{i}": SimpleNamespace(started=now - 10.0) for i in range(4)}
+    assert rule.free_slots(running, 4) == 0  # no median yet: every running item counts
+    for _ in range(STRAGGLER_SAMPLES):
+        rule.finished(SimpleNamespace(started=_time.monotonic() - 0.5), ok)  # type: ignore[arg-type]
+    assert 1.5 <= rule.after < 1.6  # 3 x the median of 0.5 s
+    assert rule.free_slots(running, 4) == 4  # all four have run 10 s: stragglers
+    running.update({f"s{i}": SimpleNamespace(started=now - 10.0) for i in range(4)})
+    assert rule.free_slots(running, 4) == 0  # at most K stragglers
+    fresh = {f"f{i}": SimpleNamespace(started=now) for i in range(4)}
+    assert rule.free_slots(fresh, 4) == 0
+    assert now + 1.4 < rule.next_change(fresh, 4) < now + 1.7
