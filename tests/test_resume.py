@@ -40,6 +40,20 @@ def env_for(sim: SimServer) -> dict[str, str]:
     return env
 
 
+def run_against_sim(tmp: Path, *args: str, **sim_options: float) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
+    """Run pytest on ``tmp/suite.toml`` against a fresh simulator; its output and requests."""
+    with SimServer.start(request_log=tmp / "requests.jsonl", **sim_options) as sim:
+        run = subprocess.run(pytest_cmd(tmp, *args), env=env_for(sim), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=120)
+        return run, sim.requests()
+
+
+def assert_each_item_requested_once(run: subprocess.CompletedProcess[str], requests: list[dict],
+                                    n: int) -> None:
+    assert run.returncode == 0 and f"{n} passed" in run.stdout, run.stdout[-3000:]
+    assert len(requests) == n, collections.Counter(r["key"] for r in requests).most_common(3)
+
+
 def kill_tree_now(root: int) -> None:
     """SIGKILL the pytest process and every descendant at once (a crash, not a shutdown)."""
     victims = [root, *proc.descendants(root)]
@@ -189,13 +203,9 @@ def test_a_worker_that_finishes_early_lets_other_workers_items_finish(tmp_path: 
     must let them finish, not kill them (their owners would request them again)."""
     n = 60
     make_suite(tmp_path / "suite.toml", n)
-    with SimServer.start(latency=0.2, jitter=1.0, request_log=tmp_path / "requests.jsonl") as sim:
-        run = subprocess.run(pytest_cmd(tmp_path, "-n", "4", "--llmbench-concurrency=8"),
-                             env=env_for(sim), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, timeout=120)
-        requests = sim.requests()
-    assert run.returncode == 0 and f"{n} passed" in run.stdout, run.stdout[-3000:]
-    assert len(requests) == n, collections.Counter(r["key"] for r in requests).most_common(3)
+    run, requests = run_against_sim(tmp_path, "-n", "4", "--llmbench-concurrency=8",
+                                    latency=0.2, jitter=1.0)
+    assert_each_item_requested_once(run, requests, n)
 
 
 def test_xdist_workers_start_items_before_the_controller_hands_any_out(tmp_path: Path) -> None:
@@ -214,13 +224,8 @@ def test_xdist_workers_start_items_before_the_controller_hands_any_out(tmp_path:
         "        time.sleep(3)\n"
         f"        open({str(scheduled)!r}, 'w').write(repr(time.time()))\n"
     )
-    with SimServer.start(latency=0.2, request_log=tmp_path / "requests.jsonl") as sim:
-        run = subprocess.run(pytest_cmd(tmp_path, "-n", "2", "--llmbench-concurrency=4"),
-                             env=env_for(sim), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, timeout=120)
-        requests = sim.requests()
-    assert run.returncode == 0 and f"{n} passed" in run.stdout, run.stdout[-3000:]
-    assert len(requests) == n, collections.Counter(r["key"] for r in requests).most_common(3)
+    run, requests = run_against_sim(tmp_path, "-n", "2", "--llmbench-concurrency=4", latency=0.2)
+    assert_each_item_requested_once(run, requests, n)
     handed_out = float(scheduled.read_text())
     early = [r for r in requests if r["t"] < handed_out]
     assert len(early) >= 8, f"{len(early)} of {n} requests before the controller scheduled"
@@ -250,13 +255,10 @@ def test_a_stuck_item_does_not_hold_back_the_items_queued_behind_it(tmp_path: Pa
         lines.append(f'[[prompts.instances]]\nid = "i{i}"\nvars = {{ a = {i}, d = "{d}" }}\n'
                      f'expected = "{i + 1000}"\n')
     (tmp_path / "suite.toml").write_text("\n".join(lines))
-    with SimServer.start(latency=0.05, request_log=tmp_path / "requests.jsonl") as sim:
-        run = subprocess.run(
-            pytest_cmd(tmp_path, "--llmbench-concurrency=1", "--llmbench-task-timeout=8",
-                       f"--llmbench-jsonl={tmp_path / 'out.jsonl'}"),
-            env=env_for(sim), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            timeout=120)
-        requests = sorted(sim.requests(), key=lambda r: r["t"])
+    run, requests = run_against_sim(
+        tmp_path, "--llmbench-concurrency=1", "--llmbench-task-timeout=8",
+        f"--llmbench-jsonl={tmp_path / 'out.jsonl'}", latency=0.05)
+    requests.sort(key=lambda r: r["t"])
     assert f"{n - 1} passed, 1 error" in run.stdout, run.stdout[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     errors = {row["identity"]["instance"]: row["error_class"] for row in rows if row["status"] == "error"}
