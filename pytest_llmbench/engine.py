@@ -167,22 +167,10 @@ class Engine:
             while not self._stop_prefetch.is_set():
                 free = self.free_slots()
                 while free > 0 and cursor < len(order) and not self._stop_prefetch.is_set():
-                    item = items[order[cursor]]
+                    # An item stored by an earlier run is skipped: its owner reads it (or
+                    # retries an error); every worker reading every stored result is waste.
+                    free -= self._look_ahead(items[order[cursor]], skip_stored=not self.fresh)
                     cursor += 1
-                    key = self.key_of(item)
-                    if (key is None or key in self.running or key in self.done
-                            or key in self.elsewhere):
-                        continue
-                    if self._seen_elsewhere(key):
-                        self.elsewhere.add(key)
-                        continue
-                    if not self.fresh and self.store.result_path(key).exists():
-                        # Stored by an earlier run: its owner reads it (or retries an
-                        # error); every worker reading every stored result is waste.
-                        continue
-                    before = len(self.running)
-                    self._try_start(item, key, priority=False)
-                    free -= len(self.running) - before
                 if cursor >= len(order) and not self.running:
                     return
                 self._service(self._next_timeout())
@@ -206,8 +194,7 @@ class Engine:
         """Block until ``item``'s result is known; keep the lookahead window busy meanwhile."""
         key = self.key_of(item)
         assert key is not None
-        if self._prefetcher is not None:
-            self._take_over()
+        self._take_over()
         if self.index is None:
             self._freeze()
             self.index = {id(it): i for i, it in enumerate(items)}
@@ -240,17 +227,23 @@ class Engine:
         """Start lookahead items until ``concurrency`` children run."""
         free = self.free_slots()
         while free > 0 and self.scan_pos < len(items):
-            item = items[self.scan_pos]
+            free -= self._look_ahead(items[self.scan_pos])
             self.scan_pos += 1
-            key = self.key_of(item)
-            if key is None or key in self.running or key in self.done or key in self.elsewhere:
-                continue
-            if self._seen_elsewhere(key):
-                self.elsewhere.add(key)
-                continue
-            before = len(self.running)
-            self._try_start(item, key, priority=False)
-            free -= len(self.running) - before
+
+    def _look_ahead(self, item: Any, *, skip_stored: bool = False) -> int:
+        """Start ``item`` ahead of its turn unless it is running, done or taken (here or
+        elsewhere); how many items that started (0 or 1)."""
+        key = self.key_of(item)
+        if key is None or key in self.running or key in self.done or key in self.elsewhere:
+            return 0
+        if self._seen_elsewhere(key):
+            self.elsewhere.add(key)
+            return 0
+        if skip_stored and self.store.result_path(key).exists():
+            return 0
+        before = len(self.running)
+        self._try_start(item, key, priority=False)
+        return len(self.running) - before
 
     def free_slots(self) -> int:
         """How many more items may start now (``inflight.Stragglers``)."""
