@@ -16,7 +16,11 @@ from .config import DEADLINE_SOURCES, DEFAULT_CONCURRENCY
 
 MODEL_HELP = "Model to evaluate: a name declared in [tool.llmbench.models], 'sim', or NAME@BASE_URL (repeatable)"
 STORE_HELP = "Directory of the result store (default: .llmbench in the rootdir)"
-CONCURRENCY_HELP = f"Items in flight at once in each pytest process (default {DEFAULT_CONCURRENCY})"
+CONCURRENCY_HELP = (
+    f"Items in flight at once in each pytest process (default {DEFAULT_CONCURRENCY}; under -n W,"
+    " 64 per run shared by the workers, at least 2 each). An item running 3x longer than the"
+    " median stops counting, so a stuck one never blocks the queue (at most K such)"
+)
 FRESH_HELP = "Ignore stored results and run every item again"
 RESCORE_HELP = "Re-score stored completions with the current scorers, without calling any API"
 JSONL_HELP = "Write every item's record as JSON lines to this file"
