@@ -7,6 +7,7 @@ formulas, not a timing guess.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -191,7 +192,8 @@ def test_grants_from_three_processes_never_exceed_the_quota_in_any_window(tmp_pa
     model = _model(rpm=quota)
     start = time.monotonic() + 2.5  # interpreters start meanwhile (slowly on a loaded machine)
     cfg = _cfg(tmp_path, model, "grants", window, start=start, end=start + 3.3)
-    grants = [g for r in _results([_spawn(cfg) for _ in range(3)]) for g in r["grants"]]
+    results = _results([_spawn(cfg) for _ in range(3)])
+    grants = [g for r in results for g in r["grants"]]
 
     # The documented parameters: burst C, interval T, tolerance tau, jitter allowance J.
     jitter = window * JITTER_FRACTION
@@ -207,7 +209,10 @@ def test_grants_from_three_processes_never_exceed_the_quota_in_any_window(tmp_pa
     # And the quota is used: >= 90 % of it over the first window.
     assert sum(start <= g < start + window for g in grants) >= 0.9 * quota
     # All three processes were served (arrival order, not one process hogging).
-    assert len(grants) == len(set(grants))
+    assert all(r["grants"] for r in results)
+    # Two grants may share an instant (a process that read the clock before taking the lock
+    # gets the grant the one before it got), never more than the burst.
+    assert max(collections.Counter(grants).values()) <= burst
 
 
 def test_concurrent_updates_from_many_processes_are_never_lost(tmp_path: Path) -> None:
