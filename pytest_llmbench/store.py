@@ -1,5 +1,8 @@
 """The crash-safe per-item result store, and the claims that make execution exactly-once.
 
+Keys and the record format are in ``store_records.py``, claim holders in ``claims.py``, the
+per-shard index in ``store_index.py``; this module does the files and the locking.
+
 Layout under the store root (see ``docs/store.md``)::
 
     store.json                     {"format": 1, "created": "..."}: written once, checked on open
@@ -28,28 +31,23 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
-import hashlib
 import json
 import logging
 import os
-import re
-import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
 
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from . import proc
+from .claims import ClaimHolder, ClaimKind, ClaimResult
 from .errors import StoreError
-from .records import ERROR, FAILED, PASSED, ItemResult
+from .records import ERROR, ItemResult
 from .store_index import (
     _INDEX,
     _PLAIN_RESULT,
@@ -62,237 +60,34 @@ from .store_index import (
     _read_file,
     _shared,
 )
+from .store_records import (
+    _KEY_RE,
+    FORMAT_VERSION,
+    KEY_VERSION,
+    _check_key,
+    _encode_result,
+    _parse_result,
+    item_key,
+)
 
 log = logging.getLogger("pytest_llmbench.store")
 
-FORMAT_VERSION = 1
-"""Version of the store layout (``store.json``) and of each result record (``"_v"``)."""
-
-KEY_VERSION = 1
-"""Mixed into every item key: bump it when the key's composition changes."""
+__all__ = [
+    "FORMAT_VERSION",
+    "KEY_VERSION",
+    "ClaimHolder",
+    "ClaimKind",
+    "ClaimResult",
+    "Store",
+    "item_key",
+]
 
 LOCK_TIMEOUT = 120.0
 """Seconds to wait for a shard lock; the lock is held for microseconds, so this only fires
 when a holder is frozen (SIGSTOP) or the file system does not honour flock."""
 
 _LOCK_POLL = 0.002
-_STATUSES = frozenset({PASSED, FAILED, ERROR})
-_KEY_RE = re.compile(r"[0-9A-Za-z_-]{2,128}\Z")
 _OWN_NAMES = frozenset({"store.json", "results", "claims", "locks"})
-
-
-# --- item keys ------------------------------------------------------------------------------
-
-
-def _json_default(value: Any) -> Any:
-    """Make the few non-JSON types found in records serialisable, deterministically."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    if isinstance(value, Path):
-        return value.as_posix()
-    return repr(value)
-
-
-def item_key(
-    *,
-    messages: Any,
-    model: str,
-    base_url: str,
-    params: Mapping[str, Any],
-    scorer: Mapping[str, Any],
-    repeat: int,
-    extra: Mapping[str, Any] | None = None,
-) -> str:
-    """The content hash of everything that determines an item's result (sha256 hex).
-
-    ``messages`` is the rendered conversation (any JSON-able nesting, e.g. ``Case.turns``),
-    ``scorer`` the scorer's name, options and threshold, ``extra`` anything else that changes
-    the result (expected answer, code tests...). The identity (node id) is deliberately not
-    part of it: renaming an instance must not cost an API call. Canonical JSON (sorted keys,
-    no spaces) keeps the key stable across processes and Python versions; about 10 us each.
-    """
-    doc = {
-        "v": KEY_VERSION,
-        "messages": messages,
-        "model": model,
-        "base_url": base_url,
-        "params": params,
-        "scorer": scorer,
-        "repeat": repeat,
-        "extra": extra or {},
-    }
-    text = json.dumps(
-        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
-    )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _check_key(key: str) -> str:
-    if not isinstance(key, str) or not _KEY_RE.match(key):
-        raise ValueError(f"invalid item key {key!r}: expected 2-128 characters of [0-9A-Za-z_-]")
-    return key
-
-
-# --- result validation ----------------------------------------------------------------------
-
-_TYPE_NAMES: dict[str, tuple[type, ...]] = {
-    "str": (str,),
-    "float": (int, float),
-    "int": (int,),
-    "bool": (bool,),
-    "None": (type(None),),
-    "list": (list,),
-    "dict": (dict,),
-}
-
-
-def _field_types() -> dict[str, tuple[type, ...]]:
-    """JSON types each ``ItemResult`` field may hold, read from its (string) annotations."""
-    out: dict[str, tuple[type, ...]] = {}
-    for f in dataclasses.fields(ItemResult):
-        allowed: tuple[type, ...] = ()
-        for part in str(f.type).split("|"):
-            base = part.strip().split("[", 1)[0]
-            if base not in _TYPE_NAMES:
-                break  # Any or something unusual: do not check this field
-            allowed += _TYPE_NAMES[base]
-        else:
-            out[f.name] = allowed
-    return out
-
-
-_FIELD_TYPES = _field_types()
-_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ItemResult)) - {"cached"}
-_REQUIRED = frozenset(
-    f.name
-    for f in dataclasses.fields(ItemResult)
-    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-)
-
-
-def _parse_result(raw: bytes, key: str | None) -> tuple[ItemResult | None, str]:
-    """Decode one stored record; on bad data return ``(None, reason)`` rather than raise."""
-    if not raw.strip():
-        return None, "empty file"
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        return None, f"invalid JSON, probably truncated ({exc})"
-    if not isinstance(data, dict):
-        return None, f"expected a JSON object, found {type(data).__name__}"
-    version = data.pop("_v", None)
-    if version != FORMAT_VERSION:
-        return None, f"record version {version!r}, expected {FORMAT_VERSION}"
-    unknown = data.keys() - _FIELD_NAMES
-    if unknown:
-        return None, f"unknown field(s) {', '.join(sorted(unknown))}"
-    missing = _REQUIRED - data.keys()
-    if missing:
-        return None, f"missing field(s) {', '.join(sorted(missing))}"
-    for name, value in data.items():
-        allowed = _FIELD_TYPES.get(name)
-        if allowed is not None and not isinstance(value, allowed):
-            return None, f"field {name!r} holds a {type(value).__name__}"
-    if key is not None and data["key"] != key:
-        return None, f"holds key {data['key']!r}, not the {key!r} of its file name"
-    if data["status"] not in _STATUSES:
-        return None, f"bad status {data['status']!r}"
-    try:
-        return ItemResult(**data), ""  # fields already checked: from_dict would redo it
-    except (TypeError, ValueError) as exc:
-        return None, str(exc)
-
-
-# --- claims ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClaimHolder:
-    """Who runs an item: a process named by pid *and* start time, so pid reuse is detected."""
-
-    pid: int
-    start_time: int
-    """Clock ticks since boot (``/proc/PID/stat`` field 22); 0 when unknown."""
-    host: str
-    run_id: str
-    claimed_at: float
-    """Unix time of the claim."""
-    deadline: float
-    """Unix time after which a live holder is overdue (task deadline + grace)."""
-    token: str = ""
-    """The item process's ``LLMBENCH_ITEM_TOKEN``: lets an overdue claim's item be killed
-    without touching the pytest process that holds it."""
-
-    @classmethod
-    def current(cls, *, run_id: str, deadline: float, pid: int | None = None) -> ClaimHolder:
-        """A holder for this process (or ``pid`` on this host), claimed now."""
-        pid = os.getpid() if pid is None else pid
-        return cls(
-            pid=pid,
-            start_time=proc.process_start_time(pid) or 0,
-            host=socket.gethostname(),
-            run_id=run_id,
-            claimed_at=time.time(),
-            deadline=deadline,
-        )
-
-    def same_process(self, other: ClaimHolder) -> bool:
-        """Ownership is by process, not by run: a process may re-claim what it holds."""
-        return (self.host, self.pid, self.start_time) == (other.host, other.pid, other.start_time)
-
-    def is_local(self) -> bool:
-        return self.host == socket.gethostname()
-
-    def is_alive(self) -> bool:
-        """Whether the holding process still exists; a holder on another host cannot be
-        checked and counts as alive (until its deadline, see ``Store.claim``)."""
-        if not self.is_local():
-            return True
-        # Zombies count as dead; a differing start time means the pid was reused.
-        return proc.pid_alive(self.pid, self.start_time or None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ClaimHolder:
-        try:
-            holder = cls(
-                pid=int(data["pid"]),
-                start_time=int(data["start_time"]),
-                host=str(data["host"]),
-                run_id=str(data["run_id"]),
-                claimed_at=float(data["claimed_at"]),
-                deadline=float(data["deadline"]),
-                token=str(data.get("token", "")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"bad claim record: {exc!r}") from None
-        return holder
-
-
-ClaimKind = Literal["claimed", "busy", "done", "overdue"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClaimResult:
-    """The answer of ``Store.claim``.
-
-    - ``claimed``: the caller now holds the item and must run it (``took_over`` names the
-      stale or forced holder it replaced, if any);
-    - ``busy``: ``holder`` is alive and within its deadline: wait for its result;
-    - ``overdue``: ``holder`` is alive but past its deadline: kill it, then claim with force;
-    - ``done``: a final (non-error) ``result`` is stored: report it, run nothing.
-    """
-
-    kind: ClaimKind
-    result: ItemResult | None = None
-    holder: ClaimHolder | None = None
-    took_over: ClaimHolder | None = None
 
 
 # --- file helpers and the per-shard index ---------------------------------------------------
@@ -352,29 +147,6 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _encode_result(result: ItemResult) -> tuple[bytes, dict[str, Any] | None]:
-    """The result file's bytes, and the record for the index (``None`` when the JSON had to
-    convert a value, so the record would not equal what a reader of the file gets)."""
-    _check_key(result.key)
-    if result.status not in _STATUSES:
-        raise ValueError(f"item {result.key}: bad status {result.status!r}")
-    record = result.to_dict()
-    converted = False
-
-    def default(value: Any) -> Any:
-        nonlocal converted
-        converted = True
-        return _json_default(value)
-
-    doc = {"_v": FORMAT_VERSION, **record}
-    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), default=default)
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates in a model's answer: escape them
-        data = json.dumps(doc, separators=(",", ":"), default=default).encode("ascii")
-    return data, None if converted else record
 
 
 # --- the store ------------------------------------------------------------------------------
