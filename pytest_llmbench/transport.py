@@ -4,8 +4,8 @@ The endpoint and the request (``Endpoint``, ``build_request``), the proxy choice
 (``proxy_for``), the TLS context and the deadline-aware readers every ``recv`` of an attempt
 goes through. No retry policy and no parsing of answers: ``api.py`` runs the attempts and
 decides what their outcomes mean (its docstring gives the transport choices: ``http.client``,
-one connection per attempt, proxies, Azure). Kept apart so the policy reads without the
-socket plumbing.
+one connection per attempt, proxies, Azure), ``responses.py`` parses what came back. Kept
+apart so the policy reads without the socket plumbing.
 """
 
 from __future__ import annotations
