@@ -49,14 +49,15 @@ are scrubbed). Log lines (WARNING): ``[APITimeout] ...`` for each attempt that t
 ``[Retry] ...`` before each retry, or when a retry is given up because of the task deadline.
 Streamed answers carry token usage only if the server is asked for it, e.g. with
 ``params = { stream_options = { include_usage = true } }``.
+
+The request, the proxy choice and the deadline-aware socket readers are in ``transport.py``,
+the parsing of answers (JSON, server-sent events, error bodies) in ``responses.py``; this
+module holds the policy: attempts, retries, waits and the final error.
 """
 
 from __future__ import annotations
 
-import base64
 import http.client
-import io
-import json
 import logging
 import math
 import os
@@ -65,10 +66,8 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from functools import cache
+from dataclasses import replace
 from typing import Any, Protocol, cast
-from urllib.parse import unquote, urlsplit
 
 from .errors import (
     OUTCOME_TO_ERROR_CLASS,
@@ -78,6 +77,22 @@ from .errors import (
     classify_status,
 )
 from .records import Attempt, Completion, Deadlines, Message, ModelSpec
+from .responses import (
+    _error_detail,
+    _Failure,
+    _parse_json,
+    _read_stream,
+)
+from .transport import (
+    Endpoint,
+    Request,
+    _read_body,
+    _SockSource,
+    build_request,
+    default_ssl_context,
+    parse_endpoint,
+    proxy_for,
+)
 
 __all__ = [
     "BACKOFF_BASE",
@@ -107,10 +122,7 @@ RETRY_AFTER_CAP = 60.0
 MIN_ATTEMPT_TIME = 0.05
 """Seconds of task time an attempt needs at least; with less left, none is started."""
 
-_READ_SIZE = 65536
 _ERROR_BODY_MAX = 65536
-_USER_AGENT = "pytest-llmbench"
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "::1"})
 
 
 class RateLimiter(Protocol):
@@ -128,153 +140,6 @@ class RateLimiter(Protocol):
         self, model: ModelSpec, status: int, retry_after: float | None, tokens: int
     ) -> None:
         """Report an attempt's result; ``status`` is 0 when no HTTP response arrived."""
-
-
-# --- request building -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the request goes, parsed once from ``ModelSpec.base_url``."""
-
-    scheme: str
-    host: str
-    port: int
-    target: str
-    """Path plus query of ``.../chat/completions``."""
-    display: str
-    """The base URL for messages: no credentials, no query string."""
-    azure: bool
-
-
-def parse_endpoint(base_url: str) -> Endpoint:
-    """Split a base URL; the query string is kept on the target (Azure's api-version)."""
-    try:
-        parts = urlsplit(base_url.strip())
-        port = parts.port
-    except ValueError as exc:
-        raise APIError(f"invalid base URL {base_url!r}: {exc}", "bad_request") from None
-    scheme, host = parts.scheme.lower(), (parts.hostname or "")
-    if scheme not in ("http", "https") or not host:
-        raise APIError(
-            f"invalid base URL {base_url!r}: expected http(s)://host[:port]/path", "bad_request"
-        )
-    if port is None:
-        port = 443 if scheme == "https" else 80
-    path = parts.path.rstrip("/") + "/chat/completions"
-    target = f"{path}?{parts.query}" if parts.query else path
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    display = f"{scheme}://{netloc}{parts.path.rstrip('/')}"
-    azure = host == "openai.azure.com" or host.endswith(".openai.azure.com")
-    return Endpoint(scheme, host, port, target, display, azure)
-
-
-@dataclass(frozen=True)
-class Request:
-    """A prepared chat request (headers may hold the key: never log this object)."""
-
-    endpoint: Endpoint
-    body: bytes
-    headers: dict[str, str]
-    est_tokens: int
-
-    def target_for(self, proxy: tuple[str, int, dict[str, str]] | None) -> str:
-        """Origin-form target, or absolute-form when a plain-HTTP proxy forwards the request."""
-        ep = self.endpoint
-        if proxy and ep.scheme == "http":
-            netloc = f"[{ep.host}]" if ":" in ep.host else ep.host
-            return f"http://{netloc}:{ep.port}{ep.target}"
-        return ep.target
-
-
-def build_request(
-    model: ModelSpec,
-    messages: Sequence[Message],
-    params: Mapping[str, Any] | None = None,
-    api_key: str | None = None,
-    extra_headers: Mapping[str, str] | None = None,
-) -> Request:
-    """Body and headers of the call; params override the model's defaults, None drops a key."""
-    merged = {**model.params, **(params or {})}
-    body_obj = {"model": model.model, "messages": list(messages), **merged, "stream": model.stream}
-    body_obj = {k: v for k, v in body_obj.items() if v is not None}
-    body = json.dumps(body_obj, ensure_ascii=False, separators=(",", ":")).encode()
-    ep = parse_endpoint(model.base_url)
-    headers = {
-        "Content-Type": "application/json",
-        "Accept": "text/event-stream" if model.stream else "application/json",
-        "User-Agent": _USER_AGENT,
-        "Connection": "close",
-    }
-    if api_key:
-        if ep.azure:
-            headers["api-key"] = api_key
-        else:
-            headers["Authorization"] = f"Bearer {api_key}"
-    headers.update(model.headers)
-    if extra_headers:
-        headers.update(extra_headers)
-    max_out = merged.get("max_tokens") or merged.get("max_completion_tokens") or 0
-    est = len(body) // 4 + (int(max_out) if isinstance(max_out, (int, float)) else 0)
-    return Request(ep, body, headers, est)
-
-
-# --- proxies ----------------------------------------------------------------------------
-
-
-def _is_loopback(host: str) -> bool:
-    return host in _LOOPBACK_NAMES or host.startswith("127.")
-
-
-def _no_proxy_match(host: str, port: int, no_proxy: str) -> bool:
-    for raw in no_proxy.replace(" ", ",").split(","):
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        entry_port: int | None = None
-        if entry.count(":") == 1:  # host:port (a bare IPv6 address has several colons)
-            entry, _, p = entry.partition(":")
-            entry_port = int(p) if p.isdigit() else None
-        entry = entry.strip("[]").lstrip(".")
-        if entry_port is not None and entry_port != port:
-            continue
-        if host == entry or host.endswith("." + entry):
-            return True
-    return False
-
-
-def proxy_for(ep: Endpoint, env: Mapping[str, str]) -> tuple[str, int, dict[str, str]] | None:
-    """``(proxy host, port, proxy headers)`` for the endpoint, or None for a direct connection."""
-    if _is_loopback(ep.host):
-        return None
-    no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
-    if no_proxy and _no_proxy_match(ep.host, ep.port, no_proxy):
-        return None
-    name = f"{ep.scheme}_proxy"
-    url = (env.get(name) or env.get(name.upper()) or env.get("all_proxy")
-           or env.get("ALL_PROXY") or "")
-    if not url:
-        return None
-    if "://" not in url:
-        url = "http://" + url
-    try:
-        parts = urlsplit(url)
-        pport = parts.port or 80
-    except ValueError:
-        parts, pport = urlsplit(""), 0
-    if parts.scheme != "http" or not parts.hostname:  # never echo the URL: it may hold a password
-        raise APIError(f"unsupported {ep.scheme}_proxy setting (scheme {parts.scheme!r}): only "
-                       f"http:// proxies are supported; set no_proxy={ep.host} to bypass it",
-                       "connection_error")
-    headers: dict[str, str] = {}
-    if parts.username is not None:
-        cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
-    return parts.hostname, pport, headers
 
 
 # --- retry policy -----------------------------------------------------------------------
@@ -328,184 +193,6 @@ def parse_retry_after(
 
 
 # --- one attempt ------------------------------------------------------------------------
-
-
-@cache
-def default_ssl_context() -> ssl.SSLContext:
-    """The verifying TLS context, built once per process (it costs ~45 ms)."""
-    return ssl.create_default_context()
-
-
-class _Failure(Exception):
-    """One failed attempt (internal): what the retry loop needs to decide."""
-
-    def __init__(self, outcome: str, error: str, retryable: bool, status: int | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(error)
-        self.outcome, self.error, self.retryable = outcome, error, retryable
-        self.status, self.retry_after = status, retry_after
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The response's byte source: every recv gets only the time left until the attempt's
-    wall deadline, so neither a hang nor a dribble outlives it (no watchdog thread)."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        super().__init__()
-        self._sock, self._deadline = sock, deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("attempt deadline passed")
-        self._sock.settimeout(left)
-        return self._sock.recv_into(buffer)
-
-
-class _SockSource:
-    """What ``HTTPResponse.__init__`` calls ``makefile`` on."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self._sock, self._deadline = sock, deadline
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline), _READ_SIZE)
-
-
-def _read_body(resp: http.client.HTTPResponse, limit: int | None = None) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        data = resp.read1(_READ_SIZE)
-        if not data:
-            break
-        chunks.append(data)
-        size += len(data)
-        if limit is not None and size >= limit:
-            break
-    if limit is None and resp.length:  # Content-Length promised more than arrived
-        raise http.client.IncompleteRead(b"".join(chunks), resp.length)
-    return b"".join(chunks)
-
-
-def _error_detail(raw: bytes, api_key: str | None) -> str:
-    text = raw.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        err = data.get("error", data.get("detail", data.get("message")))
-        if isinstance(err, dict):
-            err = err.get("message") or err
-        if err:
-            text = str(err)
-    text = " ".join(text.split())
-    if api_key:
-        text = text.replace(api_key, "***")
-    return text[:300] + ("..." if len(text) > 300 else "")
-
-
-def _usage(data: Mapping[str, Any]) -> tuple[int, int]:
-    usage = data.get("usage")
-    if not isinstance(usage, dict):
-        return 0, 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-
-
-def _parse_json(raw: bytes, model: ModelSpec, api_key: str | None) -> Completion:
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise _Failure("api_error", f"HTTP 200 with invalid JSON ({len(raw)} bytes)", True) from None
-    if not isinstance(data, dict):
-        raise _Failure("api_error", "HTTP 200 with a JSON body that is not an object", True)
-    choices = data.get("choices")
-    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
-        if data.get("error"):
-            detail = _error_detail(json.dumps(data).encode(), api_key)
-            raise _Failure("api_error", f"HTTP 200 carrying an error: {detail}", True)
-        raise _Failure("api_error", "HTTP 200 without choices", True)
-    choice = choices[0]
-    message = choice.get("message") or {}
-    prompt_tokens, completion_tokens = _usage(data)
-    return Completion(
-        text=message.get("content") or "",
-        finish_reason=choice.get("finish_reason"),
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        model=str(data.get("model") or model.model),
-    )
-
-
-def _read_stream(resp: http.client.HTTPResponse, model: ModelSpec, api_key: str | None,
-                 ) -> Completion:
-    """Server-sent events: concatenate ``choices[0].delta.content`` until ``[DONE]`` or EOF."""
-    parts: list[str] = []
-    finish: str | None = None
-    usage = (0, 0)
-    answered_model = model.model
-    pending: list[bytes] = []  # data lines of the event being read
-    buf = b""
-    done = False
-
-    def dispatch() -> bool:
-        nonlocal finish, usage, answered_model
-        payload = b"\n".join(pending).strip()
-        pending.clear()
-        if payload == b"[DONE]":
-            return True
-        try:
-            chunk = json.loads(payload)
-        except ValueError:
-            raise _Failure("api_error", f"invalid JSON in stream event: {payload[:80]!r}",
-                           True) from None
-        if not isinstance(chunk, dict):
-            return False
-        if chunk.get("error"):
-            detail = _error_detail(json.dumps(chunk).encode(), api_key)
-            raise _Failure("api_error", f"error event in stream: {detail}", True)
-        answered_model = str(chunk.get("model") or answered_model)
-        if isinstance(chunk.get("usage"), dict):
-            usage = _usage(chunk)
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                parts.append(content)
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
-        return False
-
-    while not done:
-        data = resp.read1(_READ_SIZE)
-        if not data:
-            break
-        buf += data
-        while not done:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                break
-            line, buf = buf[:nl].rstrip(b"\r"), buf[nl + 1:]
-            if not line:
-                if pending:
-                    done = dispatch()
-            elif line.startswith(b"data:"):
-                pending.append(line[6:] if line[5:6] == b" " else line[5:])
-    if not done and buf.startswith(b"data:"):  # last line without its newline
-        pending.append(buf[6:] if buf[5:6] == b" " else buf[5:])
-    if not done and pending:
-        dispatch()
-    if finish is None:
-        text = "".join(parts)
-        raise _Failure("truncated",
-                       f"stream ended without a finish reason after {len(text)} chars", True)
-    return Completion(text="".join(parts), finish_reason=finish, prompt_tokens=usage[0],
-                      completion_tokens=usage[1], model=answered_model)
 
 
 def _attempt(req: Request, model: ModelSpec, timeout: float, api_key: str | None,
