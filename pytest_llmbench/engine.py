@@ -81,6 +81,7 @@ class Engine:
         fresh: bool = False,
         tick: Callable[[], object] | None = None,
         fork_server: str | None = None,
+        tls: bool = False,
     ) -> None:
         # ``fresh``: stored results of earlier runs are ignored (they are overwritten).
         self.store = store
@@ -112,6 +113,8 @@ class Engine:
         self.server: forkserver.ForkServer | None = None
         self.use_server = forkserver.enabled()
         self.server_path = fork_server
+        self.tls = tls
+        """A model is reached over HTTPS: our own fork server prepares the TLS context."""
         """Where the run's shared fork server listens (xdist), or None: start our own."""
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
@@ -421,7 +424,7 @@ class Engine:
                 log.warning("could not connect to the shared fork server at %s (%s): "
                             "starting one for this process", self.server_path, exc)
                 self.server_path = None
-        return forkserver.ForkServer()
+        return forkserver.ForkServer(tls=self.tls)
 
     def _drop_host(self, host: Host) -> None:
         """Forget ``host`` (dead, killed or leaving); its item, if any, is handled apart."""

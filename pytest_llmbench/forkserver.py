@@ -97,10 +97,16 @@ def enabled() -> bool:
 _MAIN = "import sys; from pytest_llmbench.forkserver import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _start(fds: list[int]) -> subprocess.Popen[bytes]:
+#: Set in the server's environment when a model of the run is reached over HTTPS.
+_TLS_ENV = "LLMBENCH_FORK_SERVER_TLS"
+
+
+def _start(fds: list[int], tls: bool) -> subprocess.Popen[bytes]:
     """The server process, given the primary connection (and the listening socket)."""
     env = dict(os.environ)
     env.pop("PYTHONSTARTUP", None)
+    if tls:
+        env[_TLS_ENV] = "1"
     return subprocess.Popen(
         # ``-c``, not ``-m``: the module is imported under its own name, once (a host
         # unpickling a ``Spawn`` would otherwise import it again, as a module apart).
@@ -117,11 +123,11 @@ class ForkServer:
 
     process: subprocess.Popen[bytes] | None
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: bool = False) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
         try:
-            self.process = _start([theirs.fileno()])
+            self.process = _start([theirs.fileno()], tls)
         except BaseException:
             ours.close()
             raise
@@ -191,14 +197,14 @@ class SharedForkServer:
     name with ``@`` for its leading NUL byte (``connect`` takes it so). The controller holds
     the primary connection; closing it ends the server."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: bool = False) -> None:
         self.path = "@llmbench-fs-" + secrets.token_hex(12)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             listener.bind(_address(self.path))
             listener.listen(64)
-            self.process = _start([theirs.fileno(), listener.fileno()])
+            self.process = _start([theirs.fileno(), listener.fileno()], tls)
         except BaseException:
             ours.close()
             raise
@@ -406,12 +412,16 @@ class _Server:
 def warm_up() -> None:
     """Import and initialise here, once, what every child would otherwise do itself: the
     child's module, the scorers, the IDNA codec ``http.client`` uses for host names (it
-    loads ``unicodedata``), libc for ``prctl``."""
+    loads ``unicodedata``), libc for ``prctl``, and the TLS context when a model needs it."""
     # Imported once here, not in every host: everything an item touches.
     from . import api, child, proc, ratelimit, runner, scoring  # noqa: F401
 
     "localhost".encode("idna")
     proc._libc()
+    if os.environ.pop(_TLS_ENV, "") == "1":
+        # A model is reached over HTTPS: build the verifying TLS context (the CA bundle,
+        # ~45 ms) once here instead of in every host on its first request.
+        api.default_ssl_context()
 
 
 def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server process

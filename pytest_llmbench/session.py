@@ -89,6 +89,7 @@ class LLMBenchSession:
                 tick=self.leases.monitor_tick if self.settings.resources else None,
                 fork_server=(getattr(self.config, "workerinput", None) or {}).get(
                     "llmbench_fork_server"),
+                tls=self.uses_tls(),
             )
         return self._engine
 
@@ -122,6 +123,9 @@ class LLMBenchSession:
             self.sim_url = self._sim.base_url
             log.info("started the simulator at %s", self.sim_url)
         return self.sim_url
+
+    def uses_tls(self) -> bool:
+        return any(m.base_url.lower().startswith("https:") for m in self.settings.models)
 
     def uses_sim(self) -> bool:
         return any(m.simulated for m in self.settings.models)
@@ -309,7 +313,7 @@ class LLMBenchSession:
 
         if self._fork_server is None and not self._fork_server_failed and forkserver.enabled():
             try:
-                self._fork_server = forkserver.SharedForkServer()
+                self._fork_server = forkserver.SharedForkServer(tls=self.uses_tls())
             except OSError as exc:
                 log.warning("could not start the shared fork server (%s): each worker "
                             "starts its own", exc)

@@ -204,3 +204,24 @@ def test_a_worker_that_cannot_reach_the_shared_server_starts_its_own(
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=4)
     assert os.getpid() not in parents(log).values()
+
+
+@pytest.mark.parametrize("https", [True, False])
+def test_the_server_builds_the_tls_context_for_its_hosts_only_when_a_model_uses_https(
+    https: bool,
+) -> None:
+    import subprocess
+    import sys
+
+    from pytest_llmbench import forkserver
+
+    env = {k: v for k, v in os.environ.items() if k != forkserver._TLS_ENV}
+    if https:
+        env[forkserver._TLS_ENV] = "1"
+    code = ("import os; from pytest_llmbench import forkserver, transport; forkserver.warm_up();"
+            " print(transport.default_ssl_context.cache_info().currsize,"
+            f" {forkserver._TLS_ENV!r} in os.environ)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    # Built once in the server (hosts inherit it); the variable is not passed on to them.
+    assert out == (["1", "False"] if https else ["0", "False"])
