@@ -163,6 +163,7 @@ def host_main(
 
     code = 0
     send = _sender(fd)
+    base_env: dict[str, str] | None = None
     try:
         _become_item_process(send)
         for served in range(1, HOST_MAX_ITEMS + 1):
@@ -175,9 +176,12 @@ def host_main(
                     sys.path[:] = spawn.sys_path
                 if spawn.cwd != os.getcwd():
                     os.chdir(spawn.cwd)
-                if spawn.env is not None and spawn.env != os.environ:
+                # Each item starts from the pytest process's environment (sent when it
+                # changed), whatever the item before changed in this host's.
+                base_env = spawn.env if spawn.env is not None else base_env
+                if base_env is not None and os.environ != base_env:
                     os.environ.clear()
-                    os.environ.update(spawn.env)
+                    os.environ.update(base_env)
                 store = stores(spawn.store_root, spawn.fsync)
             except Exception as exc:  # noqa: BLE001 - the engine forks this item itself
                 send("refused", f"{type(exc).__name__}: {exc}",

@@ -371,6 +371,9 @@ class Engine:
         if host is None:
             return False
         env = dict(os.environ)
+        # pytest's marker of the test it is on: never this item (it runs ahead), and it would
+        # make the environment differ for every job.
+        env.pop("PYTEST_CURRENT_TEST", None)
         payload = forkserver.encode(forkserver.Spawn(
             job=job, token=token, deadline=deadline, store_root=str(self.store.root),
             fsync=self.store.fsync, holder=self.holder, sys_path=tuple(sys.path), cwd=os.getcwd(),

@@ -225,3 +225,28 @@ def test_the_server_builds_the_tls_context_for_its_hosts_only_when_a_model_uses_
                          check=True).stdout.split()
     # Built once in the server (hosts inherit it); the variable is not passed on to them.
     assert out == (["1", "False"] if https else ["0", "False"])
+
+
+def test_an_item_does_not_see_the_environment_changes_of_the_item_before_it_in_its_host(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = f"leaky_scorer_{secrets.token_hex(4)}"
+    pytester.makepyfile(**{module: """
+        import os
+        from pytest_llmbench.records import Score
+
+        def score(req):
+            with open(os.environ["ENV_LOG"], "a") as fh:
+                fh.write(f"{req.identity['instance']} {os.getpid()} {os.environ.get('LEAK', '-')}\\n")
+            os.environ["LEAK"] = req.identity["instance"]
+            return Score(value=1.0)
+    """})
+    pytester.makefile(".toml", suite=SUITE.replace("parent_scorer:score", f"{module}:score") + "".join(
+        f'[[prompts.instances]]\nid = "i{i}"\nvars = {{ a = {i} }}\nexpected = "{i + 1}"\n'
+        for i in range(3)))
+    log = pytester.path / "env.log"
+    monkeypatch.setenv("ENV_LOG", str(log))
+    pytester.runpytest("-p", "no:cacheprovider", "--llmbench-concurrency=1").assert_outcomes(passed=3)
+    rows = [line.split() for line in log.read_text().splitlines()]
+    assert len({pid for _inst, pid, _leak in rows}) == 1  # one host ran all three
+    assert [leak for _inst, _pid, leak in rows] == ["-", "-", "-"]
