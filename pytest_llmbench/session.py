@@ -53,7 +53,6 @@ class LLMBenchSession:
         self._fork_server_failed = False
         self._store: Store | None = None
         self._engine: Engine | None = None
-        self._warm_done = False
         self._leases: LeaseManager | None = None
         self._limiter: SharedLimiter | None = None
         self._by_request: dict[str, ItemResult] | None = None
@@ -340,10 +339,8 @@ class LLMBenchSession:
 
     def warm(self) -> None:
         """A suite file is being collected: start the fork server beside the collection."""
-        if self._warm_done or getattr(self.config.option, "collectonly", False):
-            return
-        self._warm_done = True
-        self.engine.warm()
+        if not getattr(self.config.option, "collectonly", False):
+            self.engine.warm()  # once: the engine knows whether its server runs already
 
     def _start_prefetch(self, session: pytest.Session) -> None:
         """xdist worker: run items while the controller waits for the other workers.
