@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pytest_llmbench.codeexec import Limits, probe_isolation, run_program  # noqa: E402
-from pytest_llmbench.codeexec.languages import choose_python  # noqa: E402
+from pytest_llmbench.scoring.codeexec import Limits, probe_isolation, run_program  # noqa: E402
+from pytest_llmbench.scoring.codeexec.languages import choose_python  # noqa: E402
 
 REFERENCE = """\
 import sys
@@ -46,7 +46,7 @@ print(s)
 TEST_FILE = '''\
 import json, os, time
 import pytest
-from pytest_llmbench.codeexec import judge
+from pytest_llmbench.scoring.codeexec import judge
 from pytest_llmbench.records import ScoreRequest
 
 CONFIG = json.loads({config!r})

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pytest_llmbench.records import ItemResult  # noqa: E402
-from pytest_llmbench.store import Store, item_key  # noqa: E402
+from pytest_llmbench.store.filestore import Store, item_key  # noqa: E402
 
 SYSTEM = "You are a calculator. Answer with the number only."
 

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import StoreError
-from .records import ItemResult
-from .store import Store
-from .summary import Summarizer, render_table
+from pytest_llmbench.errors import StoreError
+from pytest_llmbench.records import ItemResult
+from pytest_llmbench.report.summary import Summarizer, render_table
+from pytest_llmbench.store.filestore import Store
 
 CSV_COLUMNS = (
     "nodeid", "suite", "prompt", "instance", "model", "repeat", "status", "error_class",

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .records import Deadlines, ModelSpec
+from pytest_llmbench.errors import ConfigError
+from pytest_llmbench.records import Deadlines, ModelSpec
 
 if sys.version_info >= (3, 11):
     import tomllib

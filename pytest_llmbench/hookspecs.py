@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     import pytest
 
-    from .records import ItemResult, ModelSpec, Score, ScoreRequest
+    from pytest_llmbench.records import ItemResult, ModelSpec, Score, ScoreRequest
 
 hookspec = pluggy.HookspecMarker("pytest")
 

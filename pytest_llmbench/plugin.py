@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .config import DEADLINE_SOURCES, DEFAULT_CONCURRENCY
+from pytest_llmbench.config import DEADLINE_SOURCES, DEFAULT_CONCURRENCY
 
 MODEL_HELP = "Model to evaluate: a name declared in [tool.llmbench.models], 'sim', or NAME@BASE_URL (repeatable)"
 STORE_HELP = "Directory of the result store (default: .llmbench in the rootdir)"
@@ -63,7 +63,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
-    from . import hookspecs
+    from pytest_llmbench import hookspecs
 
     pluginmanager.add_hookspecs(hookspecs)
 
@@ -75,9 +75,9 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if config.option.help or getattr(config.option, "version", False):
         return
-    from .config import load_settings
-    from .errors import ConfigError
-    from .session import SESSION_KEY, LLMBenchSession
+    from pytest_llmbench.config import load_settings
+    from pytest_llmbench.errors import ConfigError
+    from pytest_llmbench.session.run import SESSION_KEY, LLMBenchSession
 
     try:
         settings = load_settings(config)
@@ -89,7 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
-    from .items import SuiteFile, looks_like_suite
+    from pytest_llmbench.collect.items import SuiteFile, looks_like_suite
 
     if file_path.suffix == ".toml" and looks_like_suite(file_path):
         return SuiteFile.from_parent(parent, path=file_path)
@@ -103,8 +103,8 @@ def llm(request: pytest.FixtureRequest) -> Iterator[Any]:
     ``llm.chat("prompt")`` or ``llm.chat([{"role": "user", "content": ...}], model="name")``
     returns a ``Completion``. The first selected model is the default.
     """
-    from .client import LLMClient
-    from .session import SESSION_KEY
+    from pytest_llmbench.session.client import LLMClient
+    from pytest_llmbench.session.run import SESSION_KEY
 
     session = request.config.stash[SESSION_KEY]
     marker = request.node.get_closest_marker("llmbench")
@@ -114,7 +114,7 @@ def llm(request: pytest.FixtureRequest) -> Iterator[Any]:
 @pytest.fixture
 def llm_lease(request: pytest.FixtureRequest) -> Any:
     """Acquire a lease on a named resource pool: ``with llm_lease("sandbox"): ...``."""
-    from .client import lease_factory
-    from .session import SESSION_KEY
+    from pytest_llmbench.session.client import lease_factory
+    from pytest_llmbench.session.run import SESSION_KEY
 
     return lease_factory(request.config.stash[SESSION_KEY])

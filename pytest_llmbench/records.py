@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-Message = dict[str, str]
-"""One chat message: ``{"role": ..., "content": ...}``."""
+Message = dict[str, Any]
+"""One chat message as the OpenAI chat API takes it: ``{"role": ..., "content": ...}``;
+``content`` is a string or a list of content parts, an assistant message may carry
+``tool_calls`` and a ``tool`` message its ``tool_call_id``."""
 
 #: Item statuses as stored and reported.
 PASSED = "passed"
@@ -105,15 +107,45 @@ class Case:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ToolCall:
+    """One tool call of an assistant answer, as the model sent it."""
+
+    id: str
+    name: str
+    arguments: str
+    """The arguments as the model sent them: JSON text, not trusted to be valid."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Completion:
-    """One answer received from the endpoint."""
+    """One answer received from the endpoint (the provider's answer model)."""
 
     text: str
+    """The answer's text; content parts of type ``text`` joined when the server sent parts."""
     finish_reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency: float = 0.0
     model: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    content_parts: tuple[Mapping[str, Any], ...] = ()
+    """The content as a list of parts, when the server sent a list (else empty)."""
+    refusal: str | None = None
+    reasoning: str | None = None
+    """Reasoning text when the server sends it (``reasoning_content`` / ``reasoning``)."""
+    logprobs: Any = None
+    """Passed through as the server sent it (JSON types)."""
+
+    def assistant_message(self) -> Message:
+        """The message to append to the conversation for this answer."""
+        msg: Message = {"role": "assistant", "content": self.text}
+        if self.tool_calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.tool_calls
+            ]
+        return msg
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -93,8 +93,8 @@ def suite_toml(problems: Iterable[Mapping[str, Any]], *, time_limit: float = 3.0
 def verify(problems: list[dict[str, Any]], *, time_limit: float = 3.0,
            memory_mb: int = 512) -> tuple[dict[str, str], float]:
     """Score every canonical solution through ``score_code``: ``({task_id: verdict}, seconds)``."""
-    from pytest_llmbench.codeexec import score_code
     from pytest_llmbench.records import ScoreRequest
+    from pytest_llmbench.scoring.codeexec import score_code
 
     started = time.monotonic()
     verdicts: dict[str, str] = {}

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+import pytest_llmbench.engine.forkserver  # noqa: F401
+
 # In-process pytester runs drop the modules first imported inside them when they end; the
 # engine would then pickle jobs with classes that are no longer the modules' own. Import the
 # engine's side here, once, so every in-process run shares it (a real run imports it once).
-import pytest_llmbench.engine  # noqa: F401
-import pytest_llmbench.forkserver  # noqa: F401
+import pytest_llmbench.engine.scheduler  # noqa: F401
 
 pytest_plugins = ["pytester"]
 

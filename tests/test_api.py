@@ -1,4 +1,4 @@
-"""Tests of pytest_llmbench.api: the policy pieces directly, the call over real HTTP.
+"""Tests of pytest_llmbench.providers.api: the policy pieces directly, the call over real HTTP.
 
 The HTTP tests talk to the project's simulator on 127.0.0.1 (fault directives in the last
 user message), or, for what the simulator cannot do (dribbling bytes, TLS, proxies), to
@@ -26,7 +26,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pytest_llmbench.api import (
+from pytest_llmbench.engine.runner import Job, execute
+from pytest_llmbench.errors import APIError, APITimeoutError, LLMBenchError
+from pytest_llmbench.providers.api import (
     BACKOFF_BASE,
     BACKOFF_CAP,
     RETRY_AFTER_CAP,
@@ -37,7 +39,6 @@ from pytest_llmbench.api import (
     parse_retry_after,
     proxy_for,
 )
-from pytest_llmbench.errors import APIError, APITimeoutError, LLMBenchError
 from pytest_llmbench.records import (
     Attempt,
     Case,
@@ -48,7 +49,6 @@ from pytest_llmbench.records import (
     ModelSpec,
     ScorerSpec,
 )
-from pytest_llmbench.runner import Job, execute
 from pytest_llmbench.sim.control import SimServer
 
 KEY = "sk-test-SECRET-0123456789"
@@ -377,7 +377,7 @@ def test_reset_then_success(calls: Calls, conv: Callable[[str], list[Message]]) 
 def test_hang_times_out_every_attempt(calls: Calls, conv: Callable[[str], list[Message]],
                                       caplog: pytest.LogCaptureFixture) -> None:
     started = time.monotonic()
-    with caplog.at_level(logging.INFO, "pytest_llmbench.api"), \
+    with caplog.at_level(logging.INFO, "pytest_llmbench.providers.api"), \
             pytest.raises(APITimeoutError) as info:
         calls.chat(conv("What is 2 + 3? [[sim:hang=1]]"), api_timeout=0.5, retries=1)
     assert time.monotonic() - started < 3.0
@@ -399,7 +399,7 @@ def test_task_deadline_caps_the_attempt(calls: Calls, conv: Callable[[str], list
                                         caplog: pytest.LogCaptureFixture) -> None:
     """The capped attempt's timeout is the task deadline firing: task_timeout, no retry."""
     started = time.monotonic()
-    with caplog.at_level(logging.INFO, "pytest_llmbench.api"), \
+    with caplog.at_level(logging.INFO, "pytest_llmbench.providers.api"), \
             pytest.raises(APITimeoutError) as info:
         calls.chat(conv("What is 2 + 3? [[sim:hang=1]]"), api_timeout=30, retries=3,
                    task_timeout=1.0, task_deadline=started + 1.0)
@@ -649,7 +649,7 @@ def test_dribbling_server_cannot_stretch_the_attempt(
         fake: FakeUpstream, caplog: pytest.LogCaptureFixture) -> None:
     attempts: list[Attempt] = []
     started = time.monotonic()
-    with caplog.at_level(logging.INFO, "pytest_llmbench.api"), \
+    with caplog.at_level(logging.INFO, "pytest_llmbench.providers.api"), \
             pytest.raises(APITimeoutError) as info:
         chat(spec(f"http://127.0.0.1:{fake.port}/dribble/v1"), USER,
              deadlines=Deadlines(api_timeout=0.4, api_retries=1), on_attempt=attempts.append,

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from pytest_llmbench.codeexec import (
+from pytest_llmbench.errors import ScorerError
+from pytest_llmbench.records import Score, ScoreRequest
+from pytest_llmbench.scoring.codeexec import (
     Limits,
     judge,
     presets_from_history,
@@ -23,10 +25,8 @@ from pytest_llmbench.codeexec import (
     run_program,
     sandbox_lease,
 )
-from pytest_llmbench.codeexec.languages import choose_python
-from pytest_llmbench.codeexec.sandbox import UID_BASE
-from pytest_llmbench.errors import ScorerError
-from pytest_llmbench.records import Score, ScoreRequest
+from pytest_llmbench.scoring.codeexec.languages import choose_python
+from pytest_llmbench.scoring.codeexec.sandbox import UID_BASE
 
 ISO = probe_isolation()
 PYTHON = choose_python("auto", ISO)
@@ -237,7 +237,7 @@ def test_bad_options_and_instances_are_scorer_errors() -> None:
         score(py("print(1)"), SUM, language="cobol")
     with pytest.raises(ScorerError, match="extra.tests or extra.test"):
         score(py("print(1)"))
-    from pytest_llmbench.codeexec import validate_options
+    from pytest_llmbench.scoring.codeexec import validate_options
 
     validate_options({"time_limit": 0.5, "language": "cpp"})
     with pytest.raises(ScorerError, match="max_wall_factor"):
@@ -369,7 +369,7 @@ def test_a_lease_is_held_around_each_run_and_waiting_is_not_timed(
 
 def test_score_code_uses_the_state_dir_pool(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_llmbench.codeexec import score_code
+    from pytest_llmbench.scoring.codeexec import score_code
 
     monkeypatch.setenv("LLMBENCH_STATE_DIR", str(tmp_path))
     s = score_code(ScoreRequest(answer=py("print(5)"), expected=None,

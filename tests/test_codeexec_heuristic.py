@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmbench.codeexec import (
+from pytest_llmbench.scoring.codeexec import (
     extract_program,
     normalise,
     outputs_match,
@@ -12,7 +12,7 @@ from pytest_llmbench.codeexec import (
     presets_from_history,
     tle_multiplier,
 )
-from pytest_llmbench.codeexec.heuristic import first_difference, multiplier_for
+from pytest_llmbench.scoring.codeexec.heuristic import first_difference, multiplier_for
 
 EXPECTED_100 = "x" * 100  # one line of 100 chars: completion = len(actual) / 100
 

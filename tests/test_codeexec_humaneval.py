@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from pytest_llmbench.suite import load_suite
+from pytest_llmbench.collect.suite import load_suite
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmbench.codeexec import score_code
+from pytest_llmbench.collect.suite import load_suite
 from pytest_llmbench.records import Case, ScoreRequest
+from pytest_llmbench.scoring.codeexec import score_code
 from pytest_llmbench.sim.programs import PROGRAMS
-from pytest_llmbench.suite import load_suite
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "example_suites" / "code.toml"

@@ -213,12 +213,12 @@ def test_the_server_builds_the_tls_context_for_its_hosts_only_when_a_model_uses_
     import subprocess
     import sys
 
-    from pytest_llmbench import forkserver
+    from pytest_llmbench.engine import forkserver
 
     env = {k: v for k, v in os.environ.items() if k != forkserver._TLS_ENV}
     if https:
         env[forkserver._TLS_ENV] = "1"
-    code = ("import os; from pytest_llmbench import forkserver, transport; forkserver.warm_up();"
+    code = ("import os; from pytest_llmbench.engine import forkserver; from pytest_llmbench.providers import transport; forkserver.warm_up();"
             " print(transport.default_ssl_context.cache_info().currsize,"
             f" {forkserver._TLS_ENV!r} in os.environ)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

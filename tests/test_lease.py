@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmbench import proc
+from pytest_llmbench.coord import proc
+from pytest_llmbench.coord.lease import LeaseManager, LeasePool, ReclaimEvent, find_reclaim
 from pytest_llmbench.errors import LeaseTimeout
-from pytest_llmbench.lease import LeaseManager, LeasePool, ReclaimEvent, find_reclaim
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
 HOLDER = """
 import subprocess, sys, time
-from pytest_llmbench.lease import LeasePool
+from pytest_llmbench.coord.lease import LeasePool
 root, name, slots, limit = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 lease = LeasePool(root, name, slots, max_occupation=limit).acquire(timeout=10, label="holder")
 child = subprocess.Popen(["sleep", "1000"])  # part of the holder's tree
@@ -85,7 +85,7 @@ def _tagged(caplog: pytest.LogCaptureFixture, tag: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "pytest_llmbench.lease"
+        if r.name == "pytest_llmbench.coord.lease"
         and r.getMessage().startswith(tag)
         and r.levelno == logging.WARNING
     ]
@@ -93,7 +93,7 @@ def _tagged(caplog: pytest.LogCaptureFixture, tag: str) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _warnings(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="pytest_llmbench.lease")
+    caplog.set_level(logging.WARNING, logger="pytest_llmbench.coord.lease")
 
 
 def test_acquire_release_timeout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -240,7 +240,7 @@ def test_release_in_forked_copy_keeps_owner_lease(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import os, sys
         from pytest_llmbench.errors import LeaseTimeout
-        from pytest_llmbench.lease import LeasePool
+        from pytest_llmbench.coord.lease import LeasePool
         pool = LeasePool(sys.argv[1], "f", 1)
         lease = pool.acquire()
         pid = os.fork()
@@ -269,7 +269,7 @@ def test_release_in_forked_copy_keeps_owner_lease(tmp_path: Path) -> None:
 
 HAMMER = """
 import fcntl, os, random, sys, threading, time
-from pytest_llmbench.lease import LeasePool
+from pytest_llmbench.coord.lease import LeasePool
 root, slots, threads, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 pool = LeasePool(root, "shared", slots)
 counter, logf = os.path.join(root, "counter"), os.path.join(root, "log")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pytest_llmbench import proc
+from pytest_llmbench.coord import proc
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
@@ -255,7 +255,7 @@ def test_forked_descendants_found_by_process_name(spawn: Spawn, token: str) -> N
     s = spawn(
         """
         import os, signal, sys, time
-        from pytest_llmbench import proc
+        from pytest_llmbench.coord import proc
         os.setpgid(0, 0)
         proc.tag_process(sys.argv[1])
         if os.fork() == 0:
@@ -363,7 +363,7 @@ def test_never_signals_caller_parent_or_their_groups(spawn: Spawn) -> None:
     # kill the sandbox, which the asserts would see.
     probe = textwrap.dedent("""
         import json, os, subprocess
-        from pytest_llmbench import proc
+        from pytest_llmbench.coord import proc
         sib = subprocess.Popen(["sleep", "1000"])
         out = {
             "self": proc.kill_tree(os.getpid(), grace=0.1),
@@ -399,7 +399,7 @@ def test_never_signals_caller_parent_or_their_groups(spawn: Spawn) -> None:
 def test_subreaper_adopts_orphans_and_reap_collects_them(spawn: Spawn) -> None:
     s = spawn("""
         import json, os, signal
-        from pytest_llmbench import proc
+        from pytest_llmbench.coord import proc
         ok = proc.set_child_subreaper()
         r, w = os.pipe()
         mid = os.fork()

@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 
-from pytest_llmbench.errors import LLMBenchError
-from pytest_llmbench.ratelimit import (
+from pytest_llmbench.coord.ratelimit import (
     BURST_FRACTION,
     INCREASE,
     JITTER_FRACTION,
@@ -32,11 +31,12 @@ from pytest_llmbench.ratelimit import (
     SharedLimiter,
     endpoint_key,
 )
+from pytest_llmbench.errors import LLMBenchError
 from pytest_llmbench.records import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
-LOGGER = "pytest_llmbench.ratelimit"
+LOGGER = "pytest_llmbench.coord.ratelimit"
 
 # One script, several roles; it prints one JSON line. Times are time.monotonic(), which is
 # one clock for every process of the machine.
@@ -45,7 +45,7 @@ import fcntl, http.client, json, os, sys, threading, time
 from pathlib import Path
 from urllib.parse import urlsplit
 from pytest_llmbench.records import ModelSpec
-from pytest_llmbench.ratelimit import RateLimitWait, SharedLimiter
+from pytest_llmbench.coord.ratelimit import RateLimitWait, SharedLimiter
 
 cfg = json.loads(sys.argv[1])
 lim = SharedLimiter(Path(cfg["root"]), window=cfg["window"])

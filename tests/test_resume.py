@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmbench import proc
+from pytest_llmbench.coord import proc
 from pytest_llmbench.sim.control import SimServer
-from pytest_llmbench.store import Store
+from pytest_llmbench.store.filestore import Store
 
 
 def make_suite(path: Path, n: int) -> None:
@@ -232,7 +232,7 @@ def test_xdist_workers_start_items_before_the_controller_hands_any_out(tmp_path:
 
 
 def test_prefetch_order_starts_with_the_first_batch_xdist_deals_each_worker() -> None:
-    from pytest_llmbench.inflight import prefetch_order
+    from pytest_llmbench.engine.inflight import prefetch_order
 
     positions = list(range(10))
     assert prefetch_order(positions, 0, 1) == positions
@@ -271,7 +271,7 @@ def test_a_stuck_item_does_not_hold_back_the_items_queued_behind_it(tmp_path: Pa
 
 
 def test_worker_ids_that_are_not_gwN_do_not_break_prefetch() -> None:
-    from pytest_llmbench.session import _worker_index
+    from pytest_llmbench.session.run import _worker_index
 
     assert _worker_index("gw7") == 7 and _worker_index(32) == 32
     assert _worker_index("custom-id") == 0 and _worker_index(None) == 0
@@ -281,7 +281,7 @@ def test_the_straggler_rule_frees_slots_only_past_3x_the_median_and_at_most_k() 
     import time as _time
     from types import SimpleNamespace
 
-    from pytest_llmbench.inflight import STRAGGLER_SAMPLES, Stragglers
+    from pytest_llmbench.engine.inflight import STRAGGLER_SAMPLES, Stragglers
     from pytest_llmbench.records import PASSED
 
     rule = Stragglers()

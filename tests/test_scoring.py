@@ -19,7 +19,7 @@ import pytest
 from pytest_llmbench import hookspecs
 from pytest_llmbench.errors import ScorerError
 from pytest_llmbench.records import ItemResult, ModelSpec, Score, ScoreRequest, ScorerSpec
-from pytest_llmbench.scoring import (
+from pytest_llmbench.scoring.resolve import (
     BUILTIN_SCORERS,
     NamedScorer,
     extract_choice,
@@ -230,9 +230,9 @@ def test_code_scorer_delegates_to_codeexec_at_call_time(monkeypatch: pytest.Monk
         seen.append(req)
         return Score(value=1.0, explanation="OK")
 
-    fake = types.ModuleType("pytest_llmbench.codeexec")
+    fake = types.ModuleType("pytest_llmbench.scoring.codeexec")
     fake.score_code = score_code  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pytest_llmbench.codeexec", fake)
+    monkeypatch.setitem(sys.modules, "pytest_llmbench.scoring.codeexec", fake)
     scorer = resolve_scorer(ScorerSpec(name="code"))
     req = ScoreRequest(answer="print(1)", expected=None, extra={"tests": []})
     assert scorer(req) == Score(value=1.0, explanation="OK")
@@ -242,7 +242,7 @@ def test_code_scorer_delegates_to_codeexec_at_call_time(monkeypatch: pytest.Monk
 def test_code_scorer_resolves_without_codeexec_and_fails_only_when_used(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(sys.modules, "pytest_llmbench.codeexec", None)  # import raises
+    monkeypatch.setitem(sys.modules, "pytest_llmbench.scoring.codeexec", None)  # import raises
     assert scorer_exists("code")
     validate_options(ScorerSpec(name="code", options={"time_limit": 2}))
     scorer = resolve_scorer(ScorerSpec(name="code"))
@@ -622,7 +622,7 @@ def test_conftest_implements_hooks_in_a_real_pytest_run(pytester: pytest.Pyteste
         helper_scorers="def yes(req):\n    return 1\n",
         test_it="""
         from pytest_llmbench.records import ScoreRequest, ScorerSpec
-        from pytest_llmbench.scoring import resolve_scorer, run_scorer, scorer_exists
+        from pytest_llmbench.scoring.resolve import resolve_scorer, run_scorer, scorer_exists
 
         def test_hook(request):
             pm = request.config.pluginmanager

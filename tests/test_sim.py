@@ -787,8 +787,8 @@ def judge_safely(answer: str, expected: Any, scorer: dict[str, Any]) -> bool:
 
 def test_example_suites_load_and_score_with_the_project_code() -> None:
     """The same check through the real loader and scorers, when they are importable."""
-    suite_mod = pytest.importorskip("pytest_llmbench.suite")
-    scoring = pytest.importorskip("pytest_llmbench.scoring")
+    suite_mod = pytest.importorskip("pytest_llmbench.collect.suite")
+    scoring = pytest.importorskip("pytest_llmbench.scoring.resolve")
     from pytest_llmbench.records import ScoreRequest
 
     failures = []

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmbench import proc
+from pytest_llmbench.coord import proc
 from pytest_llmbench.errors import StoreError
 from pytest_llmbench.records import ItemResult
-from pytest_llmbench.store import (
+from pytest_llmbench.store.filestore import (
     FORMAT_VERSION,
     ClaimHolder,
     Store,
     _parse_result,
     item_key,
 )
-from pytest_llmbench.store_index import _FRAME, _index_frame, _load_index
+from pytest_llmbench.store.index import _FRAME, _index_frame, _load_index
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,7 +144,7 @@ def test_item_key_is_stable_and_canonical() -> None:
                 messages=tuple(tuple(turn) for turn in BASE["messages"]))  # type: ignore[arg-type]
     assert item_key(**same) == k  # type: ignore[arg-type]
     # ...and in another interpreter with another hash seed.
-    code = f"from pytest_llmbench.store import item_key; print(item_key(**{BASE!r}))"
+    code = f"from pytest_llmbench.store.filestore import item_key; print(item_key(**{BASE!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"})
     assert out.stdout.strip() == k
@@ -216,7 +216,7 @@ def test_corrupt_file_warns_with_path_and_runs_again(store: Store, kind: str,
     r = make_result(key_of(1))
     path = store.put(r)
     path.write_bytes(CORRUPTIONS[kind](path.read_bytes()))  # in place, as an editor might
-    with caplog.at_level(logging.WARNING, logger="pytest_llmbench.store"):
+    with caplog.at_level(logging.WARNING, logger="pytest_llmbench.store.filestore"):
         assert store.get(r.key) is None
     [record] = caplog.records
     assert f"corrupt result file {path}" in record.getMessage()
@@ -236,7 +236,7 @@ def test_lookup_many_skips_corrupt_files_even_when_indexed(store: Store, kind: s
         store.put(r)
     victim = store.result_path(results[3].key)
     victim.write_bytes(CORRUPTIONS[kind](victim.read_bytes()))
-    with caplog.at_level(logging.WARNING, logger="pytest_llmbench.store"):
+    with caplog.at_level(logging.WARNING, logger="pytest_llmbench.store.filestore"):
         found = store.lookup_many(r.key for r in results)
     assert set(found) == {r.key for r in results} - {results[3].key}
     assert any(str(victim) in rec.getMessage() for rec in caplog.records)
@@ -335,7 +335,7 @@ WRITER = """
 import sys
 from pathlib import Path
 from pytest_llmbench.records import ItemResult
-from pytest_llmbench.store import Store
+from pytest_llmbench.store.filestore import Store
 store = Store.open(Path(sys.argv[1]))
 keys = sys.argv[2:]
 big = "x" * 400_000  # several write() calls per file: a naive writer would tear
@@ -442,7 +442,7 @@ def test_stale_claim_of_dead_process_is_taken_over(store: Store, reap: bool,
         while proc.pid_alive(p.pid):  # SIGKILL is asynchronous: wait for the zombie
             time.sleep(0.01)
     try:
-        with caplog.at_level(logging.INFO, logger="pytest_llmbench.store"):
+        with caplog.at_level(logging.INFO, logger="pytest_llmbench.store.filestore"):
             res = store.claim(k, holder=holder_for())
         assert res.kind == "claimed" and res.took_over == dead
         assert f"taking over stale claim of item {k} from dead pid {p.pid}" in caplog.text
@@ -487,7 +487,7 @@ def test_corrupt_claim_file_is_claimed_afresh(store: Store, caplog: pytest.LogCa
     path = store.claim_path(k)
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="pytest_llmbench.store"):
+    with caplog.at_level(logging.WARNING, logger="pytest_llmbench.store.filestore"):
         assert store.claim(k, holder=holder_for()).kind == "claimed"
     assert "corrupt claim file" in caplog.text and str(path) in caplog.text
 
@@ -519,7 +519,7 @@ def test_put_drops_only_its_own_claim(store: Store, sleeper: subprocess.Popen[by
 RACER = """
 import json, sys, time
 from pathlib import Path
-from pytest_llmbench.store import ClaimHolder, Store
+from pytest_llmbench.store.filestore import ClaimHolder, Store
 store = Store.open(Path(sys.argv[1]))
 keys = json.loads(sys.argv[2])
 holder = ClaimHolder.current(run_id=sys.argv[3], deadline=time.time() + 300)

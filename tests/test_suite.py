@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from pytest_llmbench.collect.suite import Suite, load_suite
+from pytest_llmbench.collect.template import TemplateError, find_placeholders, render
 from pytest_llmbench.errors import ScorerError, SuiteError
 from pytest_llmbench.records import Case, ScorerSpec
-from pytest_llmbench.suite import Suite, load_suite
-from pytest_llmbench.template import TemplateError, find_placeholders, render
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "suites.md"
 

@@ -12,8 +12,14 @@ import pytest
 
 from pytest_llmbench.__main__ import CSV_COLUMNS
 from pytest_llmbench.records import ItemResult
-from pytest_llmbench.store import Store, item_key
-from pytest_llmbench.summary import merge, percentile, render_table, summarize, wilson_interval
+from pytest_llmbench.report.summary import (
+    merge,
+    percentile,
+    render_table,
+    summarize,
+    wilson_interval,
+)
+from pytest_llmbench.store.filestore import Store, item_key
 
 
 def res(i: int, status: str, *, suite: str = "math", model: str = "gpt-4o", **kw: object) -> ItemResult:

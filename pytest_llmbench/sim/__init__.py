@@ -5,6 +5,6 @@
 
 from __future__ import annotations
 
-from .control import KEY_ENV, SimServer, SimStartError
+from pytest_llmbench.sim.control import KEY_ENV, SimServer, SimStartError
 
 __all__ = ["KEY_ENV", "SimServer", "SimStartError"]

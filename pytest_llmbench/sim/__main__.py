@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 
-from .control import KEY_ENV
-from .server import SimOptions, serve
+from pytest_llmbench.sim.control import KEY_ENV
+from pytest_llmbench.sim.server import SimOptions, serve
 
 
 def _rate(text: str) -> float:

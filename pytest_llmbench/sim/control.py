@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from ..errors import LLMBenchError
+from pytest_llmbench.errors import LLMBenchError
 
 __all__ = ["KEY_ENV", "SimServer", "SimStartError"]
 

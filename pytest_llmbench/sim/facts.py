@@ -13,7 +13,7 @@ import re
 import zlib
 from collections.abc import Sequence
 
-from .arith import ArithError, compute
+from pytest_llmbench.sim.arith import ArithError, compute
 
 __all__ = ["FACTS", "answer_choice", "lookup_fact", "parse_options", "wrong_fact"]
 

@@ -21,10 +21,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .arith import ArithError, compute, format_number
-from .extract import extract, parse_request
-from .facts import answer_choice, lookup_fact, parse_options, wrong_fact
-from .faults import message_text, strip_directives
+from pytest_llmbench.sim.arith import ArithError, compute, format_number
+from pytest_llmbench.sim.extract import extract, parse_request
+from pytest_llmbench.sim.facts import answer_choice, lookup_fact, parse_options, wrong_fact
+from pytest_llmbench.sim.faults import message_text, strip_directives
 
 __all__ = ["GENERIC_ANSWER", "respond", "answer_text"]
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .faults import (
+from pytest_llmbench.sim.faults import (
     Directive,
     DirectiveError,
     RateWindow,
@@ -35,9 +35,9 @@ from .faults import (
     request_key,
     strip_directives,
 )
-from .httpproto import Connection, Request
-from .model import respond
-from .programs import PROGRAMS
+from pytest_llmbench.sim.httpproto import Connection, Request
+from pytest_llmbench.sim.model import respond
+from pytest_llmbench.sim.programs import PROGRAMS
 
 log = logging.getLogger("pytest_llmbench.sim.server")
 

@@ -1,0 +1,1 @@
+"""Collection, in the pytest process: suite files -> checked cases -> pytest items."""

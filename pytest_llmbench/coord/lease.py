@@ -1,0 +1,560 @@
+"""Named resource pools shared by every process of a run and by concurrent runs.
+
+A pool ``name`` of ``n`` slots lives in ``<root>/leases/<name>/``: slot ``i`` is held by
+whoever holds an exclusive ``flock`` on ``<i>.lock``. State is only in the file system and the
+kernel, never in memory, so xdist workers, forked item children and a second ``pytest`` on the
+same machine all see the same pool, and a holder killed with ``kill -9`` releases its slot at
+once (the kernel drops the lock with the holder's last file descriptor).
+
+Next to each lock, ``<i>.json`` (written by temp file + rename, removed before unlocking on a
+clean release) says who holds the slot: pid, process start time (guards pid reuse), host,
+``acquired_at`` (unix time), ``max_occupation``, label and the item token. So:
+
+* a free lock with a sidecar left behind means the holder never released cleanly (it died):
+  the next acquirer or :meth:`LeasePool.monitor_tick` logs ``[ForcedRelease] ... reason=dead``;
+* a held lock whose live holder is past its ``max_occupation`` (DESIGN.md's lease layer,
+  900 s by default): the holder's whole process tree (group, descendants, token holders) is
+  killed with :func:`proc.kill_tree`, ``[ResourceTimeout]`` and ``[ForcedRelease] ...
+  reason=over_time`` are logged, and a record is left for :func:`find_reclaim` so the engine
+  can report the item as ``lease_timeout`` rather than ``crashed``.
+
+Limits, by design:
+
+* A holder that is the monitoring process itself or one of its ancestors is never killed
+  (that would kill the run, or the monitor's own siblings); it is logged once as over time
+  and left holding.
+* Holders on another host (a shared file system) are never judged: liveness and signals are
+  local. ``flock`` on NFS is unreliable anyway; pools belong on a local disk.
+* ``flock`` locks belong to the *open file description*: a process forked while holding a
+  lease shares it, and the slot stays held until both have closed the descriptor. The lock
+  fd is ``O_CLOEXEC`` (an ``exec``'d program never inherits it), and :meth:`Lease.release`
+  in a forked copy only closes its descriptor, leaving the owner's lease intact.
+* The slot count is per run: runs that share a pool name should declare the same size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pytest_llmbench.coord import proc
+from pytest_llmbench.errors import LeaseTimeout
+
+log = logging.getLogger("pytest_llmbench.coord.lease")
+
+DEFAULT_MAX_OCCUPATION = 900.0
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_POLL = (0.02, 0.05)  # jittered sleep between acquisition rounds (seconds)
+_CHECK_INTERVAL = 0.5  # how often a waiting acquirer looks for over-time holders
+_RECLAIMED_DIR = ".reclaimed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Holder:
+    """A slot's sidecar: who holds it since when, and for how long it may."""
+
+    pid: int
+    start_time: int | None
+    host: str
+    acquired_at: float
+    """Unix time of acquisition (comparable across processes)."""
+    max_occupation: float
+    label: str = ""
+    token: str | None = None
+    """The holder's ``LLMBENCH_ITEM_TOKEN``: lets a reclaim kill the whole item."""
+
+    def held(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.acquired_at)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Holder:
+        start = data.get("start_time")
+        token = data.get("token")
+        return cls(
+            pid=int(data["pid"]),
+            start_time=None if start is None else int(start),
+            host=str(data["host"]),
+            acquired_at=float(data["acquired_at"]),
+            max_occupation=float(data["max_occupation"]),
+            label=str(data.get("label", "")),
+            token=None if token is None else str(token),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReclaimEvent:
+    """A slot taken back from a holder that died or held it past its limit."""
+
+    resource: str
+    slot: int
+    holder: int
+    held: float
+    reason: str
+    """``"dead"`` (lock found free, sidecar left behind) or ``"over_time"`` (holder killed)."""
+    limit: float
+    label: str = ""
+    token: str | None = None
+    killed: tuple[int, ...] = ()
+    """Pids signalled to free the slot (``over_time`` only)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["killed"] = list(self.killed)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReclaimEvent:
+        fields = dict(data)
+        fields["killed"] = tuple(int(p) for p in fields.get("killed", ()))
+        return cls(**fields)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Atomic replace: readers see the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
+    try:
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _reclaim_key(token: str | None, pid: int | None, start_time: int | None) -> str | None:
+    if token and _NAME.match(token):
+        return f"t-{token}"
+    if pid is not None:
+        return f"p-{pid}-{start_time}"
+    return None
+
+
+def record_reclaim(
+    root: Path | str, event: ReclaimEvent, *, pid: int | None = None, start_time: int | None = None
+) -> None:
+    """Leave ``event`` where :func:`find_reclaim` finds it (by token, else pid + start time),
+    so the engine that ran the killed item reports ``lease_timeout``, not ``crashed``."""
+    key = _reclaim_key(event.token, pid, start_time)
+    if key is None:
+        return
+    folder = Path(root) / "leases" / _RECLAIMED_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / f"{key}.json", event.to_dict())
+    except OSError as exc:  # the reclaim itself succeeded; only the record is lost
+        log.warning("could not record reclaim of %s[%d]: %s", event.resource, event.slot, exc)
+
+
+def find_reclaim(
+    root: Path | str,
+    *,
+    token: str | None = None,
+    pid: int | None = None,
+    start_time: int | None = None,
+) -> ReclaimEvent | None:
+    """The over-time reclaim that killed the holder with this token (or pid + start time).
+
+    The engine asks this when an item's process died by a signal it did not send, to report
+    ``lease_timeout`` instead of ``crashed``.
+    """
+    keys = [_reclaim_key(token, None, None), _reclaim_key(None, pid, start_time)]
+    for key in filter(None, keys):
+        path = Path(root) / "leases" / _RECLAIMED_DIR / f"{key}.json"
+        try:
+            return ReclaimEvent.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return None
+
+
+class Lease:
+    """One held slot. Release it (or leave the ``with`` block) when done with the resource."""
+
+    def __init__(self, pool: LeasePool, slot: int, fd: int, holder: Holder) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.holder = holder
+        self._fd: int | None = fd
+        self._owner = os.getpid()
+        self._t0 = time.monotonic()
+
+    @property
+    def acquired_at(self) -> float:
+        """Unix time of acquisition."""
+        return self.holder.acquired_at
+
+    @property
+    def label(self) -> str:
+        return self.holder.label
+
+    @property
+    def released(self) -> bool:
+        return self._fd is None
+
+    def held_for(self) -> float:
+        """Seconds since acquisition (monotonic clock)."""
+        return time.monotonic() - self._t0
+
+    def release(self) -> None:
+        """Free the slot (idempotent). Sidecar first, lock second: see the module docstring."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if os.getpid() == self._owner:
+                self.pool._remove_sidecar(self.slot, self.holder)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            # in a forked copy, unlocking would free the owner's lease: only close ours
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        # A forgotten lease must not pin the slot until the process exits.
+        with contextlib.suppress(Exception):
+            self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else f"held {self.held_for():.1f}s"
+        return f"<Lease {self.pool.name}[{self.slot}] {state}>"
+
+
+class LeasePool:
+    """``slots`` interchangeable units of the resource ``name``, shared through ``root``."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        name: str,
+        slots: int,
+        *,
+        max_occupation: float = DEFAULT_MAX_OCCUPATION,
+    ) -> None:
+        if not _NAME.match(name):
+            raise ValueError(f"resource pool name {name!r} must match [A-Za-z0-9_.-]+")
+        if slots < 1:
+            raise ValueError(f"resource pool {name!r} needs at least 1 slot, got {slots}")
+        if not max_occupation > 0:
+            raise ValueError(f"max_occupation of {name!r} must be > 0, got {max_occupation}")
+        self.root = Path(root)
+        self.name = name
+        self.slots = slots
+        self.max_occupation = float(max_occupation)
+        self.dir = self.root / "leases" / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._host = socket.gethostname()
+        self._noted_self: set[tuple[int, float]] = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"LeasePool({self.name!r}, slots={self.slots}, max_occupation={self.max_occupation:g})"
+        )
+
+    # --- files -------------------------------------------------------------------------
+
+    def lock_path(self, slot: int) -> Path:
+        return self.dir / f"{slot}.lock"
+
+    def sidecar_path(self, slot: int) -> Path:
+        return self.dir / f"{slot}.json"
+
+    def _try_lock(self, slot: int) -> int | None:
+        """An fd holding slot's exclusive flock, or None if someone else holds it."""
+        fd = os.open(self.lock_path(slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _unlock(fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def read_holder(self, slot: int) -> Holder | None:
+        """The slot's sidecar, or None if absent or unreadable (mid-rename counts as absent)."""
+        try:
+            return Holder.from_dict(json.loads(self.sidecar_path(slot).read_text("utf-8")))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def _remove_sidecar(self, slot: int, holder: Holder) -> None:
+        current = self.read_holder(slot)
+        if current is None or (current.pid, current.acquired_at) == (
+            holder.pid,
+            holder.acquired_at,
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                self.sidecar_path(slot).unlink()
+
+    # --- acquisition -------------------------------------------------------------------
+
+    def acquire(self, timeout: float | None = None, *, label: str = "") -> Lease:
+        """Take a free slot, waiting up to ``timeout`` seconds (None: forever).
+
+        Every slot is tried without blocking, then again every 20-50 ms (jittered so that
+        waiters in many processes do not poll in step). While waiting, over-time holders are
+        reclaimed every 0.5 s. Raises :class:`LeaseTimeout` after logging the holders.
+        """
+        start = time.monotonic()
+        deadline = None if timeout is None else start + max(0.0, timeout)
+        next_check = start
+        while True:
+            for slot in range(self.slots):
+                fd = self._try_lock(slot)
+                if fd is not None:
+                    return self._take(slot, fd, label)
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + _CHECK_INTERVAL
+                if self._reclaim_over_time():
+                    continue
+            if deadline is not None and now >= deadline:
+                break
+            pause = random.uniform(*_POLL)
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - now)))
+        holders = " ".join(f"{h.pid}:{h.held():.1f}s" for _, h in self.holders() if h)
+        log.warning(
+            "[ResourceTimeout] resource=%s waited=%.1fs holders=[%s]",
+            self.name,
+            time.monotonic() - start,
+            holders,
+        )
+        raise LeaseTimeout(self.name, float(timeout if timeout is not None else 0.0))
+
+    def _take(self, slot: int, fd: int, label: str) -> Lease:
+        try:
+            stale = self.read_holder(slot)
+            if stale is not None:
+                self._report_stale(slot, stale)
+            me = os.getpid()
+            holder = Holder(
+                pid=me,
+                start_time=proc.process_start_time(me),
+                host=self._host,
+                acquired_at=time.time(),
+                max_occupation=self.max_occupation,
+                label=label,
+                token=os.environ.get(proc.TOKEN_ENV) or None,
+            )
+            _write_json(self.sidecar_path(slot), asdict(holder))
+        except BaseException:
+            self._unlock(fd)
+            raise
+        return Lease(self, slot, fd, holder)
+
+    def holders(self) -> list[tuple[int, Holder | None]]:
+        """``(slot, sidecar)`` for every slot whose lock is held right now."""
+        out: list[tuple[int, Holder | None]] = []
+        for slot in range(self.slots):
+            fd = self._try_lock(slot)
+            if fd is None:
+                out.append((slot, self.read_holder(slot)))
+            else:
+                self._unlock(fd)
+        return out
+
+    # --- reclaim -----------------------------------------------------------------------
+
+    def monitor_tick(self) -> list[ReclaimEvent]:
+        """Reclaim slots of dead holders and of live holders past their ``max_occupation``.
+
+        Cheap when all is well: one sidecar read per slot, and a lock attempt only for
+        slots that have a sidecar. May block for the kill grace (~0.5 s) per killed holder.
+        """
+        events: list[ReclaimEvent] = []
+        for slot in range(self.slots):
+            holder = self.read_holder(slot)
+            if holder is None and not self.sidecar_path(slot).exists():
+                continue
+            fd = self._try_lock(slot)
+            if fd is not None:  # free, yet a sidecar remains: its holder never released
+                try:
+                    stale = self.read_holder(slot)
+                    if stale is not None:
+                        events.append(self._report_stale(slot, stale))
+                    with contextlib.suppress(FileNotFoundError):
+                        self.sidecar_path(slot).unlink()
+                finally:
+                    self._unlock(fd)
+            elif holder is not None:
+                event = self._check_over_time(slot, holder)
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def _reclaim_over_time(self) -> bool:
+        reclaimed = False
+        for slot in range(self.slots):
+            holder = self.read_holder(slot)
+            if holder is not None and self._check_over_time(slot, holder) is not None:
+                reclaimed = True
+        return reclaimed
+
+    def _report_stale(self, slot: int, holder: Holder) -> ReclaimEvent:
+        local = holder.host == self._host
+        dead = not local or not proc.pid_alive(holder.pid, holder.start_time)
+        # alive but not holding: it closed the lock fd without release() (or lost it)
+        reason = "dead" if dead else "abandoned"
+        held = holder.held()
+        log.warning(
+            "[ForcedRelease] resource=%s slot=%d holder=%d held=%.1fs reason=%s%s",
+            self.name,
+            slot,
+            holder.pid,
+            held,
+            reason,
+            f" label={holder.label}" if holder.label else "",
+        )
+        return ReclaimEvent(
+            resource=self.name,
+            slot=slot,
+            holder=holder.pid,
+            held=held,
+            reason=reason,
+            limit=holder.max_occupation,
+            label=holder.label,
+            token=holder.token,
+        )
+
+    def _check_over_time(self, slot: int, holder: Holder) -> ReclaimEvent | None:
+        held = holder.held()
+        if held <= holder.max_occupation or holder.host != self._host:
+            return None
+        if not proc.pid_alive(holder.pid, holder.start_time):
+            return None  # just died (or the sidecar is being replaced): a later pass cleans it
+        fd = self._try_lock(slot)
+        if fd is not None:  # released meanwhile: nothing over time here
+            self._unlock(fd)
+            return None
+        if self.read_holder(slot) != holder:
+            return None  # the slot changed hands since ``holder`` was read
+        if holder.pid == os.getpid() or holder.pid in proc.ancestors():
+            key = (slot, holder.acquired_at)
+            if key not in self._noted_self:
+                self._noted_self.add(key)
+                log.warning(
+                    "[ResourceTimeout] resource=%s slot=%d holder=%d held=%.1fs limit=%gs "
+                    "(holder is this process or its ancestor: not killed)",
+                    self.name,
+                    slot,
+                    holder.pid,
+                    held,
+                    holder.max_occupation,
+                )
+            return None
+        log.warning(
+            "[ResourceTimeout] resource=%s slot=%d holder=%d held=%.1fs limit=%gs%s",
+            self.name,
+            slot,
+            holder.pid,
+            held,
+            holder.max_occupation,
+            f" label={holder.label}" if holder.label else "",
+        )
+        # Our own token would make kill_tree take our whole item down with the holder.
+        token = holder.token if holder.token != os.environ.get(proc.TOKEN_ENV) else None
+        killed = proc.kill_tree(holder.pid, start_time=holder.start_time, token=token)
+        fd = self._try_lock(slot)
+        if fd is None:
+            # A survivor shares the lock's file description (forked while holding).
+            log.warning(
+                "[ResourceTimeout] resource=%s slot=%d still locked after killing holder %d",
+                self.name,
+                slot,
+                holder.pid,
+            )
+        else:
+            try:
+                self._remove_sidecar(slot, holder)
+            finally:
+                self._unlock(fd)
+        log.warning(
+            "[ForcedRelease] resource=%s slot=%d holder=%d held=%.1fs reason=over_time",
+            self.name,
+            slot,
+            holder.pid,
+            held,
+        )
+        event = ReclaimEvent(
+            resource=self.name,
+            slot=slot,
+            holder=holder.pid,
+            held=held,
+            reason="over_time",
+            limit=holder.max_occupation,
+            label=holder.label,
+            token=holder.token,
+            killed=tuple(killed),
+        )
+        self._record_reclaim(event, holder)
+        return event
+
+    def _record_reclaim(self, event: ReclaimEvent, holder: Holder) -> None:
+        record_reclaim(self.root, event, pid=holder.pid, start_time=holder.start_time)
+
+
+class LeaseManager:
+    """The run's pools by name (``[tool.llmbench.resources] sandbox = 4``)."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        pools: Mapping[str, int],
+        max_occupation: float = DEFAULT_MAX_OCCUPATION,
+    ) -> None:
+        self.root = Path(root)
+        self.max_occupation = float(max_occupation)
+        self._pools = {
+            name: LeasePool(root, name, slots, max_occupation=max_occupation)
+            for name, slots in pools.items()
+        }
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._pools)
+
+    def pool(self, name: str) -> LeasePool:
+        try:
+            return self._pools[name]
+        except KeyError:
+            known = ", ".join(self.names) or "none declared"
+            raise KeyError(f"unknown resource pool {name!r} (known: {known})") from None
+
+    def acquire(self, name: str, timeout: float | None = None, *, label: str = "") -> Lease:
+        return self.pool(name).acquire(timeout, label=label)
+
+    def monitor_tick(self) -> list[ReclaimEvent]:
+        events: list[ReclaimEvent] = []
+        for pool in self._pools.values():
+            events.extend(pool.monitor_tick())
+        return events

@@ -1,0 +1,206 @@
+"""The item's side: what an item process runs.
+
+An item runs either in an *item host* (``host_main``: a process forked by the fork server,
+see ``forkserver.py``, that runs one item at a time for the engine) or in a child the
+pytest process forked for it alone (``child_main``). Either way the process leads its own
+process group, carries the item's token (``proc.tag_process``), ships its log records,
+attempts and result to the parent as JSON lines on a pipe, writes its result to the store
+*before* sending it, and is killed, group and token holders included, at the task deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from pytest_llmbench.coord import proc
+from pytest_llmbench.engine.runner import Job, execute
+from pytest_llmbench.store.filestore import ClaimHolder, Store
+
+
+class _PipeLogHandler(logging.Handler):
+    """In the child: ship the plugin's log records to the parent, which re-emits them."""
+
+    def __init__(self, send: Callable[[str, Any], None]) -> None:
+        super().__init__(logging.DEBUG)
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # A log line must never kill the item.
+        with contextlib.suppress(Exception):
+            self.send(
+                "log",
+                {
+                    "name": record.name,
+                    "levelno": record.levelno,
+                    "levelname": record.levelname,
+                    "msg": record.getMessage(),
+                    "created": record.created,
+                    "process": record.process,
+                },
+            )
+
+
+def _sender(fd: int) -> Callable[..., None]:
+    def send(kind: str, data: Any, then: str = "") -> None:
+        line = json.dumps([kind, data], default=str) + "\n"
+        if then:
+            line += json.dumps([then, None]) + "\n"
+        payload = line.encode()
+        view = memoryview(payload)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:
+                    return
+                raise
+            view = view[n:]
+
+    return send
+
+
+def _report_crash(fd: int) -> None:
+    """The traceback of what went wrong outside the item's own error handling."""
+    with contextlib.suppress(OSError):
+        os.write(fd, (json.dumps(["crash", traceback.format_exc()]) + "\n").encode())
+
+
+def _become_item_process(send: Callable[..., None]) -> None:
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    root = logging.getLogger("pytest_llmbench")
+    root.handlers = [_PipeLogHandler(send)]
+    root.propagate = False
+    root.setLevel(logging.DEBUG)
+
+
+def _run_item(
+    job: Job, send: Callable[..., None], deadline: float, store: Store, holder: ClaimHolder,
+    *, then: Callable[[], str] | None = None,
+) -> None:
+    """Run, store, send the result; ``then()`` names an event to send in the same write
+    (the host's ``idle``: the engine then reuses the host the moment the item is done)."""
+    result = execute(job, send, task_deadline=deadline)
+    store.put(result, holder=holder)
+    after = then() if then is not None else ""
+    send("result", result.to_dict(), after)
+
+
+def child_main(
+    job: Job, fd: int, token: str, deadline: float, store: Store, holder: ClaimHolder
+) -> NoReturn:  # pragma: no cover - runs in the child, measured by the tests' outcomes
+    """Body of an item's forked child: run the item, store its result (dropping ``holder``'s
+    claim), send it to the parent through ``fd``. Never returns."""
+    code = 0
+    try:
+        send = _sender(fd)
+        _become_item_process(send)
+        proc.tag_process(token)
+        _run_item(job, send, deadline, store, holder)
+    except BaseException:  # noqa: BLE001 - reported to the parent, which records a crash
+        code = 1
+        _report_crash(fd)
+    finally:
+        os._exit(code)
+
+
+#: Items an item host runs before it is replaced by a fresh one (bounds any slow leak).
+HOST_MAX_ITEMS = 500
+
+
+def read_message(fd: int) -> bytes | None:
+    """One length-prefixed message from ``fd`` (blocking); None at end of file."""
+    head = _read_exact(fd, 4)
+    if head is None:
+        return None
+    return _read_exact(fd, int.from_bytes(head, "big"))
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        try:
+            chunk = os.read(fd, left)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _left_something_behind() -> bool:
+    """Whether the item started a process or a thread that is still around."""
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return threading.active_count() > 1
+    return True
+
+
+def host_main(
+    jobs_fd: int, fd: int, stores: Callable[[str, bool], Store]
+) -> NoReturn:  # pragma: no cover - runs in the host, measured by the tests' outcomes
+    """Body of an item host: run the items the engine sends through ``jobs_fd``, one at a
+    time, each as ``child_main`` would; say ``idle`` after each. Leaves (so that the engine
+    starts a fresh host) at end of input, after ``HOST_MAX_ITEMS`` items, after an item that
+    left a process or a thread behind, and after any failure outside the item's own code."""
+    import pickle
+
+    code = 0
+    send = _sender(fd)
+    base_env: dict[str, str] | None = None
+    try:
+        _become_item_process(send)
+        for served in range(1, HOST_MAX_ITEMS + 1):
+            message = read_message(jobs_fd)
+            if message is None:
+                break
+            try:
+                spawn = pickle.loads(message)
+                if list(spawn.sys_path) != sys.path:
+                    sys.path[:] = spawn.sys_path
+                if spawn.cwd != os.getcwd():
+                    os.chdir(spawn.cwd)
+                # Each item starts from the pytest process's environment (sent when it
+                # changed), whatever the item before changed in this host's.
+                base_env = spawn.env if spawn.env is not None else base_env
+                if base_env is not None and os.environ != base_env:
+                    os.environ.clear()
+                    os.environ.update(base_env)
+                store = stores(spawn.store_root, spawn.fsync)
+            except Exception as exc:  # noqa: BLE001 - the engine forks this item itself
+                send("refused", f"{type(exc).__name__}: {exc}",
+                     "" if served == HOST_MAX_ITEMS else "idle")
+                continue
+            proc.tag_process(spawn.token)
+            last = served == HOST_MAX_ITEMS
+            leaving = False
+
+            def then(last: bool = last) -> str:
+                nonlocal leaving
+                leaving = last or _left_something_behind()
+                return "" if leaving else "idle"
+
+            _run_item(spawn.job, send, spawn.deadline, store, spawn.holder, then=then)
+            if leaving:
+                break
+    except BaseException:  # noqa: BLE001 - reported to the parent, which records a crash
+        code = 1
+        _report_crash(fd)
+    finally:
+        os._exit(code)

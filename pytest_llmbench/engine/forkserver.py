@@ -1,0 +1,446 @@
+"""The fork server: a small process that forks the item hosts, so pytest never forks.
+
+Forking costs in proportion to the memory of the process that forks: the page tables are
+copied, and every page either side writes afterwards is copied again (copy-on-write). A
+pytest process holding a collected suite is 50-100 MB and keeps writing all over its heap,
+so a fork per item from it cost ~15 ms of CPU (2700 page faults in the child, 900 in the
+parent; bench/run.py, overhead workload). This server is a fresh interpreter holding only
+what a child needs (``runner``, ``api``, ``store``; ~25 MB, ~0.1 CPU-s to start): a fork
+from it costs ~2 ms, and the pytest process takes no copy-on-write faults at all.
+
+An *item host* is a process forked from this server that runs items for the engine one at a
+time (``child.host_main``): the engine writes a job (a pickled ``Spawn``, length-prefixed)
+to the host's job pipe and reads its events and result from its result pipe. A host is
+killed, with its process group and the item's token holders, when its item passes its task
+deadline, and replaced; it also leaves by itself after an item that left a process or
+thread behind, and after ``HOST_MAX_ITEMS`` items. Reusing a host saves the fork and the
+copy-on-write faults of a fresh process per item (~7 ms of CPU per item here, see
+docs/architecture.md).
+
+Protocol, over ``AF_UNIX``/``SOCK_SEQPACKET`` connections (message boundaries kept):
+
+- client -> server: ``pickle(seq)`` with the host's job pipe (read end) and result pipe
+  (write end) attached (``SCM_RIGHTS``);
+- server -> client: ``("forked", seq, pid)`` once the host exists; ``("exit", pid,
+  status)`` when a host is reaped, to the connection that asked for that host.
+
+Two ways to run it. Without xdist, the pytest process starts its own server and talks to it
+over a socket pair (``ForkServer()``). Under xdist, the controller starts one server for the
+whole run (``SharedForkServer``), listening at a path handed to every worker in its
+``workerinput``; each worker connects to it (``ForkServer.connect``) instead of starting its
+own (32 workers: one server, ~0.13 CPU-s, instead of 32). Either way the server has one
+*primary* connection (the socket pair, or the controller's end): when it closes, the server
+exits. Another connection closing is just forgotten: its hosts leave by themselves at the end
+of their job pipes, and are reaped as usual.
+
+The server is the hosts' parent and a child subreaper, so it reaps them and their orphaned
+descendants; killing stays the engine's job (process group, token, ``/proc``). When the
+pytest process that started it goes away (the primary socket closes), the server exits; a
+host then sees the end of its job pipe after its current item, which finishes and is stored,
+as after a crash of pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import pickle
+import secrets
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_llmbench.engine.runner import Job
+from pytest_llmbench.store.filestore import ClaimHolder, Store
+
+log = logging.getLogger(__name__)
+
+#: A job larger than this is forked by the pytest process itself (it would sit in the
+#: host's job pipe, 64 KiB, while the engine waits; such jobs are rare: huge prompts or data).
+MAX_MESSAGE = 60 * 1024
+#: Set to ``0`` to fork every item from the pytest process (debugging, comparison).
+ENV_SWITCH = "LLMBENCH_FORK_SERVER"
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """One item to fork: everything ``child_main`` needs, plus where to run it from."""
+
+    job: Job
+    token: str
+    deadline: float
+    """``time.monotonic()`` deadline (the clock is system-wide)."""
+    store_root: str
+    fsync: bool
+    holder: ClaimHolder
+    sys_path: tuple[str, ...]
+    cwd: str
+    env: dict[str, str] | None
+    """The pytest process's environment now, which the host runs the item with (the server
+    was started earlier, or by the xdist controller, whose environment differs); None:
+    the same as for the host's previous item."""
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_MAIN = "import sys; from pytest_llmbench.engine.forkserver import main; sys.exit(main(sys.argv[1:]))"
+
+
+#: Set in the server's environment when a model of the run is reached over HTTPS.
+_TLS_ENV = "LLMBENCH_FORK_SERVER_TLS"
+
+
+def _start(fds: list[int], tls: bool) -> subprocess.Popen[bytes]:
+    """The server process, given the primary connection (and the listening socket)."""
+    env = dict(os.environ)
+    env.pop("PYTHONSTARTUP", None)
+    if tls:
+        env[_TLS_ENV] = "1"
+    return subprocess.Popen(
+        # ``-c``, not ``-m``: the module is imported under its own name, once (a host
+        # unpickling a ``Spawn`` would otherwise import it again, as a module apart).
+        [sys.executable, "-c", _MAIN, *map(str, fds)],
+        pass_fds=tuple(fds),
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+
+
+class ForkServer:
+    """A pytest process's handle on a fork server: its own (started on first use), or the
+    run's shared one (``connect``)."""
+
+    process: subprocess.Popen[bytes] | None
+
+    def __init__(self, *, tls: bool = False) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock = ours
+        try:
+            self.process = _start([theirs.fileno()], tls)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.seq = 0
+        self.closed = False
+
+    @classmethod
+    def connect(cls, path: str) -> ForkServer:
+        """A connection to the shared server listening at ``path`` (raises ``OSError``)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(_address(path))
+        except BaseException:
+            sock.close()
+            raise
+        self = cls.__new__(cls)
+        self.sock, self.process, self.seq, self.closed = sock, None, 0, False
+        return self
+
+    def spawn_host(self, jobs_fd: int, results_fd: int) -> int:
+        """Ask for an item host reading jobs from ``jobs_fd``, writing to ``results_fd``;
+        returns the request's sequence number (the reply ``forked`` carries it)."""
+        self.seq += 1
+        socket.send_fds(self.sock, [pickle.dumps(self.seq)], [jobs_fd, results_fd])
+        return self.seq
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def events(self) -> list[tuple[Any, ...]]:
+        """Every message waiting (non-blocking); ``[("gone",)]`` once the server is gone."""
+        out: list[tuple[Any, ...]] = []
+        while True:
+            try:
+                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError:
+                data = b""
+            if not data:
+                out.append(("gone",))
+                return out
+            out.append(pickle.loads(data))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.sock.close()  # our own server sees EOF and exits; a shared one forgets us
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class SharedForkServer:
+    """The xdist controller's fork server, shared by every worker of the run.
+
+    It listens on an *abstract* ``AF_UNIX`` address (Linux: a name, not a file, gone with
+    the socket; nothing is left behind however the run ends) with a random name, and serves
+    only connections from processes of our own user (``SO_PEERCRED``). ``path`` is that
+    name with ``@`` for its leading NUL byte (``connect`` takes it so). The controller holds
+    the primary connection; closing it ends the server."""
+
+    def __init__(self, *, tls: bool = False) -> None:
+        self.path = "@llmbench-fs-" + secrets.token_hex(12)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            listener.bind(_address(self.path))
+            listener.listen(64)
+            self.process = _start([theirs.fileno(), listener.fileno()], tls)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            listener.close()
+        self.sock = ours
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.sock.close()  # the server sees EOF, waits for its hosts and exits
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _address(path: str) -> str:
+    """``@name`` -> the abstract address ``\\0name``; a filesystem path as it is."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def _same_user(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return bool(uid == os.getuid())
+
+
+def encode(spawn: Spawn) -> bytes | None:
+    """``spawn`` pickled, or None when it cannot be sent (unpicklable or too large)."""
+    try:
+        data = pickle.dumps(spawn, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - pickle raises many kinds; the parent forks instead
+        log.debug("item %s is forked by the pytest process: %s", spawn.job.nodeid, exc)
+        return None
+    if len(data) > MAX_MESSAGE:
+        log.debug("item %s is forked by the pytest process: job of %d bytes",
+                  spawn.job.nodeid, len(data))
+        return None
+    return data
+
+
+# --- the server process --------------------------------------------------------------------
+
+
+class _Server:
+    def __init__(self, sock: socket.socket, listener: socket.socket | None = None) -> None:
+        self.sock = sock
+        """The primary connection: the server exits when it closes."""
+        self.listener = listener
+        self.conns: set[socket.socket] = {sock}
+        self.children: dict[int, socket.socket | None] = {}
+        """Live hosts, each with the connection that asked for it (None once it closed)."""
+        self.stores: dict[tuple[str, bool], Store] = {}
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector = selectors.DefaultSelector()
+
+    def store(self, root: str, fsync: bool) -> Store:
+        key = (root, fsync)
+        if key not in self.stores:
+            self.stores[key] = Store(Path(root), fsync=fsync)
+        return self.stores[key]
+
+    def send(self, conn: socket.socket | None, message: tuple[Any, ...]) -> None:
+        if conn is None:
+            return
+        with contextlib.suppress(OSError):  # the client is gone: run() notices the EOF
+            conn.send(pickle.dumps(message))
+
+    def run(self) -> None:
+        from pytest_llmbench.coord import proc
+
+        proc.set_child_subreaper()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pytest process's to handle
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        selector = self.selector
+        selector.register(self.sock, selectors.EVENT_READ, "conn")
+        selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        if self.listener is not None:
+            self.listener.setblocking(False)
+            selector.register(self.listener, selectors.EVENT_READ, "listen")
+        gc.freeze()  # what is imported now is never scanned again (fewer copied pages)
+        while True:
+            for key, _mask in selector.select():
+                if key.data == "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(self.wake_r, 4096):
+                            pass
+                elif key.data == "listen":
+                    self.accept()
+                else:
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)
+                    if self.request(conn):
+                        continue
+                    if conn is self.sock:
+                        self.shut()
+                        self.wait_for_hosts()
+                        return
+                    self.forget(conn)
+            self.reap()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _addr = self.listener.accept()  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("fork server: accept failed: %s", exc)
+                return
+            if not _same_user(conn):  # a job pipe carries pickles: only our own user
+                log.warning("fork server: refused a connection from another user")
+                conn.close()
+                continue
+            conn.setblocking(True)
+            self.conns.add(conn)
+            self.selector.register(conn, selectors.EVENT_READ, "conn")
+
+    def forget(self, conn: socket.socket) -> None:
+        """A client went away: its hosts leave by themselves at the end of their job pipes."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn)
+        self.conns.discard(conn)
+        conn.close()
+        for pid, owner in self.children.items():
+            if owner is conn:
+                self.children[pid] = None
+
+    def shut(self) -> None:
+        """The primary connection closed: take no more clients."""
+        for conn in list(self.conns):
+            if conn is not self.sock:
+                self.forget(conn)
+        if self.listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+
+    def wait_for_hosts(self, timeout: float = 5.0) -> None:
+        """At the end: reap the hosts (each leaves at the end of its job pipe), so their CPU
+        time and exit are accounted to this process and, through it, to pytest."""
+        deadline = time.monotonic() + timeout
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.005)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.children:
+                self.send(self.children.pop(pid), ("exit", pid, status))
+
+    def request(self, conn: socket.socket) -> bool:
+        """Fork one item host for ``conn``; False when the client has closed the socket."""
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 2)
+        except InterruptedError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        seq = pickle.loads(data)
+        if len(fds) != 2:  # not our engine's request: stop serving (the engine falls back)
+            for fd in fds:
+                os.close(fd)
+            return False
+        jobs_fd, results_fd = fds
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the item host
+            from pytest_llmbench.engine.child import host_main
+
+            gc.disable()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # No client may wait on a socket a host still holds: close every one.
+            for other in self.conns:
+                other.close()
+            if self.listener is not None:
+                self.listener.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            host_main(jobs_fd, results_fd, self.store)
+        os.close(jobs_fd)
+        os.close(results_fd)
+        self.children[pid] = conn
+        self.send(conn, ("forked", seq, pid))
+        return True
+
+
+def warm_up() -> None:
+    """Import and initialise here, once, what every child would otherwise do itself: the
+    child's module, the scorers, the IDNA codec ``http.client`` uses for host names (it
+    loads ``unicodedata``), libc for ``prctl``, and the TLS context when a model needs it."""
+    # Imported once here, not in every host: everything an item touches.
+    from pytest_llmbench.coord import (
+        proc,  # noqa: F401
+        ratelimit,  # noqa: F401
+    )
+    from pytest_llmbench.engine import (
+        child,  # noqa: F401
+        runner,  # noqa: F401
+    )
+    from pytest_llmbench.providers import api  # noqa: F401
+    from pytest_llmbench.scoring import resolve as scoring  # noqa: F401
+
+    "localhost".encode("idna")
+    proc._libc()
+    if os.environ.pop(_TLS_ENV, "") == "1":
+        # A model is reached over HTTPS: build the verifying TLS context (the CA bundle,
+        # ~45 ms) once here instead of in every host on its first request.
+        api.default_ssl_context()
+
+
+def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server process
+    warm_up()
+
+    sock = socket.socket(fileno=int(argv[0]))
+    listener = socket.socket(fileno=int(argv[1])) if len(argv) > 1 else None
+    _Server(sock, listener).run()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main(sys.argv[1:]))

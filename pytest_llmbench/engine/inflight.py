@@ -1,0 +1,215 @@
+"""What the engine knows of an item in flight, and what it records for one that ended
+without a result of its own (killed at its deadline, crashed, reclaimed).
+
+Pure data and functions, no I/O but the lease-reclaim lookup: the engine (``engine.py``)
+owns the processes, pipes and the store.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_llmbench.coord import proc
+from pytest_llmbench.engine.runner import Job
+from pytest_llmbench.records import ERROR, ItemResult
+
+#: A slow item never holds back the items queued behind it: one running longer than
+#: ``STRAGGLER_FACTOR`` times the median duration of the items finished so far (and at least
+#: ``STRAGGLER_MIN`` s) stops counting against the concurrency, so another item starts in its
+#: place; at most ``concurrency`` such stragglers at once (2 x concurrency processes in all).
+#: It still runs, to its own task deadline. Until ``STRAGGLER_SAMPLES`` items have finished
+#: there is no median and every running item counts.
+STRAGGLER_FACTOR = 3.0
+STRAGGLER_MIN = 1.0
+STRAGGLER_SAMPLES = 16
+
+
+@dataclass
+class Child:
+    """One running item."""
+
+    job: Job
+    pid: int
+    fd: int
+    token: str
+    started: float
+    deadline: float
+    pidfd: int | None = None
+    host: Host | None = None
+    """The item host running it (its pid, pipes, exit); None: forked by us for this item."""
+    buffer: bytearray = field(default_factory=bytearray)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    completions: list[dict[str, Any]] = field(default_factory=list)
+    turn: int = 0
+    result: ItemResult | None = None
+    crash: str = ""
+
+
+@dataclass(eq=False)
+class Host:
+    """An item host (see ``forkserver.py``): runs our items one at a time."""
+
+    seq: int
+    jobs_fd: int
+    fd: int
+    pid: int = 0
+    """0 until the fork server reports it."""
+    child: Child | None = None
+    """The item it runs now."""
+    idle: bool = False
+    buffer: bytearray = field(default_factory=bytearray)
+    env: dict[str, str] | None = None
+    """The environment its last item was sent with."""
+
+
+class Stragglers:
+    """The straggler rule (see ``STRAGGLER_FACTOR``): how many items may start now."""
+
+    def __init__(self) -> None:
+        self.durations: deque[float] = deque(maxlen=256)
+        """Seconds taken by recent items that finished with a result (not an error)."""
+        self.after = math.inf
+        """An item running longer than this no longer counts against the concurrency."""
+
+    def finished(self, child: Child, result: ItemResult) -> None:
+        """Learn how long items take from one that finished."""
+        if result.status == ERROR:
+            return
+        self.durations.append(time.monotonic() - child.started)
+        if len(self.durations) >= STRAGGLER_SAMPLES and len(self.durations) % 4 == 0:
+            self.after = max(STRAGGLER_MIN, STRAGGLER_FACTOR * statistics.median(self.durations))
+
+    def free_slots(self, running: dict[str, Child], concurrency: int) -> int:
+        """``concurrency`` less the running items that are not stragglers."""
+        busy = len(running)
+        if busy >= concurrency and self.after < math.inf:
+            cutoff = time.monotonic() - self.after
+            stragglers = sum(1 for c in running.values() if c.started < cutoff)
+            busy -= min(stragglers, concurrency)
+        return concurrency - busy
+
+    def next_change(self, running: dict[str, Child], concurrency: int) -> float:
+        """When the next running item turns straggler (``time.monotonic()``), if that frees
+        a slot now needed; ``inf`` otherwise."""
+        if len(running) < concurrency or self.after == math.inf:
+            return math.inf
+        cutoff = time.monotonic() - self.after
+        waiting = [c.started for c in running.values() if c.started >= cutoff]
+        return min(waiting) + self.after if waiting else math.inf
+
+
+def error_result(child: Child, error_class: str, message: str) -> ItemResult:
+    """The error record of an item that ended without a result of its own."""
+    job = child.job
+    return ItemResult(
+        key=job.key,
+        identity=dict(job.identity),
+        status=ERROR,
+        error_class=error_class,
+        error=message,
+        expected=job.case.expected,
+        threshold=job.case.scorer.threshold,
+        attempts=list(child.attempts),
+        completions=list(child.completions),
+        started_at=time.time() - (time.monotonic() - child.started),
+        elapsed=time.monotonic() - child.started,
+        turn=child.turn,
+    )
+
+
+def timeout_result(child: Child) -> ItemResult:
+    """``task_timeout``: killed at its deadline, with what it had reported so far."""
+    elapsed = time.monotonic() - child.started
+    limit = child.job.deadlines.task_timeout
+    partial = child.completions[-1]["text"] if child.completions else None
+    result = error_result(
+        child,
+        "task_timeout",
+        f"task deadline of {limit:g} s exceeded after {elapsed:.1f} s at turn {child.turn}"
+        f" ({len(child.attempts)} API attempts); its process tree was killed",
+    )
+    result.deadline_layer = "task"
+    result.answer = partial
+    result.details = {"limit": limit, "elapsed": elapsed, "turn": child.turn}
+    return result
+
+
+def crash_result(child: Child, status: int | None, store_root: Path) -> ItemResult:
+    """The item process died without a result: a lease reclaim killed it, or it crashed."""
+    from pytest_llmbench.coord.lease import find_reclaim
+
+    reclaim = find_reclaim(store_root, token=child.token)
+    if reclaim is not None:
+        what = (
+            "its claim on the item" if reclaim.resource == "claim"
+            else f"resource {reclaim.resource!r}"
+        )
+        result = error_result(
+            child,
+            "lease_timeout",
+            f"held {what} for {reclaim.held:.1f} s, over its limit of {reclaim.limit:g} s;"
+            " its process tree was killed",
+        )
+        result.deadline_layer = "lease"
+        return result
+    code = os.waitstatus_to_exitcode(status) if status is not None else None
+    how = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
+    last = child.crash.strip().splitlines()[-1] if child.crash.strip() else ""
+    return error_result(
+        child, "crashed", f"item process exited with {how} without a result"
+        + (f": {last}" if last else ""),
+    )
+
+
+def kill_spec(child: Child) -> proc.KillSpec:
+    """Everything ``child`` started (before the fork server reported its pid: by token)."""
+    if not child.pid:
+        return proc.KillSpec(0, token=child.token)
+    return proc.KillSpec(child.pid, pgid=child.pid, token=child.token)
+
+
+def prefetch_order(positions: list[int], worker: int, workers: int) -> list[int]:
+    """The order in which xdist worker ``worker`` of ``workers`` prefetches ``positions``.
+
+    xdist's load scheduler deals its first batch round-robin over the collection, so worker
+    ``w`` first gets items ``w, w+W, w+2W...``: those first, then the others, starting at
+    a different point for each worker so that workers do not all race for the same ones.
+    """
+    if workers <= 1:
+        return list(positions)
+    mine = positions[worker % workers::workers]
+    taken = set(mine)
+    rest = [p for p in positions if p not in taken]
+    if rest:
+        shift = (worker * len(rest)) // workers
+        rest = rest[shift:] + rest[:shift]
+    return mine + rest
+
+
+def read_lines(fd: int, buffer: bytearray) -> tuple[list[bytes], bool]:
+    """Every complete line readable now from the non-blocking ``fd`` (the rest stays in
+    ``buffer``), and whether the pipe reached its end."""
+    eof = False
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        except OSError:
+            chunk = b""
+        if not chunk:
+            eof = True
+            break
+        buffer.extend(chunk)
+    lines = []
+    while (nl := buffer.find(b"\n")) >= 0:
+        lines.append(bytes(buffer[:nl]))
+        del buffer[: nl + 1]
+    return lines, eof

@@ -1,0 +1,767 @@
+"""Runs items: up to K at once per pytest process, each in a killable process of its own.
+
+Why this shape (DESIGN.md section 4): reports cannot be deferred under xdist, so the pytest
+protocol for an item *waits* for that item's result while the engine, in the same loop,
+keeps up to ``concurrency`` items running with the items that come next. Items are
+**claimed** in the store before they start, so xdist workers and concurrent runs never
+execute the same item twice; the store is the coordinator.
+
+An item runs in an *item host* (``child.host_main``: a process forked by the fork server,
+``forkserver.py``, that runs the engine's items one at a time) or, when its job cannot be
+sent there, in a child this process forks for it (``child.child_main``). Either way it runs
+``runner.execute`` in its own process group with a per-item token in its environment. The
+engine enforces the task deadline: on expiry it kills the whole tree (``proc.kill_trees``:
+group, descendants, token holders, SIGTERM then SIGKILL; a host killed so is replaced) and
+records a ``task_timeout`` error with what the item reported so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import secrets
+import selectors
+import socket
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pytest_llmbench.coord import proc
+from pytest_llmbench.engine import forkserver
+from pytest_llmbench.engine.child import child_main
+from pytest_llmbench.engine.inflight import (
+    Child,
+    Host,
+    Stragglers,
+    crash_result,
+    kill_spec,
+    read_lines,
+    timeout_result,
+)
+from pytest_llmbench.engine.runner import Job
+from pytest_llmbench.records import ERROR, ItemResult
+from pytest_llmbench.store.filestore import ClaimHolder, Store
+
+log = logging.getLogger("pytest_llmbench.engine.scheduler")
+
+#: Seconds between SIGTERM and SIGKILL when a task deadline fires.
+KILL_GRACE = 0.5
+#: The item process ends its own API attempt at the task deadline (``api.chat`` caps it) and
+#: reports ``task_timeout`` itself; it is killed only if it has not within this much more.
+#: An item host that reported keeps running (no kill, no new host).
+KILL_SLACK = 0.25
+#: Extra seconds past the task deadline before another process may reclaim our claim.
+CLAIM_GRACE = 10.0
+#: Seconds between lease-monitor ticks.
+TICK_INTERVAL = 1.0
+#: How often an item running elsewhere is looked up in the store (a ``stat`` of its file).
+POLL_ELSEWHERE = 0.05
+#: How often its claim is tried again (a dead holder's claim is taken over then).
+RECLAIM_ELSEWHERE = 1.0
+
+JobFactory = Callable[[Any], "Job | ItemResult"]
+
+
+class Engine:
+    """Per-process item runner. ``wait(item)`` is all the pytest protocol calls."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        run_id: str,
+        concurrency: int,
+        make_job: JobFactory,
+        key_of: Callable[[Any], str | None],
+        fresh: bool = False,
+        tick: Callable[[], object] | None = None,
+        fork_server: str | None = None,
+        tls: bool = False,
+    ) -> None:
+        # ``fresh``: stored results of earlier runs are ignored (they are overwritten).
+        self.store = store
+        self.run_id = run_id
+        self.concurrency = max(1, concurrency)
+        self.make_job = make_job
+        self.key_of = key_of
+        self.fresh = fresh
+        self.tick = tick
+        """Called about once a second from the wait loop (the lease monitor)."""
+        self._next_tick = 0.0
+        self.running: dict[str, Child] = {}
+        self.done: dict[str, ItemResult] = {}
+        self.elsewhere: set[str] = set()
+        """Keys known to be claimed by another process (not retried during lookahead)."""
+        self.selector = selectors.DefaultSelector()
+        self.holder = ClaimHolder(
+            pid=os.getpid(),
+            start_time=proc.process_start_time(os.getpid()) or 0,
+            host=socket.gethostname(),
+            run_id=run_id,
+            claimed_at=0.0,
+            deadline=0.0,
+        )
+        self.scan_pos = 0
+        self.started_at = time.time()  # results stored since are (likely) this run's
+        self.index: dict[int, int] | None = None
+        self.subreaper = proc.set_child_subreaper()
+        self.server: forkserver.ForkServer | None = None
+        self.use_server = forkserver.enabled()
+        self.server_path = fork_server
+        self.tls = tls
+        """A model is reached over HTTPS: our own fork server prepares the TLS context."""
+        """Where the run's shared fork server listens (xdist), or None: start our own."""
+        self.hosts: dict[int, Host] = {}
+        """Live item hosts by request sequence number."""
+        self.stragglers = Stragglers()
+        self._prefetcher: threading.Thread | None = None
+        self._stop_prefetch = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+
+    # --- before the first item: xdist workers wait for every other worker ----------------
+
+    def warm(self) -> None:
+        """Start the fork server now, while pytest is still collecting: its start-up (a new
+        interpreter, ~0.1 CPU-s) then runs beside the collection, not before the first item.
+        (Forking the hosts ahead as well was measured: no faster, and wasted when the items
+        are stored already.)"""
+        if not self.use_server or self.server is not None:
+            return
+        try:
+            self.server = self._connect_server()
+        except OSError as exc:
+            log.warning("could not start the fork server (%s): items fork from pytest", exc)
+            self.use_server = False
+            return
+        self.selector.register(self.server.fileno(), selectors.EVENT_READ, ("server", None))
+
+    @staticmethod
+    def _freeze() -> None:
+        # Everything alive now (the session, its collected items) stays alive for the run:
+        # keep it out of the cyclic GC's full collections, which otherwise cost a worker of
+        # ``-n 32`` a tenth of its CPU walking the same objects again and again (perf).
+        gc.freeze()
+
+    def prefetch(self, items: list[Any], order: list[int]) -> None:
+        """Start items in ``order`` (positions in ``items``) on a thread, until the first
+        ``wait`` (or ``drain``/``shutdown``) takes the engine back.
+
+        An xdist worker gets its first item only once *every* worker has collected; under
+        ``-n 32`` on 2 cores that takes seconds, and the workers that are ready would sit
+        idle. The engine is used by one thread at a time: this one until the hand-over,
+        which stops and joins it (``_take_over``), then the pytest protocol's."""
+        if self._prefetcher is not None or not order:
+            return
+        self._freeze()
+        self._prefetcher = threading.Thread(
+            target=self._prefetch_loop, args=(items, order), name="llmbench-prefetch", daemon=True
+        )
+        self._prefetcher.start()
+
+    def _prefetch_loop(self, items: list[Any], order: list[int]) -> None:
+        cursor = 0
+        try:
+            while not self._stop_prefetch.is_set():
+                free = self.free_slots()
+                while free > 0 and cursor < len(order) and not self._stop_prefetch.is_set():
+                    # An item stored by an earlier run is skipped: its owner reads it (or
+                    # retries an error); every worker reading every stored result is waste.
+                    free -= self._look_ahead(items[order[cursor]], skip_stored=not self.fresh)
+                    cursor += 1
+                if cursor >= len(order) and not self.running:
+                    return
+                self._service(self._next_timeout())
+        except Exception:  # noqa: BLE001 - the protocol runs every item anyway
+            log.debug("prefetch stopped on an error; items run in the protocol", exc_info=True)
+
+    def _take_over(self) -> None:
+        """Stop the prefetch thread (if any) so this thread owns the engine."""
+        thread = self._prefetcher
+        if thread is None:
+            return
+        self._stop_prefetch.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        thread.join()
+        self._prefetcher = None
+
+    # --- the protocol side ---------------------------------------------------------------
+
+    def wait(self, item: Any, items: list[Any]) -> ItemResult:
+        """Block until ``item``'s result is known; keep the lookahead window busy meanwhile."""
+        key = self.key_of(item)
+        assert key is not None
+        self._take_over()
+        if self.index is None:
+            self._freeze()
+            self.index = {id(it): i for i, it in enumerate(items)}
+        position = self.index.get(id(item), 0)
+        self.scan_pos = max(self.scan_pos, position + 1)
+        next_check = next_claim = 0.0
+        while True:
+            if key in self.done:
+                return self.done.pop(key)
+            if key not in self.running:
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + POLL_ELSEWHERE
+                    if key not in self.elsewhere:
+                        self._try_start(item, key, priority=True)
+                    elif self.store.result_path(key).exists() and self._check_elsewhere(key):
+                        continue
+                    elif now >= next_claim and self.free_slots() > 0:
+                        # Cheap polls above; a claim attempt (lock, read, holder check) only
+                        # now and then, to take over from a holder that died.
+                        next_claim = now + RECLAIM_ELSEWHERE
+                        self._try_start(item, key, priority=True)
+                    if key in self.done:
+                        continue
+            self._fill(items)
+            timeout = POLL_ELSEWHERE if key not in self.running else self._next_timeout()
+            self._service(timeout)
+
+    def _fill(self, items: list[Any]) -> None:
+        """Start lookahead items until ``concurrency`` children run."""
+        free = self.free_slots()
+        while free > 0 and self.scan_pos < len(items):
+            free -= self._look_ahead(items[self.scan_pos])
+            self.scan_pos += 1
+
+    def _look_ahead(self, item: Any, *, skip_stored: bool = False) -> int:
+        """Start ``item`` ahead of its turn unless it is running, done or taken (here or
+        elsewhere); how many items that started (0 or 1)."""
+        key = self.key_of(item)
+        if key is None or key in self.running or key in self.done or key in self.elsewhere:
+            return 0
+        if self._seen_elsewhere(key):
+            self.elsewhere.add(key)
+            return 0
+        if skip_stored and self.store.result_path(key).exists():
+            return 0
+        before = len(self.running)
+        self._try_start(item, key, priority=False)
+        return len(self.running) - before
+
+    def free_slots(self) -> int:
+        """How many more items may start now (``inflight.Stragglers``)."""
+        return self.stragglers.free_slots(self.running, self.concurrency)
+
+    def _seen_elsewhere(self, key: str) -> bool:
+        """Two ``stat`` calls instead of a claim: another process runs the item, or stored it
+        during this run. Under ``-n 32`` every worker looks ahead over every item, and most
+        of them are taken by the time it gets there; a claim attempt (job, lock, reads) for
+        each cost more CPU than the items themselves."""
+        try:
+            os.stat(self.store.claim_path(key))
+            return True
+        except FileNotFoundError:
+            pass
+        try:
+            return os.stat(self.store.result_path(key)).st_mtime >= self.started_at
+        except FileNotFoundError:
+            return False
+
+    def _try_start(self, item: Any, key: str, *, priority: bool) -> None:
+        """Claim ``key`` and fork its child, or learn that it is done / busy elsewhere."""
+        if priority and self.free_slots() <= 0:
+            # The item being reported waits for a free slot, no claim yet, unless it is
+            # done already (another xdist worker's lookahead ran it: a ``stat`` tells).
+            if key in self.elsewhere or self.store.result_path(key).exists():
+                self._check_elsewhere(key)
+            return
+        job_or_result = self.make_job(item)
+        if isinstance(job_or_result, ItemResult):
+            self.done[key] = job_or_result
+            return
+        job = job_or_result
+        now = time.time()
+        token = secrets.token_hex(8)  # the item process's tag, named in its claim
+        holder = self._holder(now, job.deadlines.task_timeout, token)
+        # --llmbench-fresh / --llmbench-rescore: results of earlier runs do not count.
+        ignore_before = self.run_id if (self.fresh or job.rescore_from is not None) else None
+        claim = self.store.claim(key, holder=holder, fresh_run_id=ignore_before, run_id=self.run_id)
+        if claim.kind == "done" and claim.result is not None:
+            self.elsewhere.discard(key)
+            self.done[key] = claim.result
+            return
+        if claim.kind == "busy":
+            self.elsewhere.add(key)
+            return
+        if claim.kind == "overdue" and claim.holder is not None:
+            self._reclaim_overdue(key, claim.holder)
+            claim = self.store.claim(key, holder=holder, force=True, fresh_run_id=ignore_before,
+                                     run_id=self.run_id)
+            if claim.kind != "claimed":
+                self.elsewhere.add(key)
+                return
+        if claim.kind != "claimed":
+            self.elsewhere.add(key)
+            return
+        self.elsewhere.discard(key)
+        self._fork(job, token)
+
+    def _check_elsewhere(self, key: str) -> bool:
+        """Take the stored result of an item another process ran: a finished one, or an
+        error from this very run (another worker's attempt: not run a second time)."""
+        result = self.store.get(key)
+        if result is not None and (
+            result.identity.get("run_id") == self.run_id
+            or (result.status != ERROR and not self.fresh)
+        ):
+            self.done[key] = result
+            self.elsewhere.discard(key)
+            return True
+        return False
+
+    def _holder(self, now: float, task_timeout: float, token: str) -> ClaimHolder:
+        return ClaimHolder(
+            pid=self.holder.pid,
+            start_time=self.holder.start_time,
+            host=self.holder.host,
+            run_id=self.run_id,
+            claimed_at=now,
+            deadline=now + task_timeout + CLAIM_GRACE,
+            token=token,
+        )
+
+    def _reclaim_overdue(self, key: str, holder: ClaimHolder) -> None:
+        """A live holder kept a claim past task deadline + grace: kill its item, take it over.
+
+        The holder is a whole pytest process (another run's worker) whose own engine should
+        have killed the item at its task deadline but did not (frozen, stopped, overloaded).
+        Killing that process would end every other item it runs, so only the item's own
+        process tree, found by the token named in the claim, is killed; a record left like a
+        lease reclaim's lets the holder report the item as ``lease_timeout``.
+        """
+        from pytest_llmbench.coord.lease import ReclaimEvent, record_reclaim
+
+        held = time.time() - holder.claimed_at
+        killed: list[int] = []
+        if holder.is_local() and holder.token:
+            killed = proc.kill_tree(0, token=holder.token, grace=KILL_GRACE)
+            record_reclaim(self.store.root, ReclaimEvent(
+                resource="claim", slot=0, holder=holder.pid, held=held, reason="over_time",
+                limit=holder.deadline - holder.claimed_at, label=key[:12], token=holder.token,
+                killed=tuple(killed),
+            ))
+        log.warning(
+            "[ForcedRelease] resource=claim item=%s holder=%d on %s held=%.1fs past its"
+            " deadline: killed %d item process(es), taking the claim over",
+            key[:12], holder.pid, holder.host, held, len(killed),
+        )
+
+    # --- children ------------------------------------------------------------------------
+
+    def _fork(self, job: Job, token: str) -> None:
+        """Start ``job``: in an idle item host, a new one, or a child forked for it alone."""
+        started = time.monotonic()
+        deadline = started + job.deadlines.task_timeout
+        if self.use_server and self._run_in_host(job, token, started, deadline):
+            return
+        self._fork_local(job, token, started, deadline)
+
+    def _run_in_host(self, job: Job, token: str, started: float, deadline: float) -> bool:
+        host = next((h for h in self.hosts.values() if h.idle), None) or self._new_host()
+        if host is None:
+            return False
+        env = dict(os.environ)
+        # pytest's marker of the test it is on: never this item (it runs ahead), and it would
+        # make the environment differ for every job.
+        env.pop("PYTEST_CURRENT_TEST", None)
+        payload = forkserver.encode(forkserver.Spawn(
+            job=job, token=token, deadline=deadline, store_root=str(self.store.root),
+            fsync=self.store.fsync, holder=self.holder, sys_path=tuple(sys.path), cwd=os.getcwd(),
+            env=None if env == host.env else env,
+        ))
+        if payload is None:
+            host.idle = True  # free for the next job; this one forks from pytest
+            return False
+        host.env = env
+        try:
+            os.write(host.jobs_fd, len(payload).to_bytes(4, "big") + payload)
+        except OSError as exc:  # the host is gone; its exit is on its way
+            log.debug("item host %d did not take a job: %s", host.pid, exc)
+            self._drop_host(host)
+            return False
+        child = Child(job=job, pid=host.pid, fd=host.fd, token=token, started=started,
+                      deadline=deadline, host=host)
+        host.child, host.idle = child, False
+        self.running[job.key] = child
+        return True
+
+    def _new_host(self) -> Host | None:
+        self.warm()
+        if self.server is None:
+            return None
+        jobs_r, jobs_w = os.pipe2(os.O_CLOEXEC)
+        results_r, results_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            seq = self.server.spawn_host(jobs_r, results_w)
+        except OSError as exc:
+            for fd in (jobs_w, results_r):
+                os.close(fd)
+            log.warning("the fork server is gone (%s): items fork from pytest", exc)
+            self.use_server = False
+            return None
+        finally:
+            os.close(jobs_r)
+            os.close(results_w)
+        os.set_blocking(results_r, False)
+        host = Host(seq=seq, jobs_fd=jobs_w, fd=results_r)
+        self.hosts[seq] = host
+        self.selector.register(results_r, selectors.EVENT_READ, ("host", host))
+        return host
+
+    def _connect_server(self) -> forkserver.ForkServer:
+        """The run's shared fork server if there is one and it answers, else our own."""
+        if self.server_path:
+            try:
+                return forkserver.ForkServer.connect(self.server_path)
+            except OSError as exc:
+                log.warning("could not connect to the shared fork server at %s (%s): "
+                            "starting one for this process", self.server_path, exc)
+                self.server_path = None
+        return forkserver.ForkServer(tls=self.tls)
+
+    def _drop_host(self, host: Host) -> None:
+        """Forget ``host`` (dead, killed or leaving); its item, if any, is handled apart."""
+        if self.hosts.pop(host.seq, None) is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(host.fd)
+        for fd in (host.fd, host.jobs_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _fork_local(self, job: Job, token: str, started: float, deadline: float) -> None:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        # The child must not run the cyclic GC over the parent's heap: a collection touches
+        # every tracked object and copies nearly every page (copy-on-write). Freezing moves
+        # the heap out of the collector's reach for the instant of the fork (O(1) both ways).
+        gc.freeze()
+        pid = -1
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns when forking a process that has threads (xdist's IO
+                # thread): the child only touches its own pipe and sockets, then _exit()s.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' outcomes
+                gc.disable()
+                os.close(read_fd)
+                child_main(job, write_fd, token, deadline, self.store, self.holder)
+        finally:
+            if pid != 0:
+                gc.unfreeze()
+        os.close(write_fd)
+        # Also set the group from the parent: a deadline may fire before the child runs.
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
+        child = Child(job=job, pid=pid, fd=read_fd, token=token, started=started, deadline=deadline)
+        try:
+            child.pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            child.pidfd = None
+        self._track(child)
+
+    def _track(self, child: Child) -> None:
+        os.set_blocking(child.fd, False)
+        self.running[child.job.key] = child
+        self.selector.register(child.fd, selectors.EVENT_READ, ("pipe", child))
+        if child.pidfd is not None:
+            self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
+
+    def _server_events(self) -> None:
+        server = self.server
+        assert server is not None
+        for event in server.events():
+            if event[0] == "forked":
+                _, seq, pid = event
+                host = self.hosts.get(seq)
+                if host is not None:
+                    host.pid = pid
+                    if host.child is not None:
+                        host.child.pid = pid
+            elif event[0] == "exit":
+                _, pid, status = event
+                host = next((h for h in self.hosts.values() if h.pid == pid), None)
+                if host is not None:
+                    self._host_exited(host, status)
+            elif event[0] == "gone":  # the server died: from now on items fork from pytest
+                log.warning("the fork server exited: items fork from pytest from now on")
+                self.selector.unregister(server.fileno())
+                server.close()
+                self.server, self.use_server = None, False
+                for host in list(self.hosts.values()):
+                    # Hosts re-parent to us (subreaper); each leaves at the end of its job
+                    # pipe, after its current item, whose result still arrives on its pipe.
+                    if host.child is None or not host.pid:
+                        self._drop_host(host)
+                        if host.child is not None and host.child.job.key in self.running:
+                            child = host.child
+                            self.running.pop(child.job.key, None)
+                            self._fork_local(child.job, child.token, child.started, child.deadline)
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.close(host.jobs_fd)
+                        host.jobs_fd = -1
+
+    def _host_output(self, host: Host) -> None:
+        """Read what ``host`` sent: its item's events, ``result``, ``idle``; or its end."""
+        lines, eof = read_lines(host.fd, host.buffer)
+        for line in lines:
+            self._host_event(host, line)
+        if not eof:
+            return
+        if self.server is not None and host.pid:
+            # Its exit status follows from the fork server: finish the item then.
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(host.fd)
+        else:
+            self._host_exited(host, None)
+
+    def _host_event(self, host: Host, line: bytes) -> None:
+        try:
+            kind, data = json.loads(line)
+        except (ValueError, TypeError):
+            return
+        child = host.child
+        if kind == "idle":
+            host.idle = host.jobs_fd >= 0
+            if not host.idle:
+                self._drop_host(host)
+            return
+        if child is None:
+            return
+        if kind == "refused":  # the host cannot load this job: we fork it ourselves
+            log.debug("an item host refused %s (%s): forking it from pytest", child.job.nodeid, data)
+            host.child = None
+            if self.running.get(child.job.key) is child:
+                del self.running[child.job.key]
+                self._fork_local(child.job, child.token, child.started, child.deadline)
+            return
+        self._event(child, line)
+        if kind == "result" and child.result is not None:
+            host.child = None
+            if self.running.get(child.job.key) is child:
+                del self.running[child.job.key]
+                self.done[child.job.key] = child.result
+                self.stragglers.finished(child, child.result)
+
+    def _host_exited(self, host: Host, status: int | None) -> None:
+        """The host is gone (its pipe closed, or the server reaped it)."""
+        if host.seq not in self.hosts:
+            return
+        for line in read_lines(host.fd, host.buffer)[0]:
+            self._host_event(host, line)
+        self._drop_host(host)
+        if self.server is None and host.pid:  # re-parented to us when the server died
+            status = proc.reap([host.pid]).get(host.pid, status)
+        child = host.child
+        if child is not None and self.running.get(child.job.key) is child:
+            del self.running[child.job.key]
+            if host.pid and proc.group_exists(host.pid):
+                proc.reap(self._kill_tree(child, 0.2))
+            result = crash_result(child, status, self.store.root)
+            self._put(result)
+            self.done[child.job.key] = result
+
+    def _next_timeout(self) -> float:
+        if not self.running:
+            return POLL_ELSEWHERE
+        soonest = min(c.deadline for c in self.running.values()) + KILL_SLACK
+        # The next item to turn straggler frees a slot then: wake up to fill it.
+        soonest = min(soonest, self.stragglers.next_change(self.running, self.concurrency))
+        timeout = max(0.0, soonest - time.monotonic())
+        if any(c.pidfd is None and c.host is None for c in self.running.values()):
+            timeout = min(timeout, 0.02)
+        return min(timeout, 1.0)
+
+    def _service(self, timeout: float) -> None:
+        """Wait for child output/exit or the next deadline, then handle what happened."""
+        if self.running:
+            events = self.selector.select(timeout)
+        else:
+            events = []
+            time.sleep(timeout)
+        for skey, _mask in events:
+            kind, child = skey.data
+            if kind == "pipe":
+                self._read(child)
+            elif kind == "host":
+                self._host_output(child)
+            elif kind == "server":
+                self._server_events()
+            elif kind == "wake":
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 64)
+            else:
+                self._finish(child)
+        now = time.monotonic()
+        if self.tick is not None and now >= self._next_tick:
+            self._next_tick = now + TICK_INTERVAL
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - a monitor failure must not stop the run
+                log.exception("lease monitor tick failed")
+        overdue = []
+        for child in list(self.running.values()):
+            if child.pidfd is None and child.host is None:
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
+                if pid:
+                    self._finish(child, status)
+                    continue
+            if now >= child.deadline + KILL_SLACK and child.job.key in self.running:
+                overdue.append(child)
+        if overdue:
+            self._kill(overdue)
+
+    def _read(self, child: Child) -> None:
+        lines, eof = read_lines(child.fd, child.buffer)
+        for line in lines:
+            self._event(child, line)
+        if eof:  # stop watching the pipe; the exit event finishes the item
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(child.fd)
+
+    def _event(self, child: Child, line: bytes) -> None:
+        try:
+            kind, data = json.loads(line)
+        except (ValueError, TypeError):
+            return
+        if kind == "attempt":
+            child.attempts.append(data)
+        elif kind == "completion":
+            child.completions.append(data)
+        elif kind == "turn":
+            child.turn = int(data["turn"])
+        elif kind == "log":
+            record = logging.makeLogRecord(data)
+            logging.getLogger(record.name).handle(record)
+        elif kind == "result":
+            child.result = ItemResult.from_dict(data)
+        elif kind == "crash":
+            child.crash = str(data)
+
+    def _finish(self, child: Child, status: int | None = None) -> None:
+        """The child exited by itself: collect its result (or record the crash)."""
+        if child.job.key not in self.running:
+            return
+        if status is None:
+            try:
+                _pid, status = os.waitpid(child.pid, 0)
+            except ChildProcessError:
+                status = 0
+        self._read(child)
+        self._close(child)
+        # Anything the item left behind in its group goes with it (one syscall to know).
+        if proc.group_exists(child.pid):
+            proc.reap(self._kill_tree(child, 0.2))
+        result = child.result
+        if result is None:
+            result = crash_result(child, status, self.store.root)
+            self._put(result)
+        else:
+            self.stragglers.finished(child, result)
+        self.done[child.job.key] = result
+
+    def _kill(self, children: list[Child]) -> None:
+        """Task deadline: kill these items' whole process trees (in one pass: items that
+        started together often time out together) and record what each had done."""
+        due = []
+        for child in children:
+            if child.host is not None:
+                self._host_output(child.host)
+                if self.running.get(child.job.key) is not child:  # finished in the last moment
+                    continue
+            else:
+                self._read(child)
+                if child.result is not None:  # it finished in the very last moment
+                    self._finish(child)
+                    continue
+            log.warning(
+                "[TaskTimeout] %s: killed after %.1f s (task_timeout %.1f s, turn %d, %d attempts)",
+                child.job.nodeid, time.monotonic() - child.started, child.job.deadlines.task_timeout,
+                child.turn, len(child.attempts),
+            )
+            due.append(child)
+        if not due:
+            return
+        killed = proc.kill_trees([kill_spec(c) for c in due], grace=KILL_GRACE)
+        for child in due:
+            if child.host is not None:
+                self._drop_host(child.host)  # the fork server reaps it
+            else:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child.pid, 0)
+        proc.reap(p for p in killed if p not in {c.pid for c in due})
+        for child in due:
+            self._close(child)  # whatever it sent after the deadline does not count
+            self._timed_out(child)
+
+    def _timed_out(self, child: Child) -> None:
+        result = timeout_result(child)
+        self._put(result)
+        self.done[child.job.key] = result
+
+    def _put(self, result: ItemResult) -> None:
+        try:
+            self.store.put(result)
+        except OSError as exc:
+            log.error("could not store the result of %s: %s", result.identity.get("nodeid"), exc)
+
+    def _kill_tree(self, child: Child, grace: float) -> list[int]:
+        return proc.kill_trees([kill_spec(child)], grace=grace)
+
+    def _close(self, child: Child) -> None:
+        self.running.pop(child.job.key, None)
+        if child.host is not None:  # the host's pipes are the host's
+            return
+        for fd in (child.fd, child.pidfd):
+            if fd is None:
+                continue
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(fd)
+            os.close(fd)
+
+    def drain(self) -> None:
+        """Let every running child finish (each is bounded by its task deadline).
+
+        Lookahead claims items of other xdist workers; one still running when this worker's
+        session ends belongs to a worker waiting for its stored result. Killing it would throw
+        away its API call and release the claim, and the owner would run the item again."""
+        while self.running:
+            self._service(self._next_timeout())
+
+    def shutdown(self) -> None:
+        """Kill every running child (interrupted run); their claims die with this process."""
+        self._take_over()
+        for child in list(self.running.values()):
+            proc.reap(self._kill_tree(child, 0.2))
+            if child.host is None:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child.pid, 0)
+            self._close(child)
+            with contextlib.suppress(OSError):
+                self.store.release(child.job.key, self.holder)
+        for host in list(self.hosts.values()):
+            self._drop_host(host)  # an idle host leaves at the end of its job pipe
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        self.selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1  # a second shutdown closes nothing reused since
+
+    def pending(self) -> Iterable[str]:
+        return list(self.running)

@@ -1,0 +1,1 @@
+"""Model access: one chat call under the deadline layer, behind the provider seam."""

@@ -1,0 +1,284 @@
+"""Scorers: judge a model's answer against the instance's expectation.
+
+A scorer is any ``Callable[[ScoreRequest], Score]``. A suite names it; the name resolves,
+first match wins:
+
+1. the ``pytest_llmbench_get_scorer(name)`` hook (conftests and plugins add or override scorers);
+2. the built-ins: ``exact``, ``normalized`` (``normalised``), ``contains``, ``regex``,
+   ``numeric``, ``choice``, ``json`` and ``code`` (the latter lives in ``codeexec.py`` and is
+   imported only when called, so a broken sandbox fails only the suites that use it);
+3. a ``module:function`` reference, imported with the rootdir / current directory on
+   ``sys.path`` as pytest would have them.
+
+Built-ins check their options and expected value with the same code at collection time
+(``validate_options``, called by the suite loader) and at scoring time, so a schema mistake
+surfaces before anything runs and a scorer never sees an option it does not know.
+Nothing here holds run state: resolution is a pure function of its arguments (and of
+``sys.modules`` for references).
+
+The built-ins themselves (their options, ``expected`` checks and text extractors) are in
+``scorers_builtin.py``; this module resolves names, validates specs and runs scorers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import logging
+import numbers
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, cast
+
+from pytest_llmbench.errors import ScorerError
+from pytest_llmbench.records import Score, ScoreRequest, ScorerSpec
+from pytest_llmbench.scoring.builtin import (
+    _BUILTINS,
+    _Bad,
+    _check_options,
+    _run_builtin,
+    _score_code,
+    _show,
+    extract_choice,
+    extract_last_number,
+    json_equal,
+    normalize_text,
+    parse_json_object,
+)
+
+__all__ = [
+    "ALIASES",
+    "BUILTIN_SCORERS",
+    "NOT_GIVEN",
+    "NamedScorer",
+    "ScorerFn",
+    "coerce_score",
+    "extract_choice",
+    "extract_last_number",
+    "json_equal",
+    "normalize_text",
+    "parse_json_object",
+    "resolve_scorer",
+    "run_scorer",
+    "scorer_exists",
+    "unknown_scorer_message",
+    "validate_options",
+]
+
+log = logging.getLogger("pytest_llmbench.scoring.resolve")
+
+ScorerFn = Callable[[ScoreRequest], Score]
+
+#: Built-in scorer names, in the order shown in messages.
+BUILTIN_SCORERS: tuple[str, ...] = (
+    "exact", "normalized", "contains", "regex", "numeric", "choice", "json", "code",
+)
+ALIASES: Mapping[str, str] = {"normalised": "normalized"}
+
+
+class _NotGiven:
+    """Sentinel type: ``expected`` not passed (``None`` is a real, if useless, value)."""
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN: Any = _NotGiven()
+
+
+@dataclass(frozen=True)
+class NamedScorer:
+    """A resolved scorer with the name it was resolved from (for error messages)."""
+
+    name: str
+    fn: Callable[[ScoreRequest], Any]
+
+    def __call__(self, req: ScoreRequest) -> Score:
+        return coerce_score(self.fn(req), self.name)
+
+
+def unknown_scorer_message(name: str) -> str:
+    close = difflib.get_close_matches(name, [*BUILTIN_SCORERS, *ALIASES], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (
+        f"unknown scorer {name!r}{hint}: use a built-in scorer ({', '.join(BUILTIN_SCORERS)}), "
+        "or a 'module:function' reference, or a plugin implementing pytest_llmbench_get_scorer"
+    )
+
+
+def _from_hook(hook: Any, name: str) -> Callable[[ScoreRequest], Any] | None:
+    """Ask ``pytest_llmbench_get_scorer``. ``hook`` is a hook relay (``config.hook``) or the hook
+    caller itself; without the hookspec registered, pluggy returns a list of results."""
+    if hook is None:
+        return None
+    caller = getattr(hook, "pytest_llmbench_get_scorer", None)
+    if caller is None and callable(hook):
+        caller = hook
+    if caller is None:
+        return None
+    try:
+        result = caller(name=name)
+    except Exception as exc:
+        raise ScorerError(f"pytest_llmbench_get_scorer({name!r}) raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(result, list):
+        result = next((r for r in result if r is not None), None)
+    if result is not None and not callable(result):
+        raise ScorerError(f"pytest_llmbench_get_scorer({name!r}) returned {result!r}, which is not callable")
+    return cast("Callable[[ScoreRequest], Any] | None", result)
+
+
+def _rootdir_of(pluginmanager: Any) -> Path | None:
+    config = pluginmanager.get_plugin("pytestconfig") if pluginmanager is not None else None
+    rootpath = getattr(config, "rootpath", None)
+    return rootpath if isinstance(rootpath, Path) else None
+
+
+def _import_reference(ref: str, rootdir: str | os.PathLike[str] | None) -> Callable[[ScoreRequest], Any]:
+    """Import ``module:function`` (``function`` may be dotted, e.g. ``Class.method``).
+
+    Only when the module itself is not found are the rootdir and current directory put on
+    ``sys.path`` (kept there, as pytest keeps the rootdir for conftests): a module that is
+    found but fails inside is reported as it is.
+    """
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ScorerError(f"scorer reference {ref!r} must look like 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing_self = exc.name is not None and (module_name + ".").startswith(exc.name + ".")
+        added = []
+        if missing_self:
+            for directory in (os.getcwd(), rootdir):  # rootdir ends up first
+                if directory is not None and str(directory) not in sys.path:
+                    sys.path.insert(0, str(directory))
+                    added.append(str(directory))
+        if not added:
+            raise ScorerError(f"cannot import module {module_name!r} for scorer {ref!r}: {exc}") from exc
+        log.debug("added %s to sys.path to import scorer %s", added, ref)
+        importlib.invalidate_caches()
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc2:
+            for directory in added:
+                sys.path.remove(directory)
+            raise ScorerError(
+                f"cannot import module {module_name!r} for scorer {ref!r}: {type(exc2).__name__}: {exc2}"
+            ) from exc2
+    except Exception as exc:
+        raise ScorerError(
+            f"cannot import module {module_name!r} for scorer {ref!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ScorerError(f"scorer reference {ref!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ScorerError(f"scorer reference {ref!r} is not callable ({type(obj).__name__})")
+    return cast("Callable[[ScoreRequest], Any]", obj)
+
+
+def _resolve(name: str, hook: Any, rootdir: str | os.PathLike[str] | None) -> NamedScorer:
+    fn = _from_hook(hook, name)
+    if fn is not None:
+        return NamedScorer(name, fn)
+    canonical = ALIASES.get(name, name)
+    if canonical in _BUILTINS:
+        return NamedScorer(canonical, functools.partial(_run_builtin, canonical))
+    if canonical == "code":
+        return NamedScorer("code", _score_code)
+    if ":" in name:
+        return NamedScorer(name, _import_reference(name, rootdir))
+    raise ScorerError(unknown_scorer_message(name))
+
+
+def resolve_scorer(
+    spec: ScorerSpec, pluginmanager: Any = None, *, rootdir: str | os.PathLike[str] | None = None
+) -> NamedScorer:
+    """The scorer for ``spec.name``: hook, then built-in, then ``module:function``.
+
+    ``pluginmanager`` is pytest's (``config.pluginmanager``) or any pluggy manager with the
+    hookspecs added; ``rootdir`` defaults to the rootdir of the pytest config registered in
+    it. The options are not bound: pass ``spec.options`` in the ``ScoreRequest``.
+    """
+    hook = pluginmanager.hook if pluginmanager is not None else None
+    return _resolve(spec.name, hook, rootdir if rootdir is not None else _rootdir_of(pluginmanager))
+
+
+def scorer_exists(name: str, hook: Any = None, *, rootdir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether ``name`` resolves (a ``module:function`` reference is imported to know)."""
+    try:
+        _resolve(name, hook, rootdir)
+    except ScorerError as exc:
+        log.debug("scorer %r does not resolve: %s", name, exc)
+        return False
+    return True
+
+
+def validate_options(
+    spec: ScorerSpec,
+    expected: Any = NOT_GIVEN,
+    *,
+    hook: Any = None,
+    rootdir: str | os.PathLike[str] | None = None,
+) -> None:
+    """Raise ScorerError if ``spec`` cannot work: unknown scorer, threshold outside [0, 1],
+    an unknown or ill-typed option of a built-in, or (when given) an ``expected`` value the
+    built-in cannot use. A name provided by the hook is the plugin's to validate."""
+    threshold = spec.threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= float(threshold) <= 1:
+        raise ScorerError(f"scorer {spec.name!r}: threshold must be a number in [0, 1], not {threshold!r}")
+    if _from_hook(hook, spec.name) is not None:
+        return
+    canonical = ALIASES.get(spec.name, spec.name)
+    if canonical in _BUILTINS:
+        try:
+            opts = _check_options(canonical, spec.options)
+            if expected is not NOT_GIVEN:
+                _BUILTINS[canonical].expected(expected, opts)
+        except _Bad as exc:
+            raise ScorerError(f"scorer {spec.name!r}: {exc}") from None
+    elif canonical != "code":  # code's options belong to codeexec, checked when it runs
+        _resolve(spec.name, None, rootdir)
+
+
+def coerce_score(raw: Any, name: str) -> Score:
+    """A scorer's return value as a Score: a Score, or a bare bool/int/float, in [0, 1]."""
+    if isinstance(raw, Score):
+        value: Any = raw.value
+    elif isinstance(raw, numbers.Real):
+        value = raw
+    else:
+        raise ScorerError(
+            f"scorer {name!r} returned {type(raw).__name__} {_show(repr(raw), 40)}; "
+            "a scorer must return a Score or a number in [0, 1]"
+        )
+    if isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, numbers.Real) or not 0 <= float(value) <= 1:
+        raise ScorerError(f"scorer {name!r} returned score {value!r}, outside [0, 1]")
+    if isinstance(raw, Score):
+        return raw if type(raw.value) is float else replace(raw, value=float(value))
+    return Score(value=float(value))
+
+
+def run_scorer(scorer: Callable[[ScoreRequest], Any], req: ScoreRequest, threshold: float) -> tuple[Score, bool]:
+    """Score ``req``; returns ``(score, passed)`` with passed = ``value >= threshold``.
+
+    Anything the scorer raises becomes a ScorerError carrying the original type and
+    message (the item's error class is then ``scorer_error``, not a crash).
+    """
+    name = getattr(scorer, "name", None) or getattr(scorer, "__qualname__", None) or repr(scorer)
+    try:
+        raw = scorer(req)
+    except ScorerError:
+        raise
+    except Exception as exc:
+        raise ScorerError(f"scorer {name!r} raised {type(exc).__name__}: {exc}") from exc
+    score = coerce_score(raw, str(name))
+    return score, score.value >= threshold

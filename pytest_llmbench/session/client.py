@@ -1,0 +1,78 @@
+"""What plain Python tests get through fixtures: a model client and resource leases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pytest_llmbench.config import deadline_overrides
+from pytest_llmbench.records import Completion, Deadlines, Message, ModelSpec
+
+if TYPE_CHECKING:
+    from pytest_llmbench.coord.lease import Lease
+    from pytest_llmbench.session.run import LLMBenchSession
+
+
+class LLMClient:
+    """``llm.chat(...)``: the same API layer (timeouts, retries, Retry-After) as suite items."""
+
+    def __init__(self, session: LLMBenchSession, label: str, overrides: Mapping[str, Any]) -> None:
+        self._session = session
+        self._label = label
+        self._overrides = deadline_overrides(
+            {k: v for k, v in overrides.items() if k != "model"}, f"{label}: llmbench marker"
+        )
+        self._default_model = overrides.get("model")
+
+    @property
+    def models(self) -> tuple[ModelSpec, ...]:
+        return self._session.settings.models
+
+    @property
+    def deadlines(self) -> Deadlines:
+        values = dict(self._overrides)
+        if "api_retries" in values:
+            values["api_retries"] = int(values["api_retries"])
+        return self._session.settings.deadlines.replace(**values)
+
+    def model(self, name: str | None = None) -> ModelSpec:
+        name = name or self._default_model
+        if name is None:
+            return self.models[0]
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        known = ", ".join(m.name for m in self.models)
+        raise LookupError(f"model {name!r} is not selected for this run; selected: {known}")
+
+    def chat(
+        self, prompt: str | Sequence[Message], *, model: str | None = None, system: str | None = None,
+        **params: Any,
+    ) -> Completion:
+        from pytest_llmbench.providers import api
+
+        spec = self.model(model)
+        messages: list[Message] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        if isinstance(prompt, str):
+            messages.append({"role": "user", "content": prompt})
+        else:
+            messages.extend(dict(m) for m in prompt)
+        return api.chat(
+            self._session.resolved_model(spec),
+            messages,
+            params=params,
+            deadlines=self.deadlines,
+            api_key=self._session.settings.api_key(spec),
+            label=self._label,
+        )
+
+
+def lease_factory(session: LLMBenchSession) -> Callable[..., Lease]:
+    """``llm_lease("sandbox", timeout=10)`` -> a context-managed lease on that pool."""
+
+    def acquire(pool: str, timeout: float | None = None, *, label: str = "") -> Lease:
+        return session.leases.acquire(pool, timeout, label=label)
+
+    return acquire

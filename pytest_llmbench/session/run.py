@@ -1,0 +1,463 @@
+"""The run's state and behaviour, registered as a plugin object at configure time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_llmbench.config import Settings, check_hierarchy, deadline_overrides
+from pytest_llmbench.errors import ConfigError, ScorerError
+from pytest_llmbench.records import ERROR, Case, ItemResult, ModelSpec, ScorerSpec
+from pytest_llmbench.report import text as report
+
+if TYPE_CHECKING:
+    from pytest_llmbench.collect.items import LLMItem
+    from pytest_llmbench.coord.lease import LeaseManager
+    from pytest_llmbench.coord.ratelimit import SharedLimiter
+    from pytest_llmbench.engine.forkserver import SharedForkServer
+    from pytest_llmbench.engine.runner import Job, Scorer
+    from pytest_llmbench.engine.scheduler import Engine
+    from pytest_llmbench.sim.control import SimServer
+    from pytest_llmbench.store.filestore import Store
+
+log = logging.getLogger("pytest_llmbench")
+
+SESSION_KEY = pytest.StashKey["LLMBenchSession"]()
+
+
+class LLMBenchSession:
+    """Owns settings, the store, the engine and the simulator for one pytest process."""
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+        self.is_worker = workerinput is not None
+        self.run_id: str = (
+            workerinput["llmbench_run_id"]
+            if workerinput and "llmbench_run_id" in workerinput
+            else secrets.token_hex(8)
+        )
+        self.sim_url: str | None = (workerinput or {}).get("llmbench_sim_url") or os.environ.get(
+            "LLMBENCH_SIM_URL"
+        )
+        self._sim: SimServer | None = None
+        self._fork_server: SharedForkServer | None = None
+        self._fork_server_failed = False
+        self._store: Store | None = None
+        self._engine: Engine | None = None
+        self._leases: LeaseManager | None = None
+        self._limiter: SharedLimiter | None = None
+        self._by_request: dict[str, ItemResult] | None = None
+        self._scorers: dict[str, Scorer] = {}
+        self._markers: set[str] = set()
+        self.suite_errors = 0
+        self.other_collect_errors = 0
+        self.reported: dict[str, bool] = {}
+        """llmbench key -> cached, from every item report this process saw."""
+
+    # --- shared pieces, created on first use ---------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from pytest_llmbench.store.filestore import Store
+
+            self._store = Store.open(self.settings.store_dir)
+        return self._store
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            from pytest_llmbench.engine.scheduler import Engine
+
+            self._engine = Engine(
+                store=self.store,
+                run_id=self.run_id,
+                concurrency=self.settings.concurrency,
+                make_job=self.make_job,
+                key_of=lambda item: getattr(item, "key", None) if _is_llm_item(item) else None,
+                fresh=self.settings.fresh,
+                tick=self.leases.monitor_tick if self.settings.resources else None,
+                fork_server=(getattr(self.config, "workerinput", None) or {}).get(
+                    "llmbench_fork_server"),
+                tls=self.uses_tls(),
+            )
+        return self._engine
+
+    @property
+    def leases(self) -> LeaseManager:
+        """Resource pools of ``[tool.llmbench.resources]``, shared through file locks."""
+        if self._leases is None:
+            from pytest_llmbench.coord.lease import LeaseManager
+
+            self._leases = LeaseManager(
+                self.settings.store_dir, dict(self.settings.resources),
+                self.settings.deadlines.lease_max,
+            )
+        return self._leases
+
+    @property
+    def limiter(self) -> SharedLimiter:
+        """Rate limits and shared Retry-After per endpoint, for every process on the machine."""
+        if self._limiter is None:
+            from pytest_llmbench.coord.ratelimit import SharedLimiter, default_root
+
+            self._limiter = SharedLimiter(default_root())
+        return self._limiter
+
+    def ensure_sim(self) -> str:
+        """URL of the simulator, starting one (a subprocess) the first time it is needed."""
+        if self.sim_url is None:
+            from pytest_llmbench.sim.control import SimServer
+
+            self._sim = SimServer.start(**dict(self.settings.sim_options))
+            self.sim_url = self._sim.base_url
+            log.info("started the simulator at %s", self.sim_url)
+        return self.sim_url
+
+    def uses_tls(self) -> bool:
+        return any(m.base_url.lower().startswith("https:") for m in self.settings.models)
+
+    def uses_sim(self) -> bool:
+        return any(m.simulated for m in self.settings.models)
+
+    # --- collection ----------------------------------------------------------------------
+
+    def check_scorer(self, spec: ScorerSpec) -> None:
+        from pytest_llmbench.scoring.resolve import validate_options
+
+        self._resolve_scorer(spec)
+        validate_options(spec, hook=self.config.pluginmanager.hook, rootdir=self.config.rootpath)
+
+    def check_expected(self, spec: ScorerSpec, expected: Any) -> None:
+        from pytest_llmbench.scoring.resolve import validate_options
+
+        validate_options(
+            spec, expected, hook=self.config.pluginmanager.hook, rootdir=self.config.rootpath
+        )
+
+    def _resolve_scorer(self, spec: ScorerSpec) -> Scorer:
+        cache_key = spec.name
+        scorer = self._scorers.get(cache_key)
+        if scorer is None:
+            from pytest_llmbench.scoring.resolve import resolve_scorer
+
+            scorer = resolve_scorer(spec, self.config.pluginmanager, rootdir=self.config.rootpath)
+            self._scorers[cache_key] = scorer
+        return scorer
+
+    def register_marker(self, tag: str) -> None:
+        if tag not in self._markers:
+            self._markers.add(tag)
+            self.config.addinivalue_line("markers", f"{tag}: suite tag (pytest-llmbench)")
+
+    def key_for(self, item: LLMItem) -> str:
+        from pytest_llmbench.store.filestore import item_key
+
+        case, model = item.case, item.model
+        return item_key(
+            messages=[list(turn) for turn in case.turns],
+            model=model.model,
+            base_url=model.base_url,
+            params={**model.params, **case.params},
+            scorer={"name": case.scorer.name, "options": dict(case.scorer.options),
+                    "threshold": case.scorer.threshold},
+            repeat=item.repeat,
+            extra={"expected": case.expected, "extra": dict(case.extra)},
+        )
+
+    def request_key_for(self, item: LLMItem) -> str:
+        """Hash of what determines the *completions* (not the verdict): rescoring with an
+        edited scorer or expected answer finds the stored answers through it."""
+        from pytest_llmbench.store.filestore import item_key
+
+        case, model = item.case, item.model
+        return item_key(
+            messages=[list(turn) for turn in case.turns], model=model.model,
+            base_url=model.base_url, params={**model.params, **case.params},
+            scorer={}, repeat=item.repeat,
+        )
+
+    def stored_completions(self, item: LLMItem) -> ItemResult | None:
+        """--llmbench-rescore: the newest stored result with completions for this request."""
+        if self._by_request is None:
+            self._by_request = {}
+            for _path, result in self.store.iter_results():
+                if result is None or not result.completions or result.answer is None:
+                    continue
+                rkey = result.identity.get("request_key")
+                if not isinstance(rkey, str):
+                    continue
+                known = self._by_request.get(rkey)
+                if known is None or known.started_at < result.started_at:
+                    self._by_request[rkey] = result
+        return self._by_request.get(self.request_key_for(item))
+
+    # --- running -------------------------------------------------------------------------
+
+    def deadlines_for(self, item: LLMItem) -> Any:
+        overrides: dict[str, float] = dict(item.case.deadlines)
+        marker = item.get_closest_marker("llmbench")
+        if marker is not None:
+            try:
+                overrides.update(deadline_overrides(marker.kwargs, f"{item.nodeid}: llmbench marker"))
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
+        if "api_retries" in overrides:
+            overrides["api_retries"] = int(overrides["api_retries"])
+        return self.settings.deadlines.replace(**overrides)
+
+    def resolved_model(self, model: ModelSpec) -> ModelSpec:
+        if model.simulated:
+            return dataclasses.replace(model, base_url=self.ensure_sim())
+        return model
+
+    def make_job(self, item: LLMItem) -> Job | ItemResult:
+        from pytest_llmbench.engine.runner import Job
+
+        identity = {**item.identity, "run_id": self.run_id,
+                    "request_key": self.request_key_for(item)}
+        try:
+            scorer = self._resolve_scorer(item.case.scorer)
+        except ScorerError as exc:
+            return ItemResult(key=item.key, identity=identity, status=ERROR,
+                              error_class="scorer_error", error=str(exc),
+                              expected=item.case.expected)
+        rescore_from = None
+        stored = None
+        if self.settings.rescore:
+            stored = rescore_from = self.stored_completions(item)
+        elif self.settings.fresh and item.case.scorer.name == "code":
+            stored = self.store.get(item.key)
+        return Job(
+            key=item.key,
+            nodeid=item.nodeid,
+            identity=identity,
+            case=_with_tle_presets(item.case, stored),
+            model=self.resolved_model(item.model),
+            deadlines=self.deadlines_for(item),
+            api_key=self.settings.api_key(item.model),
+            scorer=scorer,
+            limiter=self.limiter,
+            rescore_from=rescore_from,
+        )
+
+    def result_for(self, item: LLMItem) -> ItemResult:
+        result = self.engine.wait(item, item.session.items)
+        result.cached = result.identity.get("run_id") != self.run_id
+        self.config.hook.pytest_llmbench_result(result=result, item=item)
+        return result
+
+    def properties(self, result: ItemResult) -> list[tuple[str, object]]:
+        return report.junit_properties(result)
+
+    def describe(self, item: LLMItem, result: ItemResult) -> str:
+        prompt = ""
+        for message in reversed(item.case.turns[-1]):
+            if message.get("role") == "user":
+                prompt = message.get("content", "")
+                break
+        return report.describe(result, prompt=prompt, model=item.model.name)
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        s = self.settings
+        models = ", ".join(
+            f"{m.name} ({'built-in simulator' if m.simulated else m.base_url})" for m in s.models
+        )
+        d = s.deadlines
+        src = s.deadline_sources
+        lines = [
+            f"llmbench: models {models}; store {s.store_dir}; concurrency {s.concurrency} per process",
+            "llmbench deadlines: "
+            f"api_timeout {d.api_timeout:g} s ({src.get('api_timeout', 'default')}), "
+            f"api_retries {d.api_retries} ({src.get('api_retries', 'default')}), "
+            f"task_timeout {d.task_timeout:g} s ({src.get('task_timeout', 'default')}), "
+            f"lease_max {d.lease_max:g} s ({src.get('lease_max', 'default')})",
+        ]
+        problem = check_hierarchy(d)
+        if problem:
+            lines.append(f"llmbench WARNING: deadline hierarchy violated: {problem}")
+        if s.fresh:
+            lines.append("llmbench: --llmbench-fresh: stored results are ignored and overwritten")
+        if s.rescore:
+            lines.append("llmbench: --llmbench-rescore: stored completions are re-scored, no API calls")
+        return lines
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist controller: hand the run id, the simulator URL and the run's fork server
+        to every worker."""
+        node.workerinput["llmbench_run_id"] = self.run_id
+        if self.uses_sim():
+            node.workerinput["llmbench_sim_url"] = self.ensure_sim()
+        path = self.ensure_fork_server()
+        if path is not None:
+            node.workerinput["llmbench_fork_server"] = path
+
+    def ensure_fork_server(self) -> str | None:
+        """xdist controller: the path of the fork server every worker shares (one for the
+        run instead of one per worker), started on first call; None if switched off or it
+        could not start (each worker then starts its own)."""
+        from pytest_llmbench.engine import forkserver
+
+        if self._fork_server is None and not self._fork_server_failed and forkserver.enabled():
+            try:
+                self._fork_server = forkserver.SharedForkServer(tls=self.uses_tls())
+            except OSError as exc:
+                log.warning("could not start the shared fork server (%s): each worker "
+                            "starts its own", exc)
+                self._fork_server_failed = True
+        return self._fork_server.path if self._fork_server is not None else None
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            if report.nodeid.endswith(".toml"):
+                self.suite_errors += 1
+            else:
+                self.other_collect_errors += 1
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> None:
+        """A broken suite file is its own collection error; the other files still run.
+
+        pytest stops the whole run on any collection error; when every failure is a suite
+        file (never a Python import error), the run goes on, and still exits non-zero.
+        """
+        if self.suite_errors and not self.other_collect_errors:
+            session.config.option.continue_on_collection_errors = True
+        self._start_prefetch(session)
+
+    def warm(self) -> None:
+        """A suite file is being collected: start the fork server beside the collection."""
+        if not getattr(self.config.option, "collectonly", False):
+            self.engine.warm()  # once: the engine knows whether its server runs already
+
+    def _start_prefetch(self, session: pytest.Session) -> None:
+        """xdist worker: run items while the controller waits for the other workers.
+
+        Each worker starts with the items xdist's first round-robin batch gives it
+        (positions ``w, w+W, w+2W...``), then the rest; items another worker has taken are
+        skipped. Not with ``--collect-only``, ``-x``/``--maxfail`` (items the run may never
+        reach) or a collection error that ends the run."""
+        workerinput: dict[str, Any] | None = getattr(self.config, "workerinput", None)
+        opt = self.config.option
+        if (workerinput is None or getattr(opt, "collectonly", False) or getattr(opt, "maxfail", 0)
+                or self.other_collect_errors or session.shouldstop or session.shouldfail):
+            return
+        positions = [i for i, item in enumerate(session.items) if _is_llm_item(item)]
+        if not positions:
+            return
+        from pytest_llmbench.engine.inflight import prefetch_order
+
+        worker = _worker_index(workerinput.get("workerid"))
+        count = _worker_index(workerinput.get("workercount")) or 1
+        self.engine.prefetch(session.items, prefetch_order(positions, worker, count))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = dict(report.user_properties)
+        key = props.get("llmbench_key")
+        if isinstance(key, str):
+            self.reported[key] = props.get("cached") == "true"
+
+    def collect_results(self) -> list[ItemResult]:
+        if not self.reported:
+            return []
+        from pytest_llmbench.store.filestore import Store
+
+        store = self._store or Store.open(self.settings.store_dir)
+        found = store.lookup_many(list(self.reported))
+        results = []
+        for key, cached in self.reported.items():
+            result = found.get(key)
+            if result is not None:
+                result.cached = cached
+                results.append(result)
+        return results
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.is_worker or not self.reported:
+            return
+        from pytest_llmbench.report.summary import detail_lines, render_table, summarize
+
+        results = self.collect_results()
+        groups = summarize(results)
+        terminalreporter.section("llmbench summary")
+        terminalreporter.write_line(render_table(groups))
+        for line in detail_lines(results, groups):
+            terminalreporter.write_line(line)
+        cached = sum(1 for r in results if r.cached)
+        if cached:
+            terminalreporter.write_line(
+                f"{cached} of {len(results)} items reported from the store (cached, no API call);"
+                " --llmbench-fresh runs them again"
+            )
+        if self.settings.jsonl is not None:
+            count = report.write_jsonl(self.settings.jsonl, results)
+            terminalreporter.write_line(f"llmbench: wrote {count} records to {self.settings.jsonl}")
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self._engine is not None:
+            if exitstatus != pytest.ExitCode.INTERRUPTED and not session.shouldstop:
+                self._engine.drain()  # items claimed for other workers: finish, do not waste
+            self._engine.shutdown()
+            self._engine = None
+
+    def pytest_unconfigure(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+        if self._fork_server is not None:
+            self._fork_server.close()
+            self._fork_server = None
+        if self._sim is not None:
+            self._sim.stop()
+            self._sim = None
+
+
+def _with_tle_presets(case: Case, stored: ItemResult | None) -> Case:
+    """Seed 004's start-up rule: a code item whose stored run timed out starts with a
+    preset limit (for this run only: the preset is not part of the item's key)."""
+    if stored is None or case.scorer.name != "code" or not stored.details:
+        return case
+    from pytest_llmbench.scoring.codeexec import presets_from_history
+
+    presets = presets_from_history([stored.details])
+    if not presets:
+        return case
+    log.info("%s: preset time limits from stored TLE: %s", stored.identity.get("nodeid"), presets)
+    options = {**case.scorer.options, "preset_limits": presets}
+    return dataclasses.replace(case, scorer=dataclasses.replace(case.scorer, options=options))
+
+
+def _worker_index(value: object) -> int:
+    """``gw3`` -> 3 (xdist's worker ids; a custom id counts as 0: only an ordering hint)."""
+    try:
+        return max(0, int(str(value).removeprefix("gw")))
+    except ValueError:
+        return 0
+
+
+def _is_llm_item(item: Any) -> bool:
+    from pytest_llmbench.collect.items import LLMItem
+
+    return isinstance(item, LLMItem)
+
+
+def dump_settings(settings: Settings) -> str:
+    """Settings as JSON for debugging, without secrets."""
+    data = dataclasses.asdict(settings)
+    data.pop("env", None)
+    return json.dumps(data, default=str, indent=2)
+
+
+__all__ = ["LLMBenchSession", "SESSION_KEY", "Path"]

@@ -1,0 +1,1 @@
+"""The result store: per-item records, claims (exactly-once), the shard index."""
