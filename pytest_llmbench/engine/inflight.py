@@ -168,6 +168,23 @@ def crash_result(child: Child, status: int | None, store_root: Path) -> ItemResu
     )
 
 
+def holder_died_result(job: Job, pid: int) -> ItemResult:
+    """``crashed``: the process of this run that held the item's claim died while it ran
+    the item. Not run again in this run: the item may well have killed it (an item that
+    kills its xdist worker would otherwise kill one worker after another)."""
+    return ItemResult(
+        key=job.key,
+        identity=dict(job.identity),
+        status=ERROR,
+        error_class="crashed",
+        error=f"the process running it (pid {pid}) died while it ran; not run again in"
+        " this run (the item may have killed it)",
+        expected=job.case.expected,
+        threshold=job.case.scorer.threshold,
+        started_at=time.time(),
+    )
+
+
 def kill_spec(child: Child) -> proc.KillSpec:
     """Everything ``child`` started (before the fork server reported its pid: by token)."""
     if not child.pid:
