@@ -110,7 +110,13 @@ def child_main(
         send = _sender(fd)
         _become_item_process(send)
         proc.tag_process(token)
-        _run_item(job, send, deadline, store, holder)
+        proc.set_child_subreaper()  # what the item leaves stays our descendant, found below
+
+        def then() -> str:
+            _clean_up_after_item(None, token)  # before the result counts (no cgroup here:
+            return ""  # the engine kills this child's cgroup, if it has one, at its exit)
+
+        _run_item(job, send, deadline, store, holder, then=then)
     except BaseException:  # noqa: BLE001 - reported to the parent, which records a crash
         code = 1
         _report_crash(fd)
