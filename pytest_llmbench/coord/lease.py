@@ -52,7 +52,8 @@ import logging
 import os
 import random
 import re
-import socket
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -60,10 +61,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import signal
-import threading
-
 from pytest_llmbench.coord import proc
+from pytest_llmbench.coord.identity import ProcessIdentity
 from pytest_llmbench.errors import LeaseExpired, LeaseTimeout
 
 log = logging.getLogger("pytest_llmbench.coord.lease")
@@ -92,12 +91,9 @@ def default_state_dir() -> Path:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Holder:
-    """A slot's sidecar: who holds it since when, and for how long it may."""
+class Holder(ProcessIdentity):
+    """A slot's sidecar: who holds it (``coord.identity``) since when, for how long it may."""
 
-    pid: int
-    start_time: int | None
-    host: str
     acquired_at: float
     """Unix time of acquisition (comparable across processes)."""
     max_occupation: float
@@ -113,12 +109,9 @@ class Holder:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Holder:
-        start = data.get("start_time")
         token = data.get("token")
         return cls(
-            pid=int(data["pid"]),
-            start_time=None if start is None else int(start),
-            host=str(data["host"]),
+            **ProcessIdentity.fields_from(data),
             acquired_at=float(data["acquired_at"]),
             max_occupation=float(data["max_occupation"]),
             label=str(data.get("label", "")),
@@ -410,7 +403,6 @@ class LeasePool:
         self.max_occupation = float(max_occupation)
         self.dir = self.root / "leases" / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._host = socket.gethostname()
         self._noted_self: set[tuple[int, float]] = set()
 
     def __repr__(self) -> str:
@@ -507,11 +499,11 @@ class LeasePool:
             stale = self.read_holder(slot)
             if stale is not None:
                 self._report_stale(slot, stale)
-            me = os.getpid()
+            me = ProcessIdentity.of()
             holder = Holder(
-                pid=me,
-                start_time=proc.process_start_time(me),
-                host=self._host,
+                pid=me.pid,
+                start_time=me.start_time,
+                host=me.host,
                 acquired_at=time.time(),
                 max_occupation=self.max_occupation,
                 label=label,
@@ -573,8 +565,8 @@ class LeasePool:
         return reclaimed
 
     def _report_stale(self, slot: int, holder: Holder) -> ReclaimEvent:
-        local = holder.host == self._host
-        dead = not local or not proc.pid_alive(holder.pid, holder.start_time)
+        local = holder.is_local()
+        dead = not local or not holder.is_alive()
         # alive but not holding: it closed the lock fd without release() (or lost it)
         reason = "dead" if dead else "abandoned"
         held = holder.held()
@@ -600,9 +592,9 @@ class LeasePool:
 
     def _check_over_time(self, slot: int, holder: Holder) -> ReclaimEvent | None:
         held = holder.held()
-        if held <= holder.max_occupation or holder.host != self._host:
+        if held <= holder.max_occupation or not holder.is_local():
             return None
-        if not proc.pid_alive(holder.pid, holder.start_time):
+        if not holder.is_alive():
             return None  # just died (or the sidecar is being replaced): a later pass cleans it
         fd = self._try_lock(slot)
         if fd is not None:  # released meanwhile: nothing over time here

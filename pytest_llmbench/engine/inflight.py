@@ -143,9 +143,12 @@ def timeout_result(child: Child) -> ItemResult:
 
 def crash_result(child: Child, status: int | None, store_root: Path) -> ItemResult:
     """The item process died without a result: a lease reclaim killed it, or it crashed."""
-    from pytest_llmbench.coord.lease import find_reclaim
+    from pytest_llmbench.coord.lease import default_state_dir, find_reclaim
 
-    reclaim = find_reclaim(store_root, token=child.token)
+    # The run's pools live in the store; the pools items use on their own (the judge's
+    # ``sandbox``) in the state directory.
+    reclaim = find_reclaim(store_root, token=child.token) or find_reclaim(
+        default_state_dir(), token=child.token)
     if reclaim is not None:
         what = (
             "its claim on the item" if reclaim.resource == "claim"

@@ -24,7 +24,6 @@ import logging
 import os
 import secrets
 import selectors
-import socket
 import sys
 import threading
 import time
@@ -100,14 +99,7 @@ class Engine:
         self.elsewhere: set[str] = set()
         """Keys known to be claimed by another process (not retried during lookahead)."""
         self.selector = selectors.DefaultSelector()
-        self.holder = ClaimHolder(
-            pid=os.getpid(),
-            start_time=proc.process_start_time(os.getpid()) or 0,
-            host=socket.gethostname(),
-            run_id=run_id,
-            claimed_at=0.0,
-            deadline=0.0,
-        )
+        self.holder = ClaimHolder.current(run_id=run_id, deadline=0.0)
         self.scan_pos = 0
         self.started_at = time.time()  # results stored since are (likely) this run's
         self.index: dict[int, int] | None = None
