@@ -35,7 +35,12 @@ if os.fork():
 os.setsid()
 if os.fork():
     os._exit(0)
-os.execve("/bin/sh", ["innocent", "-c", f"echo $$ > {out}.tmp && mv {out}.tmp {out}; exec -a innocent sleep 1000"], {})
+code = (
+    "import ctypes, os, sys, time; ctypes.CDLL(None).prctl(15, b'innocent', 0, 0, 0);"
+    "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()));"
+    "os.rename(sys.argv[1] + '.tmp', sys.argv[1]); time.sleep(1000)"
+)
+os.execve(sys.executable, ["innocent", "-c", code, out], {})
 """
 
 #: A process whose main thread exits while another thread runs on (its leader shows ``Z``).
@@ -62,6 +67,16 @@ def wait_for(path):
         time.sleep(0.01)
     raise RuntimeError("no pid in " + path)
 
+def running(pid, comm=None):
+    # Alive, and hidden as meant: no environment, and renamed (the daemon).
+    if comm is not None:  # (a leader whose main thread exited has no readable environ)
+        with open(f"/proc/{{pid}}/environ", "rb") as fh:
+            assert fh.read() == b"", "the process kept an environment"
+        with open(f"/proc/{{pid}}/comm") as fh:
+            assert fh.read().strip() == comm, "the process was not renamed"
+    with open(f"/proc/{{pid}}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
 def score(req):
     inst = req.identity["instance"]
     state = os.environ["STATE"]
@@ -72,8 +87,15 @@ def score(req):
                        check=True, env={{}})
         subprocess.Popen([sys.executable, "-c", HEADLESS, os.path.join(state, inst + ".headless")],
                          start_new_session=True, env={{}})
-        wait_for(os.path.join(state, inst + ".daemon"))
-        wait_for(os.path.join(state, inst + ".headless"))
+        daemon = wait_for(os.path.join(state, inst + ".daemon"))
+        headless = wait_for(os.path.join(state, inst + ".headless"))
+        assert running(daemon, "innocent") in "SR"
+        for _ in range(500):  # its main thread exits just after writing the pid
+            if running(headless) == "Z":
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the main thread of the headless process did not exit")
         if inst == "hang":
             time.sleep(1000)
     elif inst == "check":

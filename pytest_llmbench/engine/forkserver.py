@@ -369,6 +369,9 @@ class _Server:
 
     def kill_all(self) -> None:
         """At the end, however it comes: no host and nothing a host started survives."""
+        # The parent-death signal often lands just after the socket's end: it must not cut
+        # this short (its handler raises SystemExit).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for pid in list(self.children):
             self.kill_host(pid)
         for group in list(self.cgroups.values()):
