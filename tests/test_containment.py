@@ -199,11 +199,13 @@ def _run_and_kill_group(cmd: list[str], cwd: Path, env: dict[str, str], state: P
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("env", [{}, {"LLMBENCH_FORK_SERVER": "0"}, {"LLMBENCH_CGROUPS": "0"}],
-                         ids=["fork-server", "no-fork-server", "fallback"])
+@pytest.mark.parametrize(("env", "args"), [
+    ({}, []), ({"LLMBENCH_FORK_SERVER": "0"}, []), ({"LLMBENCH_CGROUPS": "0"}, []),
+    ({}, ["-n", "2"]), ({"LLMBENCH_FORK_SERVER": "0"}, ["-n", "2"]),
+], ids=["fork-server", "no-fork-server", "fallback", "xdist", "xdist-no-fork-server"])
 def test_killing_the_pytest_process_group_leaves_no_process_of_the_run(
     pytester: pytest.Pytester, sim_env: str, tmp_path: Path, env: dict[str, str],
-    leftovers: Callable[[str], list[int]],
+    args: list[str], leftovers: Callable[[str], list[int]],
 ) -> None:
     state = tmp_path / "state"
     suite(pytester, ["hang"], state)
@@ -211,7 +213,7 @@ def test_killing_the_pytest_process_group_leaves_no_process_of_the_run(
     run_env = dict(os.environ, STATE=str(state), RUN_MARK=mark, PYTHONPATH=f"{REPO}:{pytester.path}",
                    **env)
     run_env.pop("PYTEST_XDIST_WORKER", None)
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--llmbench-concurrency=1",
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--llmbench-concurrency=1", *args,
            "--llmbench-task-timeout=300", "--llmbench-lease-max=400", str(pytester.path)]
     survivors = _run_and_kill_group(cmd, pytester.path, run_env, state, leftovers)
     assert survivors == [], [(p, proc.read_stat(p)) for p in survivors]
