@@ -34,10 +34,15 @@ exits. Another connection closing is just forgotten: its hosts leave by themselv
 of their job pipes, and are reaped as usual.
 
 The server is the hosts' parent and a child subreaper, so it reaps them and their orphaned
-descendants; killing stays the engine's job (process group, token, ``/proc``). When the
-pytest process that started it goes away (the primary socket closes), the server exits; a
-host then sees the end of its job pipe after its current item, which finishes and is stored,
-as after a crash of pytest.
+descendants. Killing an item at its deadline is the engine's job (process group, token,
+``/proc``); the server owns the hosts' *lifetime*: each host runs in a cgroup of its own
+(``coord/cgroup.py``, where cgroups are writable) and has a parent-death signal towards the
+server; when a host exits, whatever its items left (its cgroup, else its process group) is
+killed before the engine hears of the exit. The server runs in a session of its own, so a
+signal to pytest's process group does not reach it: when the pytest process that started
+it goes away, however it died (the primary socket closes; the parent-death signal), the
+server kills every host's tree and exits. A client connection that closes (an xdist worker
+that ended or died) has its hosts killed.
 """
 
 from __future__ import annotations
