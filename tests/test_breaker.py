@@ -109,3 +109,30 @@ def test_a_torn_state_file_starts_over(tmp_path: Path) -> None:
     (state_file,) = (tmp_path / "breakers").iterdir()
     state_file.write_bytes(b'{"state": "op')
     assert br.allow(URL) is False
+
+
+def test_fallbacks_resolve_to_declared_models() -> None:
+    from pytest_llmbench.config import declared_models, parse_breaker
+
+    declared = declared_models({"models": {
+        "main": {"model": "m", "base_url": "http://a/v1", "fallbacks": ["backup"]},
+        "backup": {"model": "m", "base_url": "http://b/v1"},
+    }}, "pyproject.toml")
+    assert [f.base_url for f in declared["main"].fallbacks] == ["http://b/v1"]
+    assert parse_breaker({"breaker": {"threshold": 3, "cooldown": 2.5}}, "x") == (3, 2.5)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"models": {"main": {"fallbacks": ["nope"]}}}, "models.main.fallbacks: ['nope'] not declared"),
+    ({"models": {"main": {"fallbacks": "backup"}}}, "expected a list of declared model names"),
+    ({"breaker": {"threshold": 0}}, "breaker.threshold: must be at least 1"),
+    ({"breaker": {"cooldwn": 1}}, "breaker: unknown key(s) ['cooldwn']"),
+])
+def test_bad_breaker_config_names_the_key(config: dict[str, object], message: str) -> None:
+    from pytest_llmbench.config import declared_models, parse_breaker
+    from pytest_llmbench.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        declared_models(config, "pyproject.toml")
+        parse_breaker(config, "pyproject.toml")
+    assert message in str(info.value)
