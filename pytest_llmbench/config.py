@@ -53,6 +53,8 @@ def default_concurrency() -> int:
         return DEFAULT_CONCURRENCY
     return max(2, DEFAULT_RUN_CONCURRENCY // workers)
 DEFAULT_STORE = ".llmbench"
+MAX_API_RETRIES = 20
+"""More retries than this is a usage error: a failing endpoint is not fixed by retrying."""
 DEFAULT_BREAKER_THRESHOLD = 5
 DEFAULT_BREAKER_COOLDOWN = 30.0
 
@@ -126,8 +128,9 @@ def parse_seconds(value: object, where: str, *, allow_zero: bool = False) -> flo
     return number
 
 
-def parse_count(value: object, where: str, *, minimum: int = 0) -> int:
-    """A whole number >= ``minimum``."""
+def parse_count(value: object, where: str, *, minimum: int = 0,
+                maximum: int | None = None) -> int:
+    """A whole number in ``minimum..maximum``."""
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected a whole number, got {value!r}")
     try:
@@ -136,6 +139,8 @@ def parse_count(value: object, where: str, *, minimum: int = 0) -> int:
         raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
     if number < minimum:
         raise ConfigError(f"{where}: must be at least {minimum}, got {value!r}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{where}: must be at most {maximum}, got {value!r}")
     return number
 
 
@@ -326,7 +331,7 @@ def resolve_deadlines(
             continue
         raw, where = candidates[0]
         if key == "api_retries":
-            values[key] = parse_count(raw, where)
+            values[key] = parse_count(raw, where, maximum=MAX_API_RETRIES)
         else:
             values[key] = parse_seconds(raw, where)
         sources[key] = where
@@ -339,7 +344,7 @@ def deadline_overrides(raw: Mapping[str, Any], where: str) -> dict[str, float]:
     for key, value in raw.items():
         if key not in DEADLINE_SOURCES:
             raise ConfigError(f"{where}: unknown deadline {key!r}; allowed: {sorted(DEADLINE_SOURCES)}")
-        out[key] = parse_count(value, f"{where}.{key}") if key == "api_retries" else parse_seconds(
+        out[key] = parse_count(value, f"{where}.{key}", maximum=MAX_API_RETRIES) if key == "api_retries" else parse_seconds(
             value, f"{where}.{key}"
         )
     return out
@@ -489,4 +494,43 @@ def load_settings(config: Any) -> Settings:
     )
     if settings.fresh and settings.rescore:
         raise ConfigError("--llmbench-fresh and --llmbench-rescore exclude each other; pick one")
+    check_output_paths(settings)
     return settings
+
+
+def check_output_paths(settings: Settings) -> None:
+    """The store and the JSONL file must be usable *before* the run spends anything.
+
+    (An unusable ``--llmbench-jsonl`` used to fail with a traceback after the whole run; a
+    store path that is a file gave one traceback per suite.)"""
+    store = settings.store_dir
+    if store.exists() and not store.is_dir():
+        raise ConfigError(f"store {store}: exists and is not a directory; point "
+                          "--llmbench-store (ini llmbench_store) at a directory")
+    _check_creatable(store, f"store {store}", "--llmbench-store (ini llmbench_store)")
+    if settings.jsonl is not None:
+        jsonl = settings.jsonl
+        if jsonl.is_dir():
+            raise ConfigError(f"--llmbench-jsonl {jsonl}: is a directory; give a file name")
+        if jsonl.exists() and not os.access(jsonl, os.W_OK):
+            raise ConfigError(f"--llmbench-jsonl {jsonl}: not writable; fix its permissions "
+                              "or choose another file")
+        if not jsonl.parent.is_dir():
+            raise ConfigError(f"--llmbench-jsonl {jsonl}: directory {jsonl.parent} does not "
+                              "exist; create it or choose another file")
+        _check_creatable(jsonl, f"--llmbench-jsonl {jsonl}", "--llmbench-jsonl")
+
+
+def _check_creatable(path: Path, what: str, option: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory."""
+    if path.exists():
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what}: {parent} is not a directory; choose another path with "
+                          f"{option}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: cannot be created ({parent} is not writable); choose "
+                          f"another path with {option}")
