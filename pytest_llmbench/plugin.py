@@ -81,6 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if config.option.help or getattr(config.option, "version", False):
         return
+    from pytest_llmbench.collect.items import SERVICES_KEY
     from pytest_llmbench.config import load_settings
     from pytest_llmbench.errors import ConfigError
     from pytest_llmbench.session.run import SESSION_KEY, LLMBenchSession
@@ -91,6 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     session = LLMBenchSession(config, settings)
     config.stash[SESSION_KEY] = session
+    config.stash[SERVICES_KEY] = session
     config.pluginmanager.register(session, "llmbench-session")
 
 

@@ -8,15 +8,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
 from pytest_llmbench.errors import LLMBenchError, SuiteError
-from pytest_llmbench.records import ERROR, FAILED, Case, ItemResult, ModelSpec
+from pytest_llmbench.records import ERROR, FAILED, Case, ItemResult, ModelSpec, ScorerSpec
 
 if TYPE_CHECKING:
-    from pytest_llmbench.session.run import LLMBenchSession
+    from pytest_llmbench.config import Settings
 
 NOT_SUITES = frozenset({"pyproject.toml", "llmbench.toml"})
 DEFAULT_SUITE_FILES = ("*.toml",)
@@ -150,10 +150,29 @@ class LLMItem(pytest.Item):
         return self.path, (self.case.line - 1 if self.case.line else None), self.name
 
 
-def _session(config: pytest.Config) -> LLMBenchSession:
-    from pytest_llmbench.session.run import SESSION_KEY
+class ItemServices(Protocol):
+    """What collection and items need from the run (``session.run.LLMBenchSession``).
 
-    return config.stash[SESSION_KEY]
+    Declared here, on the consuming side, so ``collect`` never imports ``session``: the
+    session registers itself under ``SERVICES_KEY`` at configure time."""
+
+    settings: Settings
+
+    def warm(self) -> None: ...
+    def check_scorer(self, spec: ScorerSpec) -> None: ...
+    def check_expected(self, spec: ScorerSpec, expected: Any) -> None: ...
+    def register_marker(self, tag: str) -> None: ...
+    def key_for(self, item: LLMItem) -> str: ...
+    def result_for(self, item: LLMItem) -> ItemResult: ...
+    def properties(self, result: ItemResult) -> list[tuple[str, object]]: ...
+    def describe(self, item: LLMItem, result: ItemResult) -> str: ...
 
 
-__all__ = ["LLMItem", "SuiteFile", "SuiteSource", "suite_source"]
+SERVICES_KEY = pytest.StashKey[ItemServices]()
+
+
+def _session(config: pytest.Config) -> ItemServices:
+    return config.stash[SERVICES_KEY]
+
+
+__all__ = ["SERVICES_KEY", "ItemServices", "LLMItem", "SuiteFile", "SuiteSource", "suite_source"]
