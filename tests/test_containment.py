@@ -200,9 +200,9 @@ def _run_and_kill_group(cmd: list[str], cwd: Path, env: dict[str, str], state: P
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("env", "args"), [
-    ({}, []), ({"LLMBENCH_FORK_SERVER": "0"}, []), ({"LLMBENCH_CGROUPS": "0"}, []),
+    ({}, []), ({"LLMBENCH_CGROUPS": "0"}, []),
     ({}, ["-n", "2"]), ({"LLMBENCH_FORK_SERVER": "0"}, ["-n", "2"]),
-], ids=["fork-server", "no-fork-server", "fallback", "xdist", "xdist-no-fork-server"])
+], ids=["fork-server", "fallback", "xdist", "xdist-no-fork-server"])
 def test_killing_the_pytest_process_group_leaves_no_process_of_the_run(
     pytester: pytest.Pytester, sim_env: str, tmp_path: Path, env: dict[str, str],
     args: list[str], leftovers: Callable[[str], list[int]],
