@@ -44,7 +44,7 @@ def test_killing_a_cgroup_kills_everything_in_it(v2: bool) -> None:
             time.sleep(0.01)
         members = group.pids()
         assert run.pid in members
-        assert group.kill()
+        assert group.kill() >= members and group.pids() == set()
         assert run.wait(timeout=10) == -signal.SIGKILL
         assert not [p for p in members if proc.pid_alive(p)]
     finally:

@@ -127,8 +127,15 @@ class Cgroup:
                 out.update(int(x) for x in (folder / "cgroup.procs").read_text().split())
         return out
 
-    def kill(self, *, spare: int | None = None, wait: float = _KILL_WAIT) -> bool:
-        """SIGKILL every process in the cgroup (but ``spare``); True once none is left."""
+    def kill(self, *, spare: int | None = None, wait: float = _KILL_WAIT) -> set[int]:
+        """SIGKILL every process in the cgroup (but ``spare``) and wait until none is left
+        (an exited process leaves the list at once, reaped or not); the pids seen.
+
+        Nothing is reaped here: a caller that is the parent of some (a subreaper) reaps
+        them, and keeps the exit status of the ones it waits for itself."""
+        seen = self.pids() - {spare}
+        if not seen:
+            return seen
         if self.v2 and spare is None:
             with contextlib.suppress(OSError):
                 (self.path / "cgroup.kill").write_text("1")
@@ -137,15 +144,15 @@ class Cgroup:
         while True:
             left = self.pids() - {spare}
             if not left:
-                return True
+                return seen
+            seen |= left
             if time.monotonic() > deadline:
                 log.warning("cgroup %s: still alive after SIGKILL: %s", self.path, sorted(left))
-                return False
+                return seen
             for pid in left:
                 if pid > 1 and pid != os.getpid():
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
-            proc.reap(left)  # our own children (the subreaper's orphans) must not stay zombies
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 

@@ -119,7 +119,7 @@ class Supervisor:
         group = self._groups.get(child.pid) if child.host is None else None
         if group is not None:
             if group.pids():
-                group.kill()
+                proc.reap(group.kill())  # orphans re-parented to us (a subreaper)
         elif child.pid and proc.group_exists(child.pid):
             proc.reap(proc.kill_trees([kill_spec(child)], grace=0.2))
         if child.host is None:
@@ -128,7 +128,7 @@ class Supervisor:
     def _kill_group(self, pid: int) -> None:
         group = self._groups.get(pid)
         if group is not None:
-            group.kill()
+            proc.reap(group.kill() - {pid})  # ``pid`` itself: the caller waits for it
 
     def forget(self, pid: int) -> None:
         group = self._groups.pop(pid, None)
