@@ -49,6 +49,7 @@ class SuiteFile(pytest.File):
             raise self.CollectError(str(exc)) from None
         except LLMBenchError as exc:
             raise self.CollectError(f"{self.path}: {exc}") from None
+        session.check_suite_hierarchy(suite)
         for tag in suite.tags:
             session.register_marker(tag)
         for case in suite.cases:

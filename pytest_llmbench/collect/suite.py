@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeGuard
 
 from pytest_llmbench.collect.template import find_placeholders, render
+from pytest_llmbench.collect.tools import agent_table, merge_agent, tool_list
 from pytest_llmbench.errors import ScorerError, SuiteError
-from pytest_llmbench.records import Case, Message, ScorerSpec
+from pytest_llmbench.records import Case, Message, ScorerSpec, ToolSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,9 +80,11 @@ FORBIDDEN_PARAMS = {
     "stream": "streaming is a property of the model config ([tool.llmbench])",
 }
 
-_COMMON_KEYS = ("scorer", "threshold", "repeats", "tags", "params", "deadlines", "extra")
-SUITE_KEYS = ("name", "description", "system", *_COMMON_KEYS)
-PROMPT_KEYS = ("id", "template", "messages", "turns", "system", *_COMMON_KEYS, "instances")
+_COMMON_KEYS = ("scorer", "threshold", "repeats", "tags", "params", "deadlines", "extra",
+                "agent")
+SUITE_KEYS = ("name", "description", "system", *_COMMON_KEYS, "tools")
+PROMPT_KEYS = ("id", "template", "messages", "turns", "system", *_COMMON_KEYS, "tools",
+               "instances")
 INSTANCE_KEYS = ("id", "vars", "expected", *_COMMON_KEYS)
 MESSAGE_KEYS = ("role", "content")
 TOP_KEYS = ("suite", "prompts")
@@ -135,7 +138,8 @@ def load_suite(
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(shown, "", f"invalid TOML: {exc}",
                          "fix the syntax at that line and column") from exc
-    suite = _Loader(shown, path.stem, text, scorer_check, expected_check).load(data)
+    suite = _Loader(shown, path.stem, text, scorer_check, expected_check,
+                    base_dir=os.path.dirname(os.path.abspath(path))).load(data)
     log.debug("loaded suite %s (%s): %d cases", suite.name, suite.path, len(suite.cases))
     return suite
 
@@ -218,6 +222,9 @@ class _Level:
     params: dict[str, Any] = field(default_factory=dict)
     deadlines: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    agent: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, ToolSpec] | None = None
+    """``None``: not set at this level (a prompt then gets every suite tool)."""
 
 
 @dataclass
@@ -234,8 +241,9 @@ class _Loader:
     """Validates one parsed file, front to back, raising at the first violation."""
 
     def __init__(self, shown: str, stem: str, text: str, scorer_check: ScorerCheck | None,
-                 expected_check: ExpectedCheck | None = None) -> None:
+                 expected_check: ExpectedCheck | None = None, *, base_dir: str = "") -> None:
         self.shown, self.stem, self.text = shown, stem, text
+        self.base_dir = base_dir
         self.scorer_check, self.expected_check = scorer_check, expected_check
         self.checked: set[tuple[str, str, float]] = set()
         self.default_scorer = _Scorer(DEFAULT_SCORER, {}, "suite.scorer", default=True)
@@ -373,6 +381,12 @@ class _Loader:
             key = _sub(prefix, "extra")
             own.extra = self.table(table["extra"], key, "e.g. extra = { tests = [...] }")
             self.plain(own.extra, key)
+        if "agent" in table:
+            own.agent = agent_table(table["agent"], _sub(prefix, "agent"), self.fail)
+        if "tools" in table:
+            suite_tools = None if prefix == "suite" else (parent.tools or {})
+            own.tools = tool_list(table["tools"], _sub(prefix, "tools"), self.base_dir,
+                                  self.fail, suite_tools)
         return own
 
     def threshold(self, value: object, key: str) -> float:
@@ -621,7 +635,10 @@ class _Loader:
         # definitions were checked where they stand, so this is a set lookup for most cases.
         self.check_scorer(scorer, threshold)
         spec = ScorerSpec(name=scorer.name, options=dict(scorer.options), threshold=threshold)
-        if self.expected_check is not None:
+        agent = merge_agent([chain.agent, own.agent], bool(chain.tools))
+        # an item meant to end with an error class (a demonstration) needs no expected value
+        if self.expected_check is not None and (agent is None or agent.expect_error is None
+                                                or "expected" in raw):
             try:
                 self.expected_check(spec, expected)
             except ScorerError as exc:
@@ -646,6 +663,8 @@ class _Loader:
             tags=tuple(dict.fromkeys(chain.tags + own.tags)),
             line=line,
             extra={**chain.extra, **own.extra},
+            tools=tuple((chain.tools or {}).values()),
+            agent=agent,
         )
 
 
@@ -659,6 +678,8 @@ def _merge_levels(outer: _Level, inner: _Level) -> _Level:
         params={**outer.params, **inner.params},
         deadlines={**outer.deadlines, **inner.deadlines},
         extra={**outer.extra, **inner.extra},
+        agent={**outer.agent, **inner.agent},
+        tools=inner.tools if inner.tools is not None else outer.tools,
     )
 
 
