@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -17,7 +16,14 @@ from pytest_llmbench.agent.tools import ToolRunner
 from pytest_llmbench.collect.suite import load_suite
 from pytest_llmbench.errors import AgentStop, SuiteError
 from pytest_llmbench.providers import api
-from pytest_llmbench.records import AgentLimits, Completion, Deadlines, ModelSpec, ToolCall, ToolSpec
+from pytest_llmbench.records import (
+    AgentLimits,
+    Completion,
+    Deadlines,
+    ModelSpec,
+    ToolCall,
+    ToolSpec,
+)
 from pytest_llmbench.sim.agent import agent_reply
 
 CALC = {"type": "object", "properties": {"expression": {"type": "string"}},
@@ -45,7 +51,7 @@ def test_loop_fires_at_the_nth_repeat_and_not_before(n: int) -> None:
         guards.check_answer(_answer(("lookup", '{ "p":2,"q":1 }')))
     assert info.value.error_class == "loop"
     assert info.value.detail == 'lookup({"p":2,"q":1})'
-    assert "made %d times" % n in str(info.value)
+    assert f"made {n} times" in str(info.value)
 
 
 def test_different_arguments_are_not_a_loop_but_max_tool_calls_ends_them() -> None:

@@ -8,4 +8,4 @@ from pathlib import Path
 corpus = json.loads((Path(__file__).parent / "corpus.json").read_text(encoding="utf-8"))
 query = " ".join(str(json.load(sys.stdin).get("query", "")).lower().split())
 entries = {key.lower(): value for key, value in corpus.items()}
-print(entries.get(query, f"no entry for {query!r}"))
+sys.stdout.write(entries.get(query, f"no entry for {query!r}") + "\n")

@@ -36,7 +36,7 @@ from typing import Any, NoReturn, TypeGuard
 from pytest_llmbench.collect.template import find_placeholders, render
 from pytest_llmbench.collect.tools import agent_table, merge_agent, tool_list
 from pytest_llmbench.errors import ScorerError, SuiteError
-from pytest_llmbench.records import Case, Message, ScorerSpec, ToolSpec
+from pytest_llmbench.records import AgentLimits, Case, Message, ScorerSpec, ToolSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -593,6 +593,18 @@ class _Loader:
                       "end the list with the user message the model answers")
         return result
 
+    def check_expected(self, spec: ScorerSpec, raw: Mapping[str, Any], key: str,
+                       agent: AgentLimits | None) -> None:
+        if self.expected_check is None:
+            return
+        if agent is not None and agent.expect_error is not None and "expected" not in raw:
+            return  # an item meant to end with an error class (a demonstration) needs none
+        try:
+            self.expected_check(spec, raw.get("expected"))
+        except ScorerError as exc:
+            self.fail(f"{key}.expected" if "expected" in raw else key, str(exc),
+                      "give an expected value this scorer accepts, or another scorer")
+
     def instance(self, raw: dict[str, Any], j: int, prompt_key: str,
                  ids: dict[str, tuple[int, bool]], body: _Body, chain: _Level,
                  *, suite_name: str, prompt_id: str, line: int) -> Case:
@@ -636,14 +648,7 @@ class _Loader:
         self.check_scorer(scorer, threshold)
         spec = ScorerSpec(name=scorer.name, options=dict(scorer.options), threshold=threshold)
         agent = merge_agent([chain.agent, own.agent], bool(chain.tools))
-        # an item meant to end with an error class (a demonstration) needs no expected value
-        if self.expected_check is not None and (agent is None or agent.expect_error is None
-                                                or "expected" in raw):
-            try:
-                self.expected_check(spec, expected)
-            except ScorerError as exc:
-                self.fail(f"{key}.expected" if "expected" in raw else key, str(exc),
-                          "give an expected value this scorer accepts, or another scorer")
+        self.check_expected(spec, raw, key, agent)
         repeats = own.repeats or chain.repeats or 1
 
         turns = [tuple(_render_first(body, variables))]
