@@ -85,9 +85,11 @@ MULTI = prompt("multi", "What is the population of Oslo minus the population of 
 def test_multi_step_tool_task_passes(pytester: pytest.Pytester, sim_env: str,
                                      xdist: bool) -> None:
     out = setup_suite(pytester, MULTI + prompt("calc", "Use the calculator: what is 6 * 7?", "42"))
-    args = ["-p", "no:cacheprovider", f"--llmbench-jsonl={out}"] + (["-n", "2"] if xdist else [])
-    result = pytester.runpytest_subprocess(*args, timeout=120)
+    junit = pytester.path / "junit.xml"
+    args = ["-p", "no:cacheprovider", f"--llmbench-jsonl={out}", f"--junitxml={junit}"]
+    result = pytester.runpytest_subprocess(*args + (["-n", "2"] if xdist else []), timeout=120)
     result.assert_outcomes(passed=2)
+    assert 'name="tool_calls" value="3"' in junit.read_text()
     multi = records(out)["multi"]
     assert kinds(multi) == ["message", "message", "answer", "tool", "tool", "answer", "tool",
                             "answer"]

@@ -9,8 +9,9 @@ call goes through ``api.chat`` with the item's one task deadline, so a loop of h
 ends at the task deadline, never after turns x retries.
 
 Everything that happens is appended to the item's transcript (``ItemResult.transcript``) and
-sent to the engine as it happens (``emit("transcript", entry)``), so an item killed at its
-deadline still reports what its agent did.
+sent to the engine as it happens (``emit("transcript", entry)``, agent items only: a plain
+item's answers reach it as completions), so an agent item killed at its deadline still
+reports what its agent did.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class Conversation:
     def record(self, kind: str, **data: Any) -> None:
         entry = {"kind": kind, "t": round(time.monotonic() - self.started, 4), **data}
         self.result.transcript.append(entry)
-        self.emit("transcript", entry)
+        if self.limits is not None:  # a plain item's completions already reach the engine
+            self.emit("transcript", entry)
 
     def _short(self, text: str) -> str:
         return text if len(text) <= self.cap else text[:self.cap] + f" ... [{len(text)} chars]"

@@ -123,6 +123,9 @@ def junit_properties(result: ItemResult) -> list[tuple[str, object]]:
     ]
     if result.deadline_layer:
         props.append(("deadline_layer", result.deadline_layer))
+    tool_calls = sum(1 for e in result.transcript if e.get("kind") == "tool")
+    if tool_calls:
+        props.append(("tool_calls", tool_calls))
     verdict = result.details.get("verdict") if isinstance(result.details, dict) else None
     if verdict:
         props.append(("verdict", verdict))
