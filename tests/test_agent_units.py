@@ -335,3 +335,18 @@ def test_unknown_agent_mode_is_a_bad_directive(shared_sim: str) -> None:
                  deadlines=Deadlines(api_timeout=10))
 
 
+
+
+def test_a_command_never_sees_the_api_key_and_results_mask_it(
+        tool_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_API_KEY", "sk-secret-123")
+    monkeypatch.setenv("OTHER_NAME", "sk-secret-123")
+    (tool_dir / "env.py").write_text(
+        "import os\nprint(os.environ.get('MY_API_KEY'), os.environ.get('OTHER_NAME'))\n")
+    (tool_dir / "leak.py").write_text("print('key: sk-secret-123')\n")
+    runner = ToolRunner(
+        [ToolSpec(name=n, command=("{python}", f"{n}.py"), base_dir=str(tool_dir))
+         for n in ("env", "leak")],
+        task_deadline=time.monotonic() + 60, secrets={"MY_API_KEY": "sk-secret-123"})
+    assert runner.call(ToolCall(id="1", name="env", arguments="{}")).content == "None None"
+    assert runner.call(ToolCall(id="2", name="leak", arguments="{}")).content == "key: ***"

@@ -22,7 +22,8 @@ Implementations:
   command left behind is killed: its process group, and every descendant of the item process
   (the item process becomes a child subreaper, so orphans of a tool re-parent to it).
 
-Each call's timeout is ``min(tool.timeout, time left until the task deadline)``.
+Each call's timeout is ``min(tool.timeout, time left until the task deadline)``. A command
+does not get the model's API key in its environment, and the key is masked in every result.
 """
 
 from __future__ import annotations
@@ -107,10 +108,13 @@ class ToolRunner:
     """The tools of one item, and how to run a call of one of them."""
 
     def __init__(self, tools: Sequence[ToolSpec], *, task_deadline: float,
-                 result_chars: int = 4000) -> None:
+                 result_chars: int = 4000, secrets: Mapping[str, str] | None = None) -> None:
+        """``secrets``: environment variable -> value (the model's API key) that a tool
+        command must not see, and that is masked in every result."""
         self.tools = {t.name: t for t in tools}
         self.task_deadline = task_deadline
         self.result_chars = result_chars
+        self.secrets = {k: v for k, v in (secrets or {}).items() if v}
         self._functions: dict[str, Callable[..., Any]] = {}
         self._subreaper = False
 
@@ -121,6 +125,8 @@ class ToolRunner:
             ok = True
         except _ToolFailure as exc:
             content, ok = f"ERROR: {exc}", False
+        for value in self.secrets.values():  # a tool that echoes the key does not leak it
+            content = content.replace(value, "***")
         return ToolResult(ok, self._cut(content), time.monotonic() - start)
 
     def _cut(self, text: str) -> str:
@@ -186,8 +192,10 @@ class ToolRunner:
         if not self._subreaper:  # orphans of a tool re-parent to us: found and killed
             self._subreaper = proc.set_child_subreaper()
         try:
+            env = {k: v for k, v in os.environ.items()
+                   if k not in self.secrets and v not in self.secrets.values()}
             child = subprocess.Popen(
-                self._argv(tool), cwd=tool.base_dir or None, stdin=subprocess.PIPE,
+                self._argv(tool), cwd=tool.base_dir or None, env=env, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
             raise _ToolFailure(f"cannot start {tool.name}: {exc.strerror or exc}") from None

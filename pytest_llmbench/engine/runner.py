@@ -82,8 +82,9 @@ def _conversation(job: Job, emit: Emit, result: ItemResult, task_deadline: float
     runner = None
     if case.tools:
         limits = case.agent or AgentLimits()
+        secrets = {job.model.api_key_env or "": job.api_key or ""}
         runner = ToolRunner(case.tools, task_deadline=task_deadline,
-                            result_chars=limits.result_chars)
+                            result_chars=limits.result_chars, secrets=secrets)
 
     def chat(messages: list[Message], *, turn: int,
              tools: list[dict[str, Any]] | None) -> Completion:
