@@ -20,7 +20,8 @@ Implementations:
   after ``setsid``. The arguments are written to its stdin as JSON, its stdout (at most
   ``MAX_OUTPUT`` bytes) is the result. When the call ends, however it ends, everything the
   command left behind is killed: its process group, and every descendant of the item process
-  (the item process becomes a child subreaper, so orphans of a tool re-parent to it).
+  that appeared during the call (the item process becomes a child subreaper, so orphans of a
+  tool re-parent to it).
 
 Each call's timeout is ``min(tool.timeout, time left until the task deadline)``. A command
 does not get the model's API key in its environment, and the key is masked in every result.
@@ -191,6 +192,7 @@ class ToolRunner:
     def _run_command(self, tool: ToolSpec, args: dict[str, Any], timeout: float) -> str:
         if not self._subreaper:  # orphans of a tool re-parent to us: found and killed
             self._subreaper = proc.set_child_subreaper()
+        before = set(proc.descendants(os.getpid()))  # ours before the call: never touched
         try:
             env = {k: v for k, v in os.environ.items()
                    if k not in self.secrets and v not in self.secrets.values()}
@@ -203,7 +205,7 @@ class ToolRunner:
         try:
             out, err, problem = _communicate(child, json.dumps(args).encode(), timeout)
         finally:
-            _clean_up(child, started)
+            _clean_up(child, started, before)
         if problem == "timeout":
             raise _ToolFailure(f"{tool.name} timed out after {timeout:.2f} s")
         if problem == "flood":
@@ -257,13 +259,15 @@ def _communicate(child: subprocess.Popen[bytes], data: bytes,
     return bytes(out), bytes(err), ""
 
 
-def _clean_up(child: subprocess.Popen[bytes], started: int | None) -> None:
+def _clean_up(child: subprocess.Popen[bytes], started: int | None, before: set[int]) -> None:
     """Kill what the command left: its group, its descendants, and every descendant of
-    the item process (orphans that re-parented to us after a ``setsid`` and double fork)."""
+    the item process that appeared during the call (orphans of the tool that re-parented to
+    us after a ``setsid`` and double fork); processes that were there before are left alone."""
     group = child.pid if proc.group_exists(child.pid) else None  # empty: never signalled
     targets = [proc.KillSpec(child.pid, pgid=group, start_time=started)]
     targets += [proc.KillSpec(pid, start_time=proc.process_start_time(pid))
-                for pid in proc.descendants(os.getpid()) if pid != child.pid]
+                for pid in proc.descendants(os.getpid())
+                if pid != child.pid and pid not in before]
     if child.poll() is None or group is not None or len(targets) > 1:
         proc.kill_trees(targets, grace=0.2)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -272,7 +276,6 @@ def _clean_up(child: subprocess.Popen[bytes], started: int | None) -> None:
         if stream is not None:
             with contextlib.suppress(OSError):
                 stream.close()
-    # reap orphans that re-parented to us (we are their subreaper)
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
+    for target in targets[1:]:  # reap orphans that re-parented to us (we are their subreaper)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(target.pid, os.WNOHANG)
