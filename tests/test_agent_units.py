@@ -350,3 +350,28 @@ def test_a_command_never_sees_the_api_key_and_results_mask_it(
         task_deadline=time.monotonic() + 60, secrets={"MY_API_KEY": "sk-secret-123"})
     assert runner.call(ToolCall(id="1", name="env", arguments="{}")).content == "None None"
     assert runner.call(ToolCall(id="2", name="leak", arguments="{}")).content == "key: ***"
+
+
+def test_a_prompt_has_its_own_tools_or_none(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(SUITE.format(impl='function = "m:f"', prompt="") + textwrap.dedent('''
+        [[prompts]]
+        id = "own"
+        template = "hi"
+        tools = ["calc", { name = "echo", command = "cat" }]
+
+        [[prompts.instances]]
+        expected = "x"
+
+        [[prompts]]
+        id = "none"
+        template = "hi"
+        tools = []
+
+        [[prompts.instances]]
+        expected = "x"
+    '''))
+    cases = {c.prompt_id: c for c in load_suite(path, rootdir=tmp_path).cases}
+    assert [t.name for t in cases["own"].tools] == ["calc", "echo"]
+    assert cases["own"].tools[1].command == ("cat",)
+    assert cases["none"].tools == () and cases["none"].agent == AgentLimits(max_turns=4)
