@@ -281,8 +281,9 @@ class ItemResult:
     turn: int = 0
     """Turn reached (0-based) when the item ended."""
     transcript: list[dict[str, Any]] = field(default_factory=list)
-    """What happened, in order: messages sent, answers (with tool calls, timing and tokens),
-    tool results (cut to ``AgentLimits.result_chars``) and why the loop stopped."""
+    """Agent items: what happened, in order: messages sent, answers (with tool calls, timing
+    and tokens), tool results (cut to ``AgentLimits.result_chars``) and why the loop stopped.
+    Empty for plain items (``messages`` and ``completions`` hold theirs)."""
     cached: bool = False
     """Set when reported from the store rather than run now (not part of the record)."""
 

@@ -8,10 +8,10 @@ without tool calls or a limit ends the item (``Guards`` raises ``AgentStop``). E
 call goes through ``api.chat`` with the item's one task deadline, so a loop of hanging calls
 ends at the task deadline, never after turns x retries.
 
-Everything that happens is appended to the item's transcript (``ItemResult.transcript``) and
-sent to the engine as it happens (``emit("transcript", entry)``, agent items only: a plain
-item's answers reach it as completions), so an agent item killed at its deadline still
-reports what its agent did.
+For agent items, everything that happens is appended to the item's transcript
+(``ItemResult.transcript``) and sent to the engine as it happens (``emit("transcript",
+entry)``), so an item killed at its deadline still reports what its agent did. A plain item
+has no transcript: its ``messages`` and ``completions`` (timing, tokens) already say it all.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ Chat = Callable[..., Completion]
 """``chat(messages, *, turn, tools)`` -> the model's answer (``api.chat`` bound to the item)."""
 Emit = Callable[[str, Any], None]
 
-_TEXT_CAP = 4000  # characters of a message kept in the transcript of a plain item
 
 
 class Conversation:
@@ -49,15 +48,18 @@ class Conversation:
         self.guards = Guards(limits) if limits is not None else None
         self.messages: list[Message] = []
         self.calls = 0
-        self.cap = limits.result_chars if limits is not None else _TEXT_CAP
+        self.cap = limits.result_chars if limits is not None else 0
         self.tools = ([t.openai_tool() for t in runner.tools.values()]
                       if runner is not None and runner.tools else None)
 
     def record(self, kind: str, **data: Any) -> None:
+        if self.limits is None:
+            # A plain item's record already holds all of it (messages, completions with
+            # their timing and tokens): no second copy in the store and its index.
+            return
         entry = {"kind": kind, "t": round(time.monotonic() - self.started, 4), **data}
         self.result.transcript.append(entry)
-        if self.limits is not None:  # a plain item's completions already reach the engine
-            self.emit("transcript", entry)
+        self.emit("transcript", entry)
 
     def _short(self, text: str) -> str:
         return text if len(text) <= self.cap else text[:self.cap] + f" ... [{len(text)} chars]"
@@ -70,8 +72,9 @@ class Conversation:
             self.result.turn = turn
             for message in turn_messages:
                 self.messages.append(dict(message))
-                self.record("message", role=message.get("role"),
-                            content=self._short(str(message.get("content", ""))))
+                if self.limits is not None:
+                    self.record("message", role=message.get("role"),
+                                content=self._short(str(message.get("content", ""))))
             self.emit("turn", {"turn": turn})
             answer = self.turn(turn)
         return answer
@@ -107,6 +110,8 @@ class Conversation:
         result.completion_tokens += completion.completion_tokens
         self.messages.append(completion.assistant_message() if completion.tool_calls
                              else {"role": "assistant", "content": completion.text})
+        if self.limits is None:
+            return
         calls = [{"id": c.id, "name": c.name, "arguments": self._short(c.arguments)}
                  for c in completion.tool_calls]
         self.record("answer", call=self.calls - 1, text=self._short(completion.text),
