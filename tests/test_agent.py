@@ -203,9 +203,13 @@ def test_a_task_whose_every_call_hangs_ends_at_the_task_deadline(
     started = time.monotonic()
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", f"--llmbench-jsonl={out}", "--llmbench-task-timeout=3",
-        "--llmbench-api-timeout=2", "--llmbench-api-retries=2", timeout=120)
+        "--llmbench-api-timeout=2", "--llmbench-api-retries=2", "-n", "2", timeout=120)
     wall = time.monotonic() - started
     result.assert_outcomes(errors=1)
+    # the start-up check used the suite's max_turns (found by a worker, shown by the controller)
+    result.stdout.fnmatch_lines(["llmbench WARNING: deadline hierarchy violated in agents.toml:"
+                                 " hangs: task_timeout 3 s <= api_timeout 2 s x (retries 2 + 1)"
+                                 " x max_turns 10 = 60 s*"])
     rec = records(out)["hangs"]
     # the task deadline either cut an attempt (task_timeout) or left no time for the next
     # attempt's backoff (the last attempt's api_timeout stands): never 10 turns of retries

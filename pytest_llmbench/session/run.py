@@ -171,6 +171,9 @@ class LLMBenchSession:
             if problem:
                 self.hierarchy_problems[suite.path] = f"{case.prompt_id}: {problem}"
                 log.warning("deadline hierarchy violated in %s: %s", suite.path, problem)
+                workeroutput = getattr(self.config, "workeroutput", None)
+                if workeroutput is not None:  # for the controller's summary (testnodedown)
+                    workeroutput["llmbench_hierarchy"] = dict(self.hierarchy_problems)
 
     def register_marker(self, tag: str) -> None:
         if tag not in self._markers:
@@ -310,6 +313,14 @@ class LLMBenchSession:
         if s.rescore:
             lines.append("llmbench: --llmbench-rescore: stored completions are re-scored, no API calls")
         return lines
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist controller: the suites whose deadlines a worker found out of hierarchy
+        (only workers collect), for the summary."""
+        problems = (getattr(node, "workeroutput", None) or {}).get("llmbench_hierarchy")
+        if isinstance(problems, dict):
+            self.hierarchy_problems.update(problems)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
