@@ -375,3 +375,13 @@ def test_a_prompt_has_its_own_tools_or_none(tmp_path: Path) -> None:
     assert [t.name for t in cases["own"].tools] == ["calc", "echo"]
     assert cases["own"].tools[1].command == ("cat",)
     assert cases["none"].tools == () and cases["none"].agent == AgentLimits(max_turns=4)
+
+
+def test_malformed_tools_are_a_bad_request(shared_sim: str) -> None:
+    from pytest_llmbench.errors import APIError
+
+    model = ModelSpec(name="sim", model="sim", base_url=shared_sim)
+    with pytest.raises(APIError, match="'tools' must be an array") as info:
+        api.chat(model, [{"role": "user", "content": "hi"}], tools=[{"type": "function"}],
+                 deadlines=Deadlines(api_timeout=10))
+    assert info.value.error_class == "bad_request"

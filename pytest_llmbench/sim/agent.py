@@ -69,8 +69,8 @@ def _tool_with(tools: Sequence[Any], parameter: str) -> str | None:
         function = tool.get("function") if isinstance(tool, Mapping) else None
         if not isinstance(function, Mapping):
             continue
-        props = (function.get("parameters") or {}).get("properties") or {}
-        if parameter in props and isinstance(function.get("name"), str):
+        props = (function.get("parameters") or {}).get("properties")
+        if isinstance(props, dict) and parameter in props and isinstance(function.get("name"), str):
             return str(function["name"])
     return None
 
@@ -109,9 +109,11 @@ def _bad_args(tools: Sequence[Any]) -> dict[str, str]:
     """A call of the first tool whose arguments break its schema: every declared property
     with a value of the wrong type (a string where a number is expected, else a number)."""
     function = tools[0].get("function") or {}
-    props = (function.get("parameters") or {}).get("properties") or {}
-    args = {name: ("not a number" if (spec or {}).get("type") in ("number", "integer")
-                   else 12345) for name, spec in props.items()}
+    props = (function.get("parameters") or {}).get("properties")
+    props = props if isinstance(props, dict) else {}
+    args = {name: ("not a number" if isinstance(spec, dict)
+                   and spec.get("type") in ("number", "integer") else 12345)
+            for name, spec in props.items()}
     return _call(str(function.get("name")), args or {"unexpected": True})
 
 

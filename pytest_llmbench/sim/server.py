@@ -276,6 +276,8 @@ class SimApp:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             return "'messages' must be a non-empty array of {role, content} objects"
+        if body.get("tools") is not None and not _valid_tools(body["tools"]):
+            return "'tools' must be an array of {type: function, function: {name, parameters}}"
         for name in ("max_tokens", "max_completion_tokens"):
             value = body.get(name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -464,6 +466,14 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.5)
     log.warning("parent process %d is gone: stopping", parent_pid)
     stop.set()
+
+
+def _valid_tools(tools: Any) -> bool:
+    """An array of OpenAI function tools (what the agent reads of them is there)."""
+    return isinstance(tools, list) and all(
+        isinstance(t, dict) and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str)
+        and isinstance(t["function"].get("parameters", {}), dict) for t in tools)
 
 
 def _reply(body: dict[str, Any], d: Directive, cleaned: list[dict[str, Any]],
