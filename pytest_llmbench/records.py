@@ -279,7 +279,7 @@ class ItemResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     turn: int = 0
-    """Turn reached (0-based) when the item ended."""
+    """Turn reached (0-based) when the item ended; for an agent item, its model call."""
     transcript: list[dict[str, Any]] = field(default_factory=list)
     """Agent items: what happened, in order: messages sent, answers (with tool calls, timing
     and tokens), tool results (cut to ``AgentLimits.result_chars``) and why the loop stopped.

@@ -69,13 +69,13 @@ class Conversation:
         ``AgentStop``."""
         answer = ""
         for turn, turn_messages in enumerate(self.turns):
-            self.result.turn = turn
+            self.result.turn = turn if self.limits is None else self.calls
             for message in turn_messages:
                 self.messages.append(dict(message))
                 if self.limits is not None:
                     self.record("message", role=message.get("role"),
                                 content=self._short(str(message.get("content", ""))))
-            self.emit("turn", {"turn": turn})
+            self.emit("turn", {"turn": self.result.turn})
             answer = self.turn(turn)
         return answer
 
@@ -83,6 +83,9 @@ class Conversation:
         while True:
             if self.guards is not None:
                 self.guards.before_call()
+                if self.calls > self.result.turn:  # an agent's turn is a model call
+                    self.result.turn = self.calls
+                    self.emit("turn", {"turn": self.calls})
             completion = self.chat(self.messages, turn=self.calls, tools=self.tools)
             self.calls += 1
             self.answered(completion, turn)
