@@ -256,7 +256,7 @@ def test_cpp_ok_compile_error_and_line_buffered_output() -> None:
     assert ok.details["verdict"] == "OK", ok.explanation
     assert ok.details["compile"]["exit_code"] == 0
     bad = score("```cpp\nint main() { return x; }\n```", SUM, compile_time_limit=60)
-    assert bad.details["verdict"] == "RE" and bad.explanation.startswith("RE: compile error")
+    assert bad.details["verdict"] == "CE" and bad.explanation.startswith("CE: compile error")
     # printf without fflush, then a hang: the injected setvbuf keeps the lines.
     hang = score("```c\n#include <stdio.h>\nint main(){for(int i=1;i<=3;i++)printf(\"%d\\n\",i);"
                  "for(;;){}}\n```", [{"stdin": "", "stdout": "1\n2\n3\n4\n"}],

@@ -99,7 +99,9 @@ def plan_root(extra_ro: Sequence[str], *, disk_mb: int, proc: bool) -> RootPlan:
     covered = [b.source for b in binds]
     for path in extra_ro:
         real = os.path.realpath(path)
-        if os.path.isdir(real) and not any(real == c or real.startswith(c + "/") for c in covered):
+        if real == "/" or not os.path.isdir(real):
+            continue
+        if not any(real == c or real.startswith(c + "/") for c in covered):
             binds.append(Bind(real, MS_RDONLY | MS_NOSUID | MS_NODEV | _locked_flags(real), True))
             covered.append(real)
     for name in DEVICES:

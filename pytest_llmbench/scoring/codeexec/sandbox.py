@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import logging
 import math
@@ -263,6 +264,14 @@ class _ChildSetup:
                     f.write(text)
 
     def __call__(self) -> None:
+        try:
+            self._setup()
+        except BaseException as exc:
+            # fd 2 is already the run's stderr memfd: the runner reports this line
+            os.write(2, f"sandbox setup failed: {exc!r}".encode())
+            raise
+
+    def _setup(self) -> None:
         for path in self.cgroup_paths:
             with open(path, "wb") as f:
                 f.write(b"0")  # cgroup v1: "0" is the writing process
@@ -432,6 +441,7 @@ class _Run:
     argv: list[str]
     limits: Limits
     iso: Isolation
+    program: str = ""
     token: str = field(default_factory=lambda: secrets.token_hex(8))
     uid: int | None = None
     cg: RunCgroup | None = None
@@ -541,7 +551,7 @@ def run_program(
     """
     iso = isolation or probe_isolation()
     with contextlib.ExitStack() as stack:
-        run = _Run(list(argv), limits, iso)
+        run = _Run(list(argv), limits, iso, program=argv[0])
         try:
             setup = _prepare(run, stack, stdin, files or {}, secret)
         except OSError as exc:
@@ -569,8 +579,13 @@ def _prepare(run: _Run, stack: contextlib.ExitStack, stdin: str | bytes | None,
     if iso.own_root:
         extra_ro = []
         if os.path.isabs(run.argv[0]):  # the interpreter or compiler, at its real path
-            run.argv[0] = os.path.realpath(run.argv[0])
-            extra_ro.append(os.path.dirname(os.path.dirname(run.argv[0])))
+            real = os.path.realpath(run.argv[0])
+            if not os.path.isfile(real):
+                raise FileNotFoundError(errno.ENOENT, "no such program", run.argv[0])
+            run.argv[0] = real
+            prefix = os.path.dirname(os.path.dirname(real))
+            if prefix != "/":
+                extra_ro.append(prefix)
         plan = fsroot.plan_root(extra_ro, disk_mb=limits.disk_mb, proc=not iso.user_namespace)
         parent, run.fd_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         stack.callback(parent.close)
@@ -656,7 +671,9 @@ def _execute(run: _Run, setup: _ChildSetup, keep_files: Sequence[str],
             preexec_fn=setup,  # namespaces/rlimits/setuid must happen between fork and exec
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        return RunResult(error=f"cannot start {run.argv[0]!r}: {exc}", limits=limits), {}
+        why = os.pread(run.fds["stderr"], 500, 0).decode("utf-8", "replace")
+        return RunResult(error=f"cannot start {run.program!r}: {why or exc}",
+                         limits=limits), {}
     work_fd = _receive_work_fd(run)
     timed_out = False
     try:
