@@ -216,9 +216,10 @@ def classify(r: RunResult, expected: str | None, nonce: str | None = None) -> st
     if r.timed_out or cpu_kill:
         return TLE
     if nonce is not None:
-        if r.exit_code == 0 and r.report == f"ok {nonce}":
+        said = set(r.report.splitlines())
+        if r.exit_code == 0 and f"ok {nonce}" in said:
             return OK
-        if r.report == f"wa {nonce}":
+        if f"wa {nonce}" in said:
             return WA
     if r.exit_code != 0:
         return MLE if _memory_exhausted(r) else RE

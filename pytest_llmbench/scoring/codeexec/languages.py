@@ -133,8 +133,8 @@ def build(language: str, source: str, *, python: str, isolation: Isolation,
 
 HARNESS_SOURCE = b"""# pytest-llmbench HumanEval harness: nothing secret is in this file.
 # The program, the tests and a per-run nonce arrive in a memfd (fd numbers in
-# LLMBENCH_HARNESS_FDS), read and closed before the program runs; the result goes to a second
-# fd as "ok <nonce>" or "wa <nonce>". See docs/code-execution.md for what this does and does
+# LLMBENCH_HARNESS_FDS), read and closed before the program runs; the result goes to a
+# write-only pipe as a line "ok <nonce>" or "wa <nonce>". See docs/code-execution.md for what this does and does
 # not stop.
 def _llmbench_harness():
     import json, os, sys, traceback
@@ -142,16 +142,16 @@ def _llmbench_harness():
     with os.fdopen(secret_fd, "rb") as f:
         spec = json.loads(f.read())
     nonce = spec.pop("nonce")
-    scope = {"__name__": "__main__", "__builtins__": __builtins__}
+    scope = {"__name__": "__main__", "__file__": __file__, "__builtins__": __builtins__}
     exec(compile(spec.pop("program"), "main.py", "exec"), scope)
     exec(compile(spec.pop("test"), "test.py", "exec"), scope)
     try:
         scope["check"](scope[spec["entry_point"]])
     except AssertionError:
         traceback.print_exc()
-        os.write(report_fd, ("wa " + nonce).encode())
+        os.write(report_fd, ("\\nwa " + nonce + "\\n").encode())
         sys.exit(1)
-    os.write(report_fd, ("ok " + nonce).encode())
+    os.write(report_fd, ("\\nok " + nonce + "\\n").encode())
 
 
 _llmbench_harness()

@@ -57,7 +57,8 @@ included. When the kernel refuses (``network = "shared"``), the program shares t
 network: the documented weakness. ``RunResult.isolation`` says what applied to each run.
 
 Secrets for a harness (``secret``): passed in a memfd whose number is in
-``LLMBENCH_HARNESS_FDS`` with a second memfd for the harness's report; neither has a path.
+``LLMBENCH_HARNESS_FDS`` with the write end of a pipe for the harness's report; neither has a
+path, and the pipe cannot be read back by the program.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class RunResult:
     peak_memory_kb: int = 0
     """Peak memory of the whole tree together (cgroup; 0 when unknown)."""
     report: str = ""
-    """What the harness wrote to its report fd (``secret`` runs only)."""
+    """What was written to the harness's report pipe (``secret`` runs only; its tail)."""
     error: str = ""
     """Non-empty when the sandbox itself failed (then nothing above is meaningful)."""
     limits: Limits = field(default_factory=Limits)
@@ -504,6 +505,15 @@ def _memfd(name: str, data: bytes = b"") -> int:
     return fd
 
 
+def _drain(fd: int) -> str:
+    """What sits in the (non-blocking) pipe ``fd``, the last ``_REPORT_CAP`` bytes."""
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    return b"".join(chunks)[-_REPORT_CAP:].decode("utf-8", "replace")
+
+
 def _read_capped(fd: int, cap: int) -> tuple[str, bool]:
     data = os.pread(fd, cap + 1, 0)
     return data[:cap].decode("utf-8", "replace"), len(data) > cap
@@ -571,9 +581,15 @@ def _prepare(run: _Run, stack: contextlib.ExitStack, stdin: str | bytes | None,
         run.fds[name] = _memfd(name, content)
         stack.callback(os.close, run.fds[name])
     if secret is not None:
-        run.fds["secret"], run.fds["report"] = _memfd("secret", secret), _memfd("report")
-        stack.callback(os.close, run.fds["secret"])
-        stack.callback(os.close, run.fds["report"])
+        # the report goes through a pipe: write-only for the program, so nothing written to
+        # it (the harness's verdict line and its nonce) can be read back by code that runs
+        # after the harness (an atexit hook); non-blocking, so filling it cannot hang anyone
+        run.fds["secret"] = _memfd("secret", secret)
+        run.fds["report_read"], run.fds["report"] = os.pipe()
+        os.set_blocking(run.fds["report"], False)
+        os.set_blocking(run.fds["report_read"], False)
+        for name in ("secret", "report_read", "report"):
+            stack.callback(os.close, run.fds[name])
         run.env[HARNESS_FDS_ENV] = f"{run.fds['secret']},{run.fds['report']}"
     plan = None
     if iso.own_root:
@@ -698,9 +714,7 @@ def _execute(run: _Run, setup: _ChildSetup, keep_files: Sequence[str],
             os.close(work_fd)  # the last reference to the run's tmpfs: it is freed now
     stdout, stdout_over = _read_capped(run.fds["stdout"], limits.output_bytes)
     stderr, stderr_over = _read_capped(run.fds["stderr"], limits.output_bytes)
-    report = ""
-    if "report" in run.fds:
-        report = os.pread(run.fds["report"], _REPORT_CAP, 0).decode("utf-8", "replace")
+    report = _drain(run.fds["report_read"]) if "report_read" in run.fds else ""
     result = RunResult(
         exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
