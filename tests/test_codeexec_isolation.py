@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 import sandbox_attacks as attacks  # type: ignore[import-not-found]
+
 from pytest_llmbench.records import ScoreRequest
 from pytest_llmbench.scoring.codeexec import judge, probe_isolation
 
