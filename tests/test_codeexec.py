@@ -449,6 +449,7 @@ def test_item_reports_the_tle_verdict_instead_of_a_task_timeout(
         pytester: pytest.Pytester, sim_env: str) -> None:
     import json
 
+    expected = "".join(f"{i}\\n" for i in range(1, 41))
     pytester.makefile(".toml", code="""
 [suite]
 scorer = { name = "code", time_limit = 0.5 }
@@ -457,11 +458,11 @@ deadlines = { task_timeout = 5 }
 [[prompts]]
 id = "count"
 template = "Print 1..n. [[sim:program=count_slow]]"
-extra = { tests = [{ stdin = "40\\n", stdout = "%s" }] }
+extra = { tests = [{ stdin = "40\\n", stdout = "EXPECTED" }] }
 
 [[prompts.instances]]
 id = "slow"
-""" % "".join(f"{i}\\n" for i in range(1, 41)))
+""".replace("EXPECTED", expected))
     out = pytester.path / "r.jsonl"
     result = pytester.runpytest("-p", "no:cacheprovider", f"--llmbench-jsonl={out}")
     result.assert_outcomes(failed=1)

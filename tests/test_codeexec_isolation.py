@@ -102,6 +102,30 @@ def test_nothing_is_left_in_tmp_var_tmp_dev_shm_and_disk_is_capped() -> None:
     assert int(facts["stdout"].split("written_mb")[1]) <= 8
 
 
+WRITER = """
+import os
+for path in ("/usr/llmbench-probe", "/etc/llmbench-probe", "/llmbench-probe"):
+    try:
+        open(path, "w").write("x")
+        print("wrote", path)
+    except OSError as exc:
+        print("refused", exc.errno)
+print(sorted(os.listdir("/tmp")), os.getcwd(), os.environ["HOME"], os.environ["TMPDIR"])
+"""
+
+
+@needs_root_fs
+def test_toolchain_is_read_only_and_tmp_starts_empty() -> None:
+    s = judge(ScoreRequest(answer=f"```python\n{WRITER}\n```", expected=None,
+                           options={"time_limit": 10}, extra={"tests": [{"stdout": ""}]}),
+              lease=None)
+    lines = s.details["tests"][0]["stdout_head"].splitlines()
+    assert lines[0] == "refused 30", lines  # EROFS: the toolchain is a read-only bind
+    if ISO.switch_user:  # the tmpfs's own directories belong to root, not to the run's uid
+        assert lines[1].startswith("refused") and lines[2].startswith("refused"), lines
+    assert lines[3] == "[] /work /work /tmp", lines
+
+
 def test_details_show_the_isolation_that_applied() -> None:
     s = judge(ScoreRequest(answer="```python\nprint(1)\n```", expected=None,
                            options={"time_limit": 10}, extra={"tests": [{"stdout": "1"}]}),
