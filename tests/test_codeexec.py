@@ -465,8 +465,8 @@ id = "slow"
 """.replace("EXPECTED", expected))
     out = pytester.path / "r.jsonl"
     result = pytester.runpytest("-p", "no:cacheprovider", f"--llmbench-jsonl={out}")
-    result.assert_outcomes(failed=1)
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["status"] == "failed" and not record.get("error_class"), record
+    result.assert_outcomes(failed=1)
     assert record["details"]["verdict"] == "TLE"
     assert "no time left to raise" in record["explanation"]
