@@ -9,6 +9,7 @@ under ``setpriv``) uses the very same programs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -221,3 +222,31 @@ def test_attacks_fail_as_an_unprivileged_user(unprivileged: tuple[list[str], Pat
         pytest.skip(f"no user namespaces for unprivileged users here: {facts['isolation']}")
     assert facts["isolation"]["filesystem"] == "userns+mount-ns"
     check_attacks(facts, paths)
+
+
+@pytest.mark.skipif(ISO.tree_limits != "cgroup", reason="no writable memory/pids cgroups here")
+def test_leftovers_of_a_dead_runner_are_killed_by_the_next_run() -> None:
+    from pytest_llmbench.scoring.codeexec import cgroup
+
+    parents = cgroup.probe()
+    assert parents is not None
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer exists: the "runner" that died
+    orphan = subprocess.Popen(["sleep", "60"])
+    stale = [parent / f"llmbench-{dead.pid}-stale" for parent in parents.values()]
+    try:
+        for path in stale:
+            path.mkdir()
+            (path / "cgroup.procs").write_text(str(orphan.pid))
+        fresh = cgroup.RunCgroup.create("fresh", memory_bytes=0, pids=4)
+        assert fresh is not None
+        fresh.remove()
+        assert orphan.wait(timeout=10) == -9  # killed by the next run's set-up
+        cgroup.RunCgroup.create("again", memory_bytes=0, pids=4).remove()  # type: ignore[union-attr]
+        assert not any(path.exists() for path in stale)
+    finally:
+        orphan.kill()
+        orphan.wait()
+        for path in stale:
+            with contextlib.suppress(OSError):
+                path.rmdir()

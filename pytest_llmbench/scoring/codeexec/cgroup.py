@@ -28,6 +28,7 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,15 +74,28 @@ def probe() -> dict[str, Path] | None:
 
 
 def _remove_stale(parent: Path) -> None:
-    """Remove empty run cgroups left by runners that died (their creator pid is gone)."""
+    """Kill what is left in run cgroups whose runner died (its item process was killed at
+    its deadline: the program died with it through ``PR_SET_PDEATHSIG``, but its children
+    may not have), and remove those cgroups."""
     with contextlib.suppress(OSError):
         for entry in parent.iterdir():
             if not entry.name.startswith(_PREFIX):
                 continue
             pid = entry.name[len(_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+                continue
+            try:
+                members = [int(p) for p in (entry / "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                members = []
+            for member in members:
                 with contextlib.suppress(OSError):
-                    entry.rmdir()  # fails (EBUSY) while processes remain: left for later
+                    os.kill(member, signal.SIGKILL)
+            if members:
+                log.warning("killed %d leftover process(es) of a dead sandbox runner in %s",
+                            len(members), entry)
+            with contextlib.suppress(OSError):
+                entry.rmdir()  # fails (EBUSY) until the killed processes are gone: next time
 
 
 @dataclass
