@@ -555,7 +555,8 @@ def run_program(
     ``argv[0]`` may be relative to the work directory (``./prog``). ``keep_files`` names files
     to read back from the work directory after the run (a compiler's output), returned in the
     second element. ``secret``: bytes for a harness, readable once from an inherited memfd
-    (``HARNESS_FDS_ENV``); what it writes to the second fd is ``RunResult.report``. Never
+    (``HARNESS_FDS_ENV``); what it writes to the second fd, a write-only pipe, is
+    ``RunResult.report``. Never
     raises for anything the program does; a failure of the sandbox itself is reported in
     ``RunResult.error``.
     """
