@@ -449,16 +449,19 @@ def test_item_reports_the_tle_verdict_instead_of_a_task_timeout(
         pytester: pytest.Pytester, sim_env: str) -> None:
     import json
 
-    expected = "".join(f"{i}\\n" for i in range(1, 41))
+    # 120 lines at 0.1 s: ~8 % printed at the 1 s limit, so the heuristic wants x9 (9 s);
+    # the 10 s task leaves at most ~7.5 s after the API call, the first run and the margin.
+    # A generous task deadline, so that a loaded machine's slow start-up does not eat it.
+    expected = "".join(f"{i}\\n" for i in range(1, 121))
     pytester.makefile(".toml", code="""
 [suite]
-scorer = { name = "code", time_limit = 0.5 }
-deadlines = { task_timeout = 5 }
+scorer = { name = "code", time_limit = 1.0 }
+deadlines = { task_timeout = 10 }
 
 [[prompts]]
 id = "count"
 template = "Print 1..n. [[sim:program=count_slow]]"
-extra = { tests = [{ stdin = "40\\n", stdout = "EXPECTED" }] }
+extra = { tests = [{ stdin = "120\\n", stdout = "EXPECTED" }] }
 
 [[prompts.instances]]
 id = "slow"
