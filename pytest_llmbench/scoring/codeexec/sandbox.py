@@ -375,13 +375,14 @@ def _pids_with_run_token(token: str) -> list[int]:
 
 
 def _run_pids(uid: int | None, token: str, cg: RunCgroup | None) -> set[int]:
-    """Every process of the run: its cgroup's members, its uid's, or those with its token."""
-    pids = set(cg.members()) if cg is not None else set()
+    """Every process of the run: its cgroup's members (exact: no process can leave the
+    cgroup, and reading it is one file instead of a ``/proc`` scan), else its uid's, else
+    those with its token."""
+    if cg is not None:
+        return set(cg.members())
     if uid is not None:
-        pids.update(_pids_of_uid(uid))
-    elif cg is None:
-        pids.update(_pids_with_run_token(token))
-    return pids
+        return set(_pids_of_uid(uid))
+    return set(_pids_with_run_token(token))
 
 
 def _alive(pid: int) -> bool:
