@@ -42,7 +42,8 @@ Process cap and "nothing survives", by privilege:
   ``UID_BASE + <native thread id of the runner>`` (unique among concurrent runs on the
   machine, no passwd entry needed). ``RLIMIT_NPROC`` is counted per uid and is not enforced
   for root, but it *is* for that uid, so the cap is exact. After the run, every process of
-  the run's cgroup and of that uid is killed, round after round until none is left; a
+  the run's cgroup (without cgroups: of that uid) is killed, round after round until none
+  is left; a
   process can leave neither without privileges, so ``setsid``, double forks, a cleared
   environment or a new name do not help it.
 * **not root** (``"rlimit-shared"``): the program keeps the caller's uid, ``RLIMIT_NPROC`` is
