@@ -13,7 +13,9 @@ starts is born into it and cannot leave it without privileges, so
   fork, a cleared environment, a new name): the sweep after the run kills exactly those.
 
 Each run gets ``llmbench-<pid>-<token>`` below the caller's own cgroup in the ``memory``
-and ``pids`` hierarchies (so the caller's own limits still apply above it). The forked child
+and ``pids`` hierarchies (so the caller's own limits still apply above it, and a kill of the
+caller's cgroup *tree* reaches the run: cgroup v1's ``cgroup.procs`` lists direct members
+only, so such a kill must walk the child directories). The forked child
 joins both before it execs (``join_paths``); the directories are removed after the run, and
 stale ones whose creator died are removed by the next run.
 
@@ -53,15 +55,25 @@ def _own_path(controller: str) -> str | None:
     return None
 
 
-@functools.cache
-def probe() -> dict[str, Path] | None:
-    """The writable parent directory per controller, or None when cgroups cannot be used."""
-    parents: dict[str, Path] = {}
+def parents() -> dict[str, Path] | None:
+    """Per controller, the caller's own cgroup directory (read anew each time: an item
+    process may have been moved to a cgroup of its own after it was forked)."""
+    found: dict[str, Path] = {}
     for controller in _CONTROLLERS:
         own = _own_path(controller)
         if own is None:
             return None
-        parent = _ROOT / controller / own.lstrip("/")
+        found[controller] = _ROOT / controller / own.lstrip("/")
+    return found
+
+
+@functools.cache
+def probe() -> dict[str, Path] | None:
+    """``parents()`` if run cgroups can be created there, else None (tested once)."""
+    found = parents()
+    if found is None:
+        return None
+    for controller, parent in found.items():
         trial = parent / f"{_PREFIX}probe-{os.getpid()}"
         try:
             trial.mkdir()
@@ -69,8 +81,7 @@ def probe() -> dict[str, Path] | None:
         except OSError as exc:
             log.debug("no %s cgroup for sandbox runs: %s", controller, exc)
             return None
-        parents[controller] = parent
-    return parents
+    return found
 
 
 def _remove_stale(parent: Path) -> None:
@@ -106,13 +117,13 @@ class RunCgroup:
 
     @classmethod
     def create(cls, token: str, *, memory_bytes: int, pids: int) -> RunCgroup | None:
-        parents = probe()
-        if parents is None:
+        where = parents() if probe() is not None else None
+        if where is None:
             return None
         dirs: dict[str, Path] = {}
         name = f"{_PREFIX}{os.getpid()}-{token}"
         try:
-            for controller, parent in parents.items():
+            for controller, parent in where.items():
                 _remove_stale(parent)
                 path = parent / name
                 path.mkdir()
