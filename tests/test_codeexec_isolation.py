@@ -250,3 +250,20 @@ def test_leftovers_of_a_dead_runner_are_killed_by_the_next_run() -> None:
         for path in stale:
             with contextlib.suppress(OSError):
                 path.rmdir()
+
+
+def test_root_plan_binds_the_toolchain_read_only_and_an_outside_interpreter(tmp_path: Path) -> None:
+    from pytest_llmbench.scoring.codeexec import fsroot
+
+    prefix = tmp_path / "opt-python"
+    (prefix / "bin").mkdir(parents=True)
+    plan = fsroot.plan_root([str(prefix), "/usr/lib", "/"], disk_mb=8, proc=False)
+    sources = {b.source: b for b in plan.binds}
+    assert fsroot.MS_RDONLY & sources["/usr"].flags and fsroot.MS_NOSUID & sources["/usr"].flags
+    assert str(prefix) in sources  # outside /usr: bound too
+    assert "/usr/lib" not in sources and "/" not in sources  # covered / never the host root
+    assert not fsroot.MS_RDONLY & sources["/dev/null"].flags  # devices stay writable
+    for path, text in plan.symlinks:  # merged /usr: /bin -> usr/bin and the like
+        assert os.readlink(path) == text
+    assert plan.size_bytes == 8 * 1024 * 1024
+    assert plan.describe()["read_only"][0] == "/usr"
