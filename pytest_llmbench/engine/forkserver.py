@@ -56,11 +56,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pytest_llmbench.engine.runner import Job
-from pytest_llmbench.store.filestore import ClaimHolder, Store
+from pytest_llmbench.store.claims import ClaimHolder
+from pytest_llmbench.store.protocol import ResultStore, StoreRef
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ class Spawn:
     token: str
     deadline: float
     """``time.monotonic()`` deadline (the clock is system-wide)."""
-    store_root: str
-    fsync: bool
+    store: StoreRef
+    """The run's result store, opened again (once per host) through ``StoreRef.open``."""
     holder: ClaimHolder
     sys_path: tuple[str, ...]
     cwd: str
@@ -262,15 +262,14 @@ class _Server:
         self.conns: set[socket.socket] = {sock}
         self.children: dict[int, socket.socket | None] = {}
         """Live hosts, each with the connection that asked for it (None once it closed)."""
-        self.stores: dict[tuple[str, bool], Store] = {}
+        self.stores: dict[StoreRef, ResultStore] = {}
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector = selectors.DefaultSelector()
 
-    def store(self, root: str, fsync: bool) -> Store:
-        key = (root, fsync)
-        if key not in self.stores:
-            self.stores[key] = Store(Path(root), fsync=fsync)
-        return self.stores[key]
+    def store(self, ref: StoreRef) -> ResultStore:
+        if ref not in self.stores:
+            self.stores[ref] = ref.open()
+        return self.stores[ref]
 
     def send(self, conn: socket.socket | None, message: tuple[Any, ...]) -> None:
         if conn is None:

@@ -141,11 +141,11 @@ def timeout_result(child: Child) -> ItemResult:
     return result
 
 
-def crash_result(child: Child, status: int | None, store_root: Path) -> ItemResult:
+def crash_result(child: Child, status: int | None, coord_dir: Path) -> ItemResult:
     """The item process died without a result: a lease reclaim killed it, or it crashed."""
     from pytest_llmbench.coord.lease import find_reclaim
 
-    reclaim = find_reclaim(store_root, token=child.token)
+    reclaim = find_reclaim(coord_dir, token=child.token)
     if reclaim is not None:
         what = (
             "its claim on the item" if reclaim.resource == "claim"

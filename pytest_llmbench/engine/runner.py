@@ -54,7 +54,11 @@ class Job:
     limiter: api.RateLimiter | None = None
     """The machine-wide shared rate limiter (created in the parent, inherited by fork)."""
     rescore_from: ItemResult | None = None
-    """With --llmbench-rescore: score these stored completions instead of calling the API."""
+    """Score these stored completions instead of calling the API (``--llmbench-rescore``,
+    or a stored answer to the same request found by the item process)."""
+    reuse_answers: bool = False
+    """Look for a stored answer to the same request before calling the API (off with
+    ``--llmbench-fresh``)."""
 
 
 def score_answer(job: Job, answer: str) -> tuple[Score, bool]:
@@ -112,6 +116,8 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
             result.prompt_tokens = stored.prompt_tokens
             result.completion_tokens = stored.completion_tokens
             answer = stored.answer or ""
+            # Marks the result ``rescored``: this run judged an answer bought earlier.
+            result.identity["rescored_from"] = stored.key
         else:
             answer = ""
             for turn, turn_messages in enumerate(case.turns):
@@ -157,7 +163,7 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
         result.error = str(exc)
         result.deadline_layer = DEADLINE_LAYERS.get(exc.error_class)
     except ScorerError as exc:
-        result.messages = messages
+        result.messages = result.messages or messages  # a re-scored answer keeps its own
         result.error_class = "scorer_error"
         result.error = str(exc)
     result.elapsed = time.monotonic() - t0

@@ -42,6 +42,8 @@ def describe(result: ItemResult, *, prompt: str = "", model: str = "") -> str:
     head = f"model {model or result.identity.get('model', '?')}"
     if result.cached:
         head += " (cached result)"
+    elif "rescored_from" in result.identity:
+        head += " (stored answer re-scored)"
     if result.status == ERROR:
         lines.append(f"ERROR [{result.error_class}] {head}: {result.error}")
         if result.deadline_layer:
@@ -61,6 +63,14 @@ def describe(result: ItemResult, *, prompt: str = "", model: str = "") -> str:
     return "\n".join(lines)
 
 
+def result_source(result: ItemResult) -> str:
+    """How this run got the result: ``cached`` (read from the store), ``rescored`` (an
+    answer from the store judged now by a changed scorer: no API call) or ``ran``."""
+    if result.cached:
+        return "cached"
+    return "rescored" if "rescored_from" in result.identity else "ran"
+
+
 def junit_properties(result: ItemResult) -> list[tuple[str, object]]:
     """Per-item JUnit properties; they travel with the report, so they survive ``-n``."""
     props: list[tuple[str, object]] = [
@@ -74,7 +84,10 @@ def junit_properties(result: ItemResult) -> list[tuple[str, object]]:
         ("completion_tokens", result.completion_tokens),
         ("attempts", len(result.attempts)),
         ("cached", "true" if result.cached else "false"),
+        ("source", result_source(result)),
     ]
+    if result.error_class:
+        props.append(("error_class", result.error_class))
     if result.deadline_layer:
         props.append(("deadline_layer", result.deadline_layer))
     verdict = result.details.get("verdict") if isinstance(result.details, dict) else None
