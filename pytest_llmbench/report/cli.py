@@ -266,7 +266,7 @@ def list_runs(store: Store) -> int:
     if not runs:
         print(f"no runs recorded in {store.root}")
         return 0
-    rows = [("run", "started", "time", "items", "passed", "failed", "error",
+    rows: list[tuple[str, ...]] = [("run", "started", "time", "items", "passed", "failed", "error",
              "ran", "cached", "rescored", "models", "exit")]
     for run in runs:
         counts = run.counts()
@@ -306,10 +306,10 @@ def compare(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"report": report, "compare": compare,
-                "runs": lambda a: list_runs(_open(a.store))}
     try:
-        return commands[args.command](args)
+        if args.command == "runs":
+            return list_runs(_open(args.store))
+        return compare(args) if args.command == "compare" else report(args)
     except CLIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

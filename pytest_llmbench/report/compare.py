@@ -41,7 +41,7 @@ def binom_cdf_half(k: int, n: int) -> float:
     if k >= n:
         return 1.0
     if n <= 1000:
-        return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+        return float(sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
     log_half_n = n * math.log(2.0)
     logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - log_half_n
             for i in range(k + 1)]
