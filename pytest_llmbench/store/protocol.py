@@ -15,6 +15,8 @@ What a backend must guarantee (the engine relies on it):
   answers ``done``; see ``Store.claim`` for ``fresh_run_id``, ``run_id`` and ``force``.
 - An ``error`` result from a process that no longer holds the item's claim never replaces a
   finished result.
+- It is used by one thread at a time, but not always the same one: an xdist worker's
+  engine starts items on a prefetch thread, then hands over to the main thread.
 - ``ref()`` returns a picklable, hashable object whose ``open()`` gives a store working on
   the same data in another process (the item hosts, forked from the fork server, write
   their results through it).
