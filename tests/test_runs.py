@@ -226,3 +226,27 @@ def test_manifests_hold_no_secret() -> None:
                 "api_key": "s3cret"}
     clean = json.dumps(scrub_secrets(settings))
     assert "s3cret" not in clean and "OPENAI_API_KEY" in clean and "x-trace" in clean
+
+
+def test_scorer_fingerprints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from pytest_llmbench.records import ScorerSpec
+    from pytest_llmbench.scoring.resolve import NamedScorer, resolve_scorer, scorer_fingerprint
+    from pytest_llmbench.version import plugin_version
+
+    assert scorer_fingerprint(resolve_scorer(ScorerSpec(name="numeric"))) == f"builtin:{plugin_version()}"
+    assert scorer_fingerprint(resolve_scorer(ScorerSpec(name="code"))) == f"builtin:{plugin_version()}"
+    module = tmp_path / "fp_scorer.py"
+    module.write_text(SCORER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = scorer_fingerprint(resolve_scorer(ScorerSpec(name="fp_scorer:judge"), rootdir=tmp_path))
+    module.write_text(SCORER + "\ndef helper():\n    return 1\n")  # the file, not only the function
+    second = scorer_fingerprint(NamedScorer("fp_scorer:judge", importlib.import_module("fp_scorer").judge))
+    assert first.startswith("source:") and first != second
+
+    def judge(req: object) -> float:
+        return 1.0
+
+    judge.llmbench_fingerprint = lambda: "model=gpt-4o;t=0"  # type: ignore[attr-defined]
+    assert scorer_fingerprint(NamedScorer("j", judge)).endswith(";judge:model=gpt-4o;t=0")
