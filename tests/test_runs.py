@@ -223,9 +223,10 @@ def test_manifests_hold_no_secret() -> None:
     settings = {"models": [{"name": "x", "base_url": "https://user:s3cret@host/v1",
                             "api_key_env": "OPENAI_API_KEY",
                             "headers": {"Authorization": "Bearer s3cret", "x-trace": "1"}}],
-                "api_key": "s3cret"}
+                "api_key": "s3cret", "url": "https://h/v1?api-key=s3cret&x=1"}
     clean = json.dumps(scrub_secrets(settings))
     assert "s3cret" not in clean and "OPENAI_API_KEY" in clean and "x-trace" in clean
+    assert "x=1" in clean
 
 
 def test_scorer_fingerprints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -145,13 +145,16 @@ def manifest_from_dict(data: Any) -> RunManifest:
 # --- never a secret in a manifest -----------------------------------------------------------
 
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+_QUERY_SECRET = re.compile(
+    r"(?i)([?&;](?:api[-_]?key|key|token|access[-_]?token|secret|password|sig)=)[^&#\s]*")
 _SECRET_NAME = re.compile(r"(?i)(key|token|secret|password|passwd|authorization|auth|cookie)")
 
 
 def scrub_secrets(value: Any, *, name: str = "") -> Any:
-    """``value`` with credentials removed: user:password in URLs masked, and every mapping
-    entry whose name says it holds a secret (``api_key``, ``Authorization``...) dropped,
-    except ``api_key_env``, which names an environment variable and is not a secret."""
+    """``value`` with credentials removed: user:password and ``?key=`` parameters in URLs
+    masked, and every mapping entry whose name says it holds a secret (``api_key``,
+    ``Authorization``...) dropped, except ``*_env`` names (``api_key_env`` names an
+    environment variable, it is not a secret)."""
     if isinstance(value, Mapping):
         return {
             str(k): scrub_secrets(v, name=str(k))
@@ -161,7 +164,7 @@ def scrub_secrets(value: Any, *, name: str = "") -> Any:
     if isinstance(value, (list, tuple)):
         return [scrub_secrets(v, name=name) for v in value]
     if isinstance(value, str):
-        return _URL_USERINFO.sub(r"\1***@", value)
+        return _QUERY_SECRET.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", value))
     return value
 
 
