@@ -412,7 +412,8 @@ class _Server:
 def warm_up() -> None:
     """Import and initialise here, once, what every child would otherwise do itself: the
     child's module, the scorers, the IDNA codec ``http.client`` uses for host names (it
-    loads ``unicodedata``), libc for ``prctl``, and the TLS context when a model needs it."""
+    loads ``unicodedata``), libc for ``prctl``, the ``openai`` SDK, and the TLS context when a
+    model needs it."""
     # Imported once here, not in every host: everything an item touches.
     from pytest_llmbench.coord import (
         proc,  # noqa: F401
@@ -422,15 +423,18 @@ def warm_up() -> None:
         child,  # noqa: F401
         runner,  # noqa: F401
     )
-    from pytest_llmbench.providers import api  # noqa: F401
+    from pytest_llmbench.providers import api, openai_compat  # noqa: F401
     from pytest_llmbench.scoring import resolve as scoring  # noqa: F401
 
     "localhost".encode("idna")
     proc._libc()
+    # ``import openai`` (~0.8 s of CPU) and one request path through the SDK (its lazy
+    # imports), once here: the hosts forked after this inherit them.
+    openai_compat.warm_up()
     if os.environ.pop(_TLS_ENV, "") == "1":
         # A model is reached over HTTPS: build the verifying TLS context (the CA bundle,
         # ~45 ms) once here instead of in every host on its first request.
-        api.default_ssl_context()
+        openai_compat.default_ssl_context()
 
 
 def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server process

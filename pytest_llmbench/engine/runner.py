@@ -14,6 +14,7 @@ from typing import Any
 
 from pytest_llmbench.errors import APIError, ScorerError
 from pytest_llmbench.providers import api
+from pytest_llmbench.providers.base import Provider, RequestHook
 from pytest_llmbench.records import (
     ERROR,
     FAILED,
@@ -35,7 +36,7 @@ Scorer = Callable[[ScoreRequest], Score]
 
 #: error class of an ``APIError`` -> the deadline layer that fired (the API layer decides
 #: the class: ``api.chat`` reports ``task_timeout`` when the task deadline ended the call).
-DEADLINE_LAYERS = {"api_timeout": "api", "task_timeout": "task"}
+DEADLINE_LAYERS = {"api_timeout": "api", "task_timeout": "task", "rate_limited": "api"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +54,10 @@ class Job:
     scorer: Scorer | None = None
     limiter: api.RateLimiter | None = None
     """The machine-wide shared rate limiter (created in the parent, inherited by fork)."""
+    provider: Provider | None = None
+    """The model's provider (``pytest_llmbench_get_provider``); None: the default one."""
+    request_hooks: tuple[RequestHook, ...] = ()
+    """The ``pytest_llmbench_modify_request`` implementations, called before each request."""
     rescore_from: ItemResult | None = None
     """With --llmbench-rescore: score these stored completions instead of calling the API."""
 
@@ -130,6 +135,8 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
                     on_attempt=on_attempt,
                     label=job.nodeid,
                     limiter=job.limiter,
+                    provider=job.provider,
+                    request_hooks=job.request_hooks,
                 )
                 data = _completion_dict(completion, turn)
                 result.completions.append(data)

@@ -47,6 +47,7 @@ class LLMClient:
 
     def chat(
         self, prompt: str | Sequence[Message], *, model: str | None = None, system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None,
         **params: Any,
     ) -> Completion:
         from pytest_llmbench.providers import api
@@ -66,6 +67,10 @@ class LLMClient:
             deadlines=self.deadlines,
             api_key=self._session.settings.api_key(spec),
             label=self._label,
+            tools=tools,
+            tool_choice=tool_choice,
+            provider=self._session.provider_for(spec),
+            request_hooks=self._session.request_hooks,
         )
 
 
