@@ -7,11 +7,9 @@ small real servers defined here.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import email.utils
 import http.client
-import json
 import logging
 import random
 import shutil

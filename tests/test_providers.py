@@ -344,11 +344,9 @@ class TunnelProxy(ThreadedServer):
         greeting = conn.recv(2)  # version, number of methods, then the methods
         conn.recv(greeting[1])
         conn.sendall(b"\x05\x00")
-        ver, cmd, _, atyp = conn.recv(4)
-        if atyp == 3:
-            name = conn.recv(conn.recv(1)[0]).decode()
-        else:
-            name = socket.inet_ntoa(conn.recv(4))
+        _ver, _cmd, _, atyp = conn.recv(4)
+        name = (conn.recv(conn.recv(1)[0]).decode() if atyp == 3  # a domain name
+                else socket.inet_ntoa(conn.recv(4)))
         (port,) = struct.unpack("!H", conn.recv(2))
         self.targets.append(f"{name}:{port}")
         conn.sendall(b"\x05\x00\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port))

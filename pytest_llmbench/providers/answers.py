@@ -113,7 +113,7 @@ def completion_from_json(data: Any, model: str, *keys: str | None) -> Completion
             detail = scrub(" ".join(json.dumps(data["error"])[:300].split()), *keys)
             raise AttemptFailure("api_error", f"HTTP 200 carrying an error: {detail}", True)
         raise malformed("HTTP 200 without choices")
-    answer = construct_type(type_=ChatCompletion, value=data)
+    answer: Any = construct_type(type_=ChatCompletion, value=data)  # fields unchecked yet
     choice = answer.choices[0]
     if not hasattr(choice, "message"):
         raise malformed(f"choices[0] is a {_type(choice)}, not an object")
@@ -175,7 +175,7 @@ class StreamAnswer:
         if data.get("error"):
             detail = scrub(" ".join(json.dumps(data["error"])[:300].split()), *self.keys)
             raise AttemptFailure("api_error", f"error event in stream: {detail}", True)
-        chunk = construct_type(type_=ChatCompletionChunk, value=data)
+        chunk: Any = construct_type(type_=ChatCompletionChunk, value=data)  # unchecked yet
         if isinstance(chunk.model, str) and chunk.model:
             self.model = chunk.model
         if chunk.usage is not None:

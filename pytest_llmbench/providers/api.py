@@ -193,6 +193,71 @@ class _Call:
         self.total = max(0, deadlines.api_retries) + 1
         self.last: AttemptFailure | None = None
 
+    limiter: RateLimiter | None = None
+    on_attempt: Callable[[Attempt], None] | None = None
+    label = ""
+    turn = 0
+    origin = 0.0
+
+    def acquire(self, body: Mapping[str, Any], number: int) -> None:
+        """The rate limiter's grant for attempt ``number``; one too late ends the call."""
+        if self.limiter is None:
+            return
+        deadline = self.task_deadline
+        try:
+            self.limiter.before_request(
+                self.model, _est_tokens(body),
+                deadline=None if deadline is None else deadline - MIN_ATTEMPT_TIME)
+        except LLMBenchError as exc:
+            raise self.final(number - 1, _Ending(
+                f"rate limit: no grant for attempt {number} before the task deadline of "
+                f"{self.deadlines.task_timeout:g} s ({exc})", error_class="rate_limited")
+            ) from None
+
+    def succeeded(self, completion: Completion, number: int, start: float) -> Completion:
+        duration = time.monotonic() - start
+        if self.limiter is not None:
+            self.limiter.on_response(self.model, 200, None,
+                                     completion.prompt_tokens + completion.completion_tokens)
+        if self.on_attempt is not None:
+            self.on_attempt(Attempt(turn=self.turn, number=number, started=start - self.origin,
+                                    duration=duration, outcome="ok", status=200))
+        return replace(completion, latency=duration)
+
+    def failed(self, failure: AttemptFailure, number: int, start: float, timeout: float,
+               capped: bool) -> float:
+        """Record failed attempt ``number``; the wait before the next one, or raise the
+        call's final error."""
+        duration = time.monotonic() - start
+        self.last = failure
+        model = self.model
+        if not failure.error and failure.outcome == "timeout":
+            failure.error = f"timed out after {timeout:.2f} s"
+        failure.error = scrub(failure.error, self.request.api_key)
+        if failure.outcome == "timeout":
+            log.warning("[APITimeout] model=%s attempt=%d/%d timeout=%.2fs label=%s%s",
+                        model.name, number, self.total, timeout, self.label,
+                        " (capped by the task deadline)" if capped else "")
+        wait, ending = self.decide(failure, number, timeout, capped)
+        if self.limiter is not None:  # a Retry-After past max_retry_after is not shared
+            down = ending is not None and ending.error_class == "endpoint_down"
+            self.limiter.on_response(model, failure.status or 0,
+                                     None if down else failure.retry_after, 0)
+        if self.on_attempt is not None:
+            self.on_attempt(Attempt(turn=self.turn, number=number, started=start - self.origin,
+                                    duration=duration, outcome=failure.outcome,
+                                    status=failure.status, error=failure.error, wait=wait))
+        if ending is not None:
+            if failure.retryable and number < self.total:  # given up early: say why
+                log.warning("[Retry] model=%s attempt=%d/%d outcome=%s status=%s %s label=%s",
+                            model.name, number, self.total, failure.outcome, failure.status,
+                            ending.note, self.label)
+            raise self.final(number, ending)
+        log.warning("[Retry] model=%s attempt=%d/%d outcome=%s status=%s wait=%.2fs label=%s",
+                    model.name, number, self.total, failure.outcome, failure.status, wait,
+                    self.label)
+        return wait
+
     def task_note(self, what: str) -> str:
         return f"task deadline of {self.deadlines.task_timeout:g} s {what}"
 
@@ -324,64 +389,23 @@ def chat(
                           extra_headers=dict(extra_headers or {}), env=env,
                           ssl_context=ssl_context)
     call = _Call(provider, request, deadlines, task_deadline, request_hooks, rng)
-    origin = time.monotonic() if item_started is None else item_started
+    call.limiter, call.on_attempt, call.label, call.turn = limiter, on_attempt, label, turn
+    call.origin = time.monotonic() if item_started is None else item_started
     for number in range(1, call.total + 1):
         body = call.body()
-        if limiter is not None:
-            try:
-                limiter.before_request(
-                    model, _est_tokens(body),
-                    deadline=None if task_deadline is None else task_deadline - MIN_ATTEMPT_TIME,
-                )
-            except LLMBenchError as exc:
-                raise call.final(number - 1, _Ending(
-                    f"rate limit: no grant for attempt {number} before the task deadline of "
-                    f"{deadlines.task_timeout:g} s ({exc})", error_class="rate_limited")) from None
+        call.acquire(body, number)
         timeout, capped = call.attempt_timeout(number)
         start = time.monotonic()
         try:
             completion = provider.send(request, body, start + timeout)
         except AttemptFailure as exc:
-            duration = time.monotonic() - start
-            failure = call.last = exc
-            if not failure.error and failure.outcome == "timeout":
-                failure.error = f"timed out after {timeout:.2f} s"
-            failure.error = scrub(failure.error, api_key)
+            wait = call.failed(exc, number, start, timeout, capped)  # raises at the end
         except BaseException:
             if limiter is not None:  # frees a connection slot held for this attempt
                 limiter.on_response(model, 0, None, 0)
             raise
         else:
-            duration = time.monotonic() - start
-            if limiter is not None:
-                limiter.on_response(model, 200, None,
-                                    completion.prompt_tokens + completion.completion_tokens)
-            if on_attempt is not None:
-                on_attempt(Attempt(turn=turn, number=number, started=start - origin,
-                                   duration=duration, outcome="ok", status=200))
-            return replace(completion, latency=duration)
-
-        if failure.outcome == "timeout":
-            log.warning("[APITimeout] model=%s attempt=%d/%d timeout=%.2fs label=%s%s",
-                        model.name, number, call.total, timeout, label,
-                        " (capped by the task deadline)" if capped else "")
-        wait, ending = call.decide(failure, number, timeout, capped)
-        if limiter is not None:  # a Retry-After past max_retry_after is not shared
-            shared = None if ending and ending.error_class == "endpoint_down" \
-                else failure.retry_after
-            limiter.on_response(model, failure.status or 0, shared, 0)
-        if ending is not None and failure.retryable and number < call.total:
-            log.warning("[Retry] model=%s attempt=%d/%d outcome=%s status=%s %s label=%s",
-                        model.name, number, call.total, failure.outcome, failure.status,
-                        ending.note, label)
-        if on_attempt is not None:
-            on_attempt(Attempt(turn=turn, number=number, started=start - origin,
-                               duration=duration, outcome=failure.outcome,
-                               status=failure.status, error=failure.error, wait=wait))
-        if ending is not None:
-            raise call.final(number, ending)
-        log.warning("[Retry] model=%s attempt=%d/%d outcome=%s status=%s wait=%.2fs label=%s",
-                    model.name, number, call.total, failure.outcome, failure.status, wait, label)
+            return call.succeeded(completion, number, start)
         if wait > 0:
             sleep(wait)
     raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover

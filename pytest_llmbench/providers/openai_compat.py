@@ -31,6 +31,7 @@ Retry-After handling and error classes are the API layer's (``api.py``).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import ssl
@@ -39,8 +40,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+from urllib import request as _urllib_request
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
-from urllib.request import proxy_bypass_environment
 
 import httpx2
 import openai
@@ -102,6 +103,10 @@ def parse_endpoint(base_url: str) -> Endpoint:
 # --- proxies ------------------------------------------------------------------------------
 
 
+# stdlib's no_proxy matching (names, domain suffixes, host:port); untyped in typeshed
+_bypass: Any = getattr(_urllib_request, "proxy_bypass_environment")  # noqa: B009
+
+
 def _is_loopback(host: str) -> bool:
     return host in _LOOPBACK_NAMES or host.startswith("127.")
 
@@ -126,7 +131,7 @@ def proxy_for(ep: Endpoint, env: Mapping[str, str]) -> str | None:
     if _is_loopback(ep.host):
         return None
     no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
-    if no_proxy and (_in_cidr(ep.host, no_proxy) or proxy_bypass_environment(
+    if no_proxy and (_in_cidr(ep.host, no_proxy) or _bypass(
             f"{ep.host}:{ep.port}", {"no": no_proxy})):
         return None
     name = f"{ep.scheme}_proxy"
@@ -171,9 +176,9 @@ def _client(request: ChatRequest, ep: Endpoint, proxy: str | None) -> openai.Ope
     headers = tuple(sorted(model.headers.items()))
     ident = (ep.base, ep.query, key, model.api_version, headers, proxy, context,
              model.max_connections)
-    client = _clients.get(ident)
-    if client is not None:
-        return client
+    cached = _clients.get(ident)
+    if cached is not None:
+        return cached
     proxy_arg: httpx2.Proxy | None = None
     if proxy:
         try:
@@ -405,8 +410,6 @@ def warm_up() -> None:
     model = ModelSpec(name="warm-up", model="warm-up", base_url=f"http://127.0.0.1:{port}/v1")
     request = _Request(model=model, messages=[{"role": "user", "content": "-"}], env={})
     provider = OpenAIProvider()
-    try:
+    with contextlib.suppress(AttemptFailure):  # refused, as intended
         provider.send(request, provider.build_body(request), time.monotonic() + 1.0)
-    except AttemptFailure:
-        pass
     _clients.clear()  # a host builds its own (its connections are its own)
