@@ -381,3 +381,51 @@ def test_socks5_proxy(server: Scripted) -> None:
         assert proxy.targets == [f"llmbench-test.invalid:{server.port}"]
     finally:
         proxy.close()
+
+
+# --- the wall deadline of an attempt ---------------------------------------------------
+
+
+def _trickle(server: Scripted, payload: bytes, gap: float) -> Handler:
+    def send(conn: socket.socket, h: str, b: bytes) -> None:
+        for i in range(len(payload)):
+            if server.stopping.wait(gap):
+                return
+            conn.sendall(payload[i:i + 1])
+    return send
+
+
+@pytest.mark.parametrize("where", ["head", "body", "stream", "tls-handshake"])
+def test_no_attempt_outlives_its_deadline_however_the_server_trickles(
+        server: Scripted, where: str) -> None:
+    answer = choice_answer({"content": "late"})
+    if where == "head":
+        handler = _trickle(server, b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * 400 + b"\r\n", 0.05)
+    elif where == "body":
+        handler = _trickle(server, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(answer) + answer, 0.05)
+    elif where == "stream":
+        handler = _trickle(server, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                           + sse({"choices": [{"index": 0, "delta": {"content": "x"}}]}) * 50,
+                           0.02)
+    url = server.url(where)
+    silent: ThreadedServer | None = None
+    if where == "tls-handshake":  # accepts, never answers the ClientHello
+        silent = ThreadedServer(lambda conn: silent.stopping.wait(30) if silent else None)
+        url = f"https://127.0.0.1:{silent.port}/v1"
+    else:
+        server.routes[where] = handler
+    attempts: list[Attempt] = []
+    started = time.monotonic()
+    try:
+        with pytest.raises(APIError) as info:
+            # the task deadline (1.5 s) is below api_timeout (5 s): it bounds the whole call
+            call(url, stream=where == "stream", retries=3, attempts=attempts,
+                 task_deadline=started + 1.5)
+    finally:
+        if silent is not None:
+            silent.close()
+    elapsed = time.monotonic() - started
+    assert info.value.error_class == "task_timeout", info.value
+    assert elapsed < 1.5 + 1.0, elapsed  # min(api_timeout, task time left) + at most 1 s
+    assert len(attempts) == 1 and attempts[0].outcome == "timeout"
