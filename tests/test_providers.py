@@ -429,3 +429,39 @@ def test_no_attempt_outlives_its_deadline_however_the_server_trickles(
     assert info.value.error_class == "task_timeout", info.value
     assert elapsed < 1.5 + 1.0, elapsed  # min(api_timeout, task time left) + at most 1 s
     assert len(attempts) == 1 and attempts[0].outcome == "timeout"
+
+
+def test_memory_of_the_calling_process_stays_within_a_small_multiple_of_the_cap(
+        server: Scripted) -> None:
+    import subprocess
+    import sys
+
+    server.routes["small"] = lambda c, h, b: respond(c, choice_answer({"content": "ok"}))
+    server.routes["huge"] = _endless(server, "huge", b"HTTP/1.1 200 OK\r\nContent-Type: "
+                                     b"application/json\r\nContent-Length: 419430400\r\n\r\n",
+                                     b"[" * 65536)
+    cap = 8 * 2**20
+    code = f"""
+import resource, sys
+from pytest_llmbench.errors import APIError
+from pytest_llmbench.providers.api import chat
+from pytest_llmbench.records import Deadlines, ModelSpec
+def call(route, **kw):
+    model = ModelSpec(name="m", model="m", base_url="{server.url('ROUTE')}".replace("ROUTE", route),
+                      **kw)
+    return chat(model, [{{"role": "user", "content": "hi"}}], deadlines=Deadlines(api_retries=0),
+                env={{}})
+call("small")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    call("huge", max_response_bytes={cap})
+except APIError as exc:
+    assert "response too large" in str(exc), exc
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout.split()[-1])
+    assert grown < 4 * cap, f"the process grew by {grown} bytes for a cap of {cap}"

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import ssl
 import time
 from collections.abc import Iterator, Mapping
@@ -165,6 +166,9 @@ def _plain_context() -> ssl.SSLContext:
 
 
 _clients: dict[tuple[Any, ...], openai.OpenAI] = {}
+# A process forked from one that used a client must not share its kept-alive connections
+# (both would read the same socket): it builds its own.
+os.register_at_fork(after_in_child=_clients.clear)
 
 
 def _client(request: ChatRequest, ep: Endpoint, proxy: str | None) -> openai.OpenAI:
@@ -353,8 +357,6 @@ class OpenAIProvider:
         return {k: v for k, v in body.items() if v is not None}
 
     def send(self, request: ChatRequest, body: dict[str, Any], deadline: float) -> Completion:
-        import os
-
         ep = parse_endpoint(request.model.base_url)
         proxy = proxy_for(ep, os.environ if request.env is None else request.env)
         client = _client(request, ep, proxy)
