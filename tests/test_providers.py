@@ -465,3 +465,25 @@ print((after - before) * 1024)
     assert out.returncode == 0, out.stderr
     grown = int(out.stdout.split()[-1])
     assert grown < 4 * cap, f"the process grew by {grown} bytes for a cap of {cap}"
+
+
+def test_calls_reuse_the_processs_connection_to_an_endpoint() -> None:
+    accepted: list[int] = []
+
+    def serve(conn: socket.socket) -> None:
+        accepted.append(1)
+        while True:
+            head, _ = read_request(conn)
+            if not head:
+                return
+            body = choice_answer({"content": "again"})
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    server = ThreadedServer(serve)
+    try:
+        for _ in range(3):
+            assert call(f"http://127.0.0.1:{server.port}/v1").text == "again"
+        assert len(accepted) == 1  # kept alive between calls (and items of one host)
+    finally:
+        server.close()
