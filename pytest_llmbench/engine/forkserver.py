@@ -21,7 +21,9 @@ Protocol, over ``AF_UNIX``/``SOCK_SEQPACKET`` connections (message boundaries ke
 
 - client -> server: ``pickle(seq)`` with the host's job pipe (read end) and result pipe
   (write end) attached (``SCM_RIGHTS``);
-- server -> client: ``("forked", seq, pid)`` once the host exists; ``("exit", pid,
+- server -> client: ``("ready",)`` first, once the server has warmed up (``import openai``
+  takes ~1 CPU-s: a client waits for it when it connects, so that no item's task deadline
+  runs while the server is still importing); ``("forked", seq, pid)`` once the host exists; ``("exit", pid,
   status)`` when a host is reaped, to the connection that asked for that host.
 
 Two ways to run it. Without xdist, the pytest process starts its own server and talks to it
@@ -133,6 +135,7 @@ class ForkServer:
             raise
         finally:
             theirs.close()
+        _wait_ready(ours)
         self.seq = 0
         self.closed = False
 
@@ -145,6 +148,7 @@ class ForkServer:
         except BaseException:
             sock.close()
             raise
+        _wait_ready(sock)
         self = cls.__new__(cls)
         self.sock, self.process, self.seq, self.closed = sock, None, 0, False
         return self
@@ -224,6 +228,29 @@ class SharedForkServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+#: Seconds a client waits for the server's warm-up (``import openai``, ~1 CPU-s) at most.
+READY_TIMEOUT = 60.0
+
+
+def _say_ready(conn: socket.socket) -> None:
+    """First message on every connection, once the warm-up is done."""
+    with contextlib.suppress(OSError):
+        conn.send(pickle.dumps(("ready",)))
+
+
+def _wait_ready(sock: socket.socket) -> None:
+    """Block until the server has warmed up (its first message), so that no item's task
+    deadline starts ticking while the server is still importing the SDK. A server that
+    never says so is left to the engine's usual handling of a dead one."""
+    sock.settimeout(READY_TIMEOUT)
+    try:
+        sock.recv(65536)
+    except OSError as exc:
+        log.warning("the fork server did not become ready: %s", exc)
+    finally:
+        sock.settimeout(None)
 
 
 def _address(path: str) -> str:
@@ -326,6 +353,7 @@ class _Server:
                 conn.close()
                 continue
             conn.setblocking(True)
+            _say_ready(conn)
             self.conns.add(conn)
             self.selector.register(conn, selectors.EVENT_READ, "conn")
 
@@ -442,6 +470,7 @@ def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server proce
 
     sock = socket.socket(fileno=int(argv[0]))
     listener = socket.socket(fileno=int(argv[1])) if len(argv) > 1 else None
+    _say_ready(sock)
     _Server(sock, listener).run()
     return 0
 

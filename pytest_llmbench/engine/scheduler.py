@@ -441,6 +441,9 @@ class Engine:
                 os.close(fd)
 
     def _fork_local(self, job: Job, token: str, started: float, deadline: float) -> None:
+        from pytest_llmbench.providers.openai_compat import prepare_fork
+
+        prepare_fork(job.provider)  # the SDK imported once here, not in every child
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         # The child must not run the cyclic GC over the parent's heap: a collection touches
         # every tracked object and copies nearly every page (copy-on-write). Freezing moves
