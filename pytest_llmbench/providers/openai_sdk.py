@@ -271,4 +271,18 @@ def warm_up() -> None:
     request = ChatRequest(model=model, messages=[{"role": "user", "content": "-"}], env={})
     with contextlib.suppress(AttemptFailure):  # refused, as intended
         send(request, OpenAIProvider().build_body(request), time.monotonic() + 1.0)
+    # pydantic builds a model's validators on its first construction (~50 ms of CPU for the
+    # answer types): do it here once, not in every host on its first answer.
+    call = {"index": 0, "id": "c", "type": "function",
+            "function": {"name": "f", "arguments": "{}"}}
+    usage = {"prompt_tokens": 1, "completion_tokens": 1}
+    logprobs = {"content": [{"token": "a", "logprob": 0.0, "bytes": [97], "top_logprobs": []}]}
+    answers.completion_from_json({"model": "m", "usage": usage, "choices": [
+        {"index": 0, "finish_reason": "stop", "logprobs": logprobs, "message": {
+            "role": "assistant", "content": "a", "refusal": None, "tool_calls": [call]}}]}, "m")
+    stream = answers.StreamAnswer("m", 1 << 20, ())
+    stream.add({"model": "m", "usage": usage, "choices": [
+        {"index": 0, "finish_reason": "stop", "logprobs": logprobs,
+         "delta": {"role": "assistant", "content": "a", "tool_calls": [call]}}]})
+    stream.completion()
     _clients.clear()  # a host builds its own (its connections are its own)
