@@ -9,7 +9,8 @@
     ├── StoreError             result store unusable (version mismatch, corrupt index)
     ├── LeaseTimeout           a lease could not be acquired in time
     ├── APIError               a chat call failed for good (after the retry policy)
-    │   └── APITimeoutError    ... because its attempts timed out
+    │   ├── APITimeoutError    ... because its attempts timed out
+    │   └── EndpointDown       ... because the endpoint's circuit breaker is open
     └── AttemptFailure         one attempt of a chat call failed, as a provider classifies
                                it (outcome, retryable, status, Retry-After); the API layer's
                                retry loop turns the last one into an APIError
@@ -30,13 +31,13 @@ ERROR_CLASSES: dict[str, str] = {
     "bad_request": "the endpoint rejected the request (400/404/422): not retried",
     "connection_error": "the endpoint could not be reached",
     "rate_limited": "the endpoint kept throttling (429 / Retry-After): retries used up, or its wait would pass the task deadline",
-    "endpoint_down": "the endpoint asked to wait longer than max_retry_after: treated as unavailable",
     "truncated": "a streamed answer ended without a finish reason",
     "task_timeout": "the item reached its task deadline (its process was killed, or its last API attempt was cut short by it)",
     "lease_timeout": "a shared resource could not be leased in time, or was held too long",
     "crashed": "the item's process died without a result",
     "scorer_error": "the scorer raised or is unknown",
     "sandbox_error": "the code sandbox failed",
+    "endpoint_down": "the endpoint's circuit breaker was open (and no fallback answered), or it asked to wait longer than max_retry_after",
     "internal": "a bug in pytest-llmbench",
 }
 
@@ -96,6 +97,18 @@ class APIError(LLMBenchError):
 class APITimeoutError(APIError):
     def __init__(self, message: str, error_class: str = "api_timeout", status: int | None = None) -> None:
         super().__init__(message, error_class, status)
+
+
+class EndpointDown(APIError):
+    """The endpoint's circuit breaker is open: no request was sent (``coord/breaker.py``)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = url, reason
+        super().__init__(f"endpoint {url} is down (circuit breaker open: {reason})",
+                         "endpoint_down")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.url, self.reason))
 
 
 class AttemptFailure(LLMBenchError):
