@@ -487,3 +487,12 @@ def test_calls_reuse_the_processs_connection_to_an_endpoint() -> None:
         assert len(accepted) == 1  # kept alive between calls (and items of one host)
     finally:
         server.close()
+
+
+def test_a_last_stream_chunk_without_a_delta_is_fine(server: Scripted) -> None:
+    server.routes["nodelta"] = lambda c, h, b: respond(c, sse(
+        {"choices": [{"index": 0, "delta": {"content": "fi"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "ne"}}]},
+        {"choices": [{"index": 0, "finish_reason": "stop"}]}), ctype="text/event-stream")
+    got = call(server.url("nodelta"), stream=True)
+    assert (got.text, got.finish_reason) == ("fine", "stop")

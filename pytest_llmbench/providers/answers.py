@@ -22,6 +22,7 @@ from typing import Any
 
 from openai._models import construct_type
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import BaseModel
 
 from pytest_llmbench.errors import AttemptFailure
 from pytest_llmbench.records import Completion, ToolCall
@@ -183,15 +184,17 @@ class StreamAnswer:
         if not isinstance(chunk.choices, (list, type(None))):
             raise malformed(f"choices of a stream event is a {_type(chunk.choices)}")
         for choice in chunk.choices or ():
-            if not hasattr(choice, "delta"):
+            if not isinstance(choice, BaseModel):
                 raise malformed(f"a stream choice is a {_type(choice)}, not an object")
-            if choice.index not in (0, None):
+            if getattr(choice, "index", None) not in (0, None):
                 continue
-            self._delta(choice.delta)
-            if choice.logprobs is not None:
-                self.logprobs.append(_logprobs(choice.logprobs))
-            if isinstance(choice.finish_reason, str) and choice.finish_reason:
-                self.finish = choice.finish_reason
+            self._delta(getattr(choice, "delta", None))  # a last chunk may have none
+            logprobs = getattr(choice, "logprobs", None)
+            if logprobs is not None:
+                self.logprobs.append(_logprobs(logprobs))
+            finish = getattr(choice, "finish_reason", None)
+            if isinstance(finish, str) and finish:
+                self.finish = finish
 
     def _delta(self, delta: Any) -> None:
         if delta is None:
