@@ -44,7 +44,6 @@ task deadline.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import ssl
 import time
@@ -59,7 +58,7 @@ from pytest_llmbench.errors import (
     AttemptFailure,
     LLMBenchError,
 )
-from pytest_llmbench.providers.base import ChatRequest, Provider, RequestHook
+from pytest_llmbench.providers.base import ChatRequest, Provider, RequestHook, parse_retry_after
 from pytest_llmbench.records import Attempt, Completion, Deadlines, Message, ModelSpec
 from pytest_llmbench.scrub import add_secret, scrub
 
@@ -111,47 +110,6 @@ def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     """Full-jitter wait after failed attempt ``attempt`` (1-based), in seconds."""
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempt - 1))
     return (rng or random).uniform(0.0, ceiling)  # the global one is reseeded after fork
-
-
-def _header(headers: Any, name: str) -> str | None:
-    getter = getattr(headers, "get", None)
-    if getter is not None and not isinstance(headers, dict):  # case-insensitive mappings
-        value = getter(name)
-        return None if value is None else str(value)
-    for key, value in headers.items():
-        if key.lower() == name:
-            return str(value)
-    return None
-
-
-def parse_retry_after(headers: Mapping[str, str] | Any, now: float | None = None) -> float | None:
-    """Seconds the server asks us to wait: ``retry-after-ms`` first, then ``Retry-After``
-    (delta seconds or an HTTP date, relative to ``now``, Unix time); None if absent or
-    unreadable. Not capped: ``chat`` compares it with the model's ``max_retry_after``."""
-    ms = _header(headers, "retry-after-ms")
-    if ms:
-        try:
-            value = float(ms) / 1000.0
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value):
-            return max(0.0, value)
-    ra = _header(headers, "retry-after")
-    if not ra:
-        return None
-    try:
-        value = float(ra)
-    except ValueError:
-        from email.utils import parsedate_to_datetime  # rare path: keep it off import
-
-        try:
-            when = parsedate_to_datetime(ra.strip())
-        except (TypeError, ValueError, IndexError):
-            return None
-        value = when.timestamp() - (time.time() if now is None else now)
-    if not math.isfinite(value):
-        return None
-    return max(0.0, value)
 
 
 # --- the call: attempts, waits, final error ---------------------------------------------
@@ -375,7 +333,7 @@ def chat(
     it is decided. ``env`` is where proxy variables are read (default ``os.environ``).
     ``tools``/``tool_choice`` are sent as the OpenAI API takes them; the answer's
     ``tool_calls`` come back in the ``Completion``. ``provider`` defaults to the
-    OpenAI-compatible one; ``request_hooks`` (``base.request_hooks``) edit each body.
+    OpenAI-compatible one; ``request_hooks`` (``registry.request_hooks``) edit each body.
     Raises ``APIError`` (``error_class`` set) or ``APITimeoutError`` (``api_timeout``, or
     ``task_timeout`` when the task deadline ended the call) when the call fails for good.
     """

@@ -17,17 +17,16 @@ item process on first use). docs/providers.md shows a provider in a few dozen li
 
 from __future__ import annotations
 
+import math
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pytest_llmbench.records import Completion, Message, ModelSpec
 
-if TYPE_CHECKING:
-    import pytest
-
-__all__ = ["ChatRequest", "Provider", "RequestHook", "get_provider", "request_hooks"]
+__all__ = ["ChatRequest", "Provider", "RequestHook", "parse_retry_after"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,18 +76,45 @@ class RequestHook:
         self.function(**{name: values[name] for name in self.argnames})
 
 
-def get_provider(config: pytest.Config, model: ModelSpec) -> Provider:
-    """The provider for ``model``: the first plugin's answer, else the OpenAI-compatible one."""
-    provider: Provider | None = config.hook.pytest_llmbench_get_provider(model=model)
-    if provider is None:
-        from pytest_llmbench.providers.openai_compat import OpenAIProvider
-
-        provider = OpenAIProvider()
-    return provider
+# --- for providers of HTTP services ----------------------------------------------------
 
 
-def request_hooks(config: pytest.Config) -> tuple[RequestHook, ...]:
-    """The ``pytest_llmbench_modify_request`` implementations, in pluggy's call order."""
-    caller = config.hook.pytest_llmbench_modify_request
-    impls = caller.get_hookimpls()
-    return tuple(RequestHook(impl.function, tuple(impl.argnames)) for impl in reversed(impls))
+def _header(headers: Any, name: str) -> str | None:
+    getter = getattr(headers, "get", None)
+    if getter is not None and not isinstance(headers, dict):  # case-insensitive mappings
+        value = getter(name)
+        return None if value is None else str(value)
+    for key, value in headers.items():
+        if key.lower() == name:
+            return str(value)
+    return None
+
+
+def parse_retry_after(headers: Mapping[str, str] | Any, now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms`` first, then ``Retry-After``
+    (delta seconds or an HTTP date, relative to ``now``, Unix time); None if absent or
+    unreadable. Not capped: ``chat`` compares it with the model's ``max_retry_after``."""
+    ms = _header(headers, "retry-after-ms")
+    if ms:
+        try:
+            value = float(ms) / 1000.0
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value):
+            return max(0.0, value)
+    ra = _header(headers, "retry-after")
+    if not ra:
+        return None
+    try:
+        value = float(ra)
+    except ValueError:
+        from email.utils import parsedate_to_datetime  # rare path: keep it off import
+
+        try:
+            when = parsedate_to_datetime(ra.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        value = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(value):
+        return None
+    return max(0.0, value)

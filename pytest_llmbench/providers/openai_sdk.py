@@ -23,12 +23,12 @@ import openai
 
 from pytest_llmbench.errors import APIError, AttemptFailure, classify_status
 from pytest_llmbench.providers import answers, wire
-from pytest_llmbench.providers.base import ChatRequest
-from pytest_llmbench.providers.openai_compat import (
+from pytest_llmbench.providers.base import ChatRequest, parse_retry_after
+from pytest_llmbench.providers.endpoint import (
     Endpoint,
-    _proxy_display,
     default_ssl_context,
     parse_endpoint,
+    proxy_display,
     proxy_for,
 )
 from pytest_llmbench.records import Completion, ModelSpec
@@ -151,8 +151,6 @@ def _error_detail(response: httpx2.Response, key: str | None) -> str:
 
 
 def _retry_after(response: httpx2.Response) -> float | None:
-    from pytest_llmbench.providers.api import parse_retry_after
-
     return parse_retry_after(dict(response.headers))
 
 
@@ -189,7 +187,7 @@ def _connection_failure(exc: BaseException, ep: Endpoint, proxy: str | None,
     refused = any(isinstance(e, ConnectionRefusedError) for e in chain)
     if refused and proxy:
         return AttemptFailure("connection_error",
-                              f"the proxy {_proxy_display(proxy)} refused the connection "
+                              f"the proxy {proxy_display(proxy)} refused the connection "
                               f"(from {ep.scheme}_proxy/all_proxy; set no_proxy={ep.host} "
                               "to bypass it)", True)
     if refused:
@@ -200,7 +198,7 @@ def _connection_failure(exc: BaseException, ep: Endpoint, proxy: str | None,
                                   f"cannot resolve host {ep.host!r}: {e.strerror}", True)
         if type(e).__name__ == "ProxyError":
             return AttemptFailure("connection_error",
-                                  f"the proxy {_proxy_display(proxy or '')} failed: "
+                                  f"the proxy {proxy_display(proxy or '')} failed: "
                                   f"{scrub(str(e)[:200], key)}", True)
     if streaming:
         return AttemptFailure("truncated", f"stream cut: {type(chain[-1]).__name__}", True)
@@ -262,15 +260,14 @@ def warm_up() -> None:
     first item."""
     import socket
 
-    from pytest_llmbench.providers.openai_compat import OpenAIProvider
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     model = ModelSpec(name="warm-up", model="warm-up", base_url=f"http://127.0.0.1:{port}/v1")
     request = ChatRequest(model=model, messages=[{"role": "user", "content": "-"}], env={})
     with contextlib.suppress(AttemptFailure):  # refused, as intended
-        send(request, OpenAIProvider().build_body(request), time.monotonic() + 1.0)
+        send(request, {"model": "warm-up", "messages": list(request.messages), "stream": False},
+             time.monotonic() + 1.0)
     # pydantic builds a model's validators on its first construction (~50 ms of CPU for the
     # answer types): do it here once, not in every host on its first answer.
     call = {"index": 0, "id": "c", "type": "function",

@@ -221,7 +221,7 @@ class LLMBenchSession:
     def provider_for(self, model: ModelSpec) -> Provider:
         """The model's provider (``pytest_llmbench_get_provider``), asked once per model."""
         if model.name not in self._providers:
-            from pytest_llmbench.providers.base import get_provider
+            from pytest_llmbench.providers.registry import get_provider
 
             self._providers[model.name] = get_provider(self.config, model)
         return self._providers[model.name]
@@ -229,7 +229,7 @@ class LLMBenchSession:
     @property
     def request_hooks(self) -> tuple[RequestHook, ...]:
         if self._request_hooks is None:
-            from pytest_llmbench.providers.base import request_hooks
+            from pytest_llmbench.providers.registry import request_hooks
 
             self._request_hooks = request_hooks(self.config)
         return self._request_hooks
