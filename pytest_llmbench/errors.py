@@ -11,6 +11,7 @@
     ├── APIError               a chat call failed for good (after the retry policy)
     │   ├── APITimeoutError    ... because its attempts timed out
     │   └── EndpointDown       ... because the endpoint's circuit breaker is open
+    ├── AgentStop              an agent loop hit a limit (max_turns, budget, loop...)
     └── AttemptFailure         one attempt of a chat call failed, as a provider classifies
                                it (outcome, retryable, status, Retry-After); the API layer's
                                retry loop turns the last one into an APIError
@@ -35,6 +36,10 @@ ERROR_CLASSES: dict[str, str] = {
     "task_timeout": "the item reached its task deadline (its process was killed, or its last API attempt was cut short by it)",
     "lease_timeout": "a shared resource could not be leased in time, or was held too long",
     "crashed": "the item's process died without a result",
+    "max_turns": "the agent loop used its max_turns model calls and still called tools",
+    "max_tool_calls": "the agent loop reached its max_tool_calls",
+    "budget_exceeded": "the agent loop spent more tokens than its token_budget",
+    "loop": "the agent repeated the same tool call (or answer) loop_repeats times",
     "scorer_error": "the scorer raised or is unknown",
     "sandbox_error": "the code sandbox failed",
     "endpoint_down": "the endpoint's circuit breaker was open (and no fallback answered), or it asked to wait longer than max_retry_after",
@@ -109,6 +114,19 @@ class EndpointDown(APIError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.url, self.reason))
+
+
+class AgentStop(LLMBenchError):
+    """A limit ended an item's agent loop; ``error_class`` is ``max_turns``,
+    ``max_tool_calls``, ``budget_exceeded`` or ``loop``; ``detail`` names what repeated or
+    what was counted (for the report)."""
+
+    def __init__(self, error_class: str, message: str, detail: str = "") -> None:
+        self.error_class, self.detail = error_class, detail
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.error_class, str(self), self.detail))
 
 
 class AttemptFailure(LLMBenchError):

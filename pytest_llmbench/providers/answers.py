@@ -30,6 +30,8 @@ from pytest_llmbench.scrub import scrub
 
 __all__ = ["StreamAnswer", "completion_from_json", "load_json", "too_large"]
 
+MAX_TOOL_CALLS = 128
+"""Tool calls kept of one answer; more is not an answer we act on."""
 MAX_TOKENS_COUNT = 10**12
 """Usage numbers above this are not believed (a malformed answer, not a bill)."""
 
@@ -89,6 +91,33 @@ def _text_of(content: Any, where: str) -> tuple[str, tuple[Mapping[str, Any], ..
     raise malformed(f"{where} is a {_type(content)}, not text or a list of content parts")
 
 
+def _arguments(value: Any) -> str:
+    """A tool call's arguments as text (a server may send them as a JSON object)."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else json.dumps(value)
+
+
+def _tool_calls(raw: Any, keys: tuple[str | None, ...]) -> tuple[ToolCall, ...]:
+    """``message.tool_calls`` of an answer. The model's output is not trusted to be well
+    formed: an entry without a function name is dropped (it cannot be run), at most
+    ``MAX_TOOL_CALLS`` are kept."""
+    calls = []
+    for n, call in enumerate(raw[:MAX_TOOL_CALLS] if isinstance(raw, list) else ()):
+        function = call.get("function") if isinstance(call, dict) else getattr(call, "function",
+                                                                                None)
+        name = (function.get("name") if isinstance(function, dict)
+                else getattr(function, "name", None))
+        if not isinstance(name, str) or not name:
+            continue
+        args = (function.get("arguments") if isinstance(function, dict)
+                else getattr(function, "arguments", None))
+        ident = call.get("id") if isinstance(call, dict) else getattr(call, "id", None)
+        calls.append(ToolCall(id=str(ident or f"call_{n}"), name=name,
+                              arguments=scrub(_arguments(args), *keys, labelled=False)))
+    return tuple(calls)
+
+
 def _reasoning(extra: Mapping[str, Any] | None) -> str | None:
     for name in ("reasoning_content", "reasoning"):
         value = (extra or {}).get(name)
@@ -122,14 +151,7 @@ def completion_from_json(data: Any, model: str, *keys: str | None) -> Completion
     if message is None or not hasattr(message, "content"):
         raise malformed(f"choices[0].message is a {_type(message)}, not an object")
     text, parts = _text_of(message.content, "choices[0].message.content")
-    calls = []
-    for n, call in enumerate(message.tool_calls or ()):
-        function = getattr(call, "function", None)
-        name, args = getattr(function, "name", None), getattr(function, "arguments", None)
-        if not isinstance(name, str) or not isinstance(args, (str, type(None))):
-            raise malformed(f"choices[0].message.tool_calls[{n}] has no function name")
-        calls.append(ToolCall(id=str(getattr(call, "id", "") or ""), name=name,
-                              arguments=scrub(args or "", *keys, labelled=False)))
+    calls = _tool_calls(message.tool_calls, keys)
     prompt_tokens, completion_tokens = _usage(answer.usage)
     refusal = message.refusal if isinstance(message.refusal, str) else None
     reasoning = _reasoning(message.model_extra)
@@ -140,7 +162,7 @@ def completion_from_json(data: Any, model: str, *keys: str | None) -> Completion
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         model=str(answer.model or model) if isinstance(answer.model, str) else model,
-        tool_calls=tuple(calls),
+        tool_calls=calls,
         content_parts=parts,
         refusal=scrub(refusal, *keys, labelled=False) if refusal else refusal,
         reasoning=scrub(reasoning, *keys, labelled=False) if reasoning else reasoning,
@@ -219,15 +241,18 @@ class StreamAnswer:
 
     def _tool_delta(self, call: Any) -> None:
         index = getattr(call, "index", None)
-        if not isinstance(index, int):
-            raise malformed("a tool-call delta without an integer index")
+        if index is None:
+            index = len(self.calls)
+        if not isinstance(index, int) or (index not in self.calls
+                                          and len(self.calls) >= MAX_TOOL_CALLS):
+            return  # not a call we can place, or one too many: dropped
         slot = self.calls.setdefault(index, {"id": "", "name": "", "arguments": []})
         if isinstance(getattr(call, "id", None), str) and call.id:
             slot["id"] = call.id
         function = getattr(call, "function", None)
         if function is not None:
-            if isinstance(getattr(function, "name", None), str) and function.name:
-                slot["name"] = function.name
+            if isinstance(getattr(function, "name", None), str):
+                slot["name"] += self._keep(function.name)  # some servers send it in pieces
             args = getattr(function, "arguments", None)
             if isinstance(args, str):
                 slot["arguments"].append(self._keep(args))
@@ -240,9 +265,9 @@ class StreamAnswer:
                                  f"{len(text)} chars", True)
         keys = self.keys
         calls = tuple(
-            ToolCall(id=slot["id"], name=slot["name"],
+            ToolCall(id=slot["id"] or f"call_{index}", name=slot["name"],
                      arguments=scrub("".join(slot["arguments"]), *keys, labelled=False))
-            for _, slot in sorted(self.calls.items()))
+            for index, slot in sorted(self.calls.items()) if slot["name"])
         logprobs: Any = None
         if self.logprobs:
             content = [e for lp in self.logprobs if isinstance(lp, dict)
