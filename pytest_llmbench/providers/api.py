@@ -351,6 +351,7 @@ def chat(
     call.origin = time.monotonic() if item_started is None else item_started
     for number in range(1, call.total + 1):
         body = call.body()
+        call.attempt_timeout(number)  # no task time left at all: task_timeout, not a wait
         call.acquire(body, number)
         timeout, capped = call.attempt_timeout(number)
         start = time.monotonic()
