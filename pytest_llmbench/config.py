@@ -109,7 +109,11 @@ class Settings:
         """The model's key from the environment or ``.env``; never stored anywhere."""
         if not model.api_key_env:
             return None
-        return os.environ.get(model.api_key_env) or self.env.get(model.api_key_env) or None
+        key = os.environ.get(model.api_key_env) or self.env.get(model.api_key_env) or None
+        from pytest_llmbench.scrub import add_secret
+
+        add_secret(key)  # every text quoting a server's bytes is scrubbed of it
+        return key
 
 
 # --- parsing helpers ---------------------------------------------------------------------
@@ -206,7 +210,8 @@ def _load_toml(path: Path) -> dict[str, Any]:
 
 _MODEL_KEYS = {
     "model", "base_url", "api_key_env", "params", "stream", "rpm", "tpm",
-    "max_connections", "headers", "fallbacks",
+    "max_connections", "headers", "fallbacks", "api_version", "max_response_bytes",
+    "max_retry_after",
 }
 
 
@@ -248,7 +253,27 @@ def parse_model_table(name: str, table: object, where: str) -> ModelSpec:
             max_conn, f"{where}: models.{name}.max_connections", minimum=1
         ),
         headers={str(k): str(v) for k, v in dict(table.get("headers", {})).items()},
+        **_provider_keys(name, table, where),
     )
+
+
+def _provider_keys(name: str, table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The model keys the OpenAI-compatible provider reads (docs/configuration.md)."""
+    out: dict[str, Any] = {}
+    version = table.get("api_version")
+    if version is not None:
+        if not isinstance(version, str) or not version.strip():
+            raise ConfigError(f"{where}: models.{name}.api_version: expected a string such as "
+                              f"\"2024-06-01\", got {version!r}")
+        out["api_version"] = version.strip()
+    if "max_response_bytes" in table:
+        out["max_response_bytes"] = parse_count(
+            table["max_response_bytes"], f"{where}: models.{name}.max_response_bytes",
+            minimum=1024)
+    if "max_retry_after" in table:
+        out["max_retry_after"] = parse_seconds(
+            table["max_retry_after"], f"{where}: models.{name}.max_retry_after")
+    return out
 
 
 def parse_model_arg(value: str, declared: Mapping[str, ModelSpec]) -> ModelSpec:

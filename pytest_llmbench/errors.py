@@ -12,7 +12,10 @@
     ├── APIError               a chat call failed for good (after the retry policy)
     │   ├── APITimeoutError    ... because its attempts timed out
     │   └── EndpointDown       ... because the endpoint's circuit breaker is open
-    └── AgentStop              an agent loop hit a limit (max_turns, budget, loop...)
+    ├── AgentStop              an agent loop hit a limit (max_turns, budget, loop...)
+    └── AttemptFailure         one attempt of a chat call failed, as a provider classifies
+                               it (outcome, retryable, status, Retry-After); the API layer's
+                               retry loop turns the last one into an APIError
 
 Every error that ends an item maps to exactly one *error class*, the string stored in the
 result and counted in the summary (``ERROR_CLASSES``).
@@ -29,6 +32,7 @@ ERROR_CLASSES: dict[str, str] = {
     "auth_error": "the endpoint refused the credentials (401/403): not retried",
     "bad_request": "the endpoint rejected the request (400/404/422): not retried",
     "connection_error": "the endpoint could not be reached",
+    "rate_limited": "the endpoint kept throttling (429 / Retry-After): retries used up, or its wait would pass the task deadline",
     "truncated": "a streamed answer ended without a finish reason",
     "task_timeout": "the item reached its task deadline (its process was killed, or its last API attempt was cut short by it)",
     "lease_timeout": "a shared resource could not be leased in time, or was held too long",
@@ -39,7 +43,7 @@ ERROR_CLASSES: dict[str, str] = {
     "loop": "the agent repeated the same tool call (or answer) loop_repeats times",
     "scorer_error": "the scorer raised or is unknown",
     "sandbox_error": "the code sandbox failed",
-    "endpoint_down": "the endpoint's circuit breaker was open (and no fallback answered)",
+    "endpoint_down": "the endpoint's circuit breaker was open (and no fallback answered), or it asked to wait longer than max_retry_after",
     "internal": "a bug in pytest-llmbench",
 }
 
@@ -143,6 +147,28 @@ class AgentStop(LLMBenchError):
         return (type(self), (self.error_class, str(self), self.detail))
 
 
+class AttemptFailure(LLMBenchError):
+    """One failed attempt of a chat call, classified by the provider that made it.
+
+    ``outcome`` is a key of ``OUTCOME_TO_ERROR_CLASS`` (``timeout``, ``connection_error``,
+    ``rate_limited``, ``server_error``, ``auth_error``, ``bad_request``, ``api_error``,
+    ``truncated``, ``endpoint_down``); ``retryable`` says whether the retry policy may try
+    again; ``status`` is the HTTP status when one arrived; ``retry_after`` the seconds the
+    server asked to wait (uncapped: the API layer applies its limits). ``error`` must already
+    be scrubbed of secrets (``scrub.scrub``): it is stored and shown.
+    """
+
+    def __init__(self, outcome: str, error: str, retryable: bool, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(error)
+        self.outcome, self.error, self.retryable = outcome, error, retryable
+        self.status, self.retry_after = status, retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.outcome, self.error, self.retryable, self.status,
+                             self.retry_after))
+
+
 # --- HTTP classification (the single place that decides what is retried) -----------------
 
 NEVER_RETRY = frozenset({400, 401, 403, 404, 422})
@@ -167,10 +193,11 @@ def classify_status(status: int) -> tuple[str, bool]:
 #: attempt outcome -> the item's error class when it is the last one.
 OUTCOME_TO_ERROR_CLASS: dict[str, str] = {
     "timeout": "api_timeout",
-    "rate_limited": "api_error",
+    "rate_limited": "rate_limited",
     "server_error": "api_error",
     "connection_error": "connection_error",
     "truncated": "truncated",
+    "endpoint_down": "endpoint_down",
     "auth_error": "auth_error",
     "bad_request": "bad_request",
     "api_error": "api_error",

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     import pytest
 
+    from pytest_llmbench.providers.base import Provider
     from pytest_llmbench.records import ItemResult, ModelSpec, Score, ScoreRequest
     from pytest_llmbench.store.protocol import ResultStore
 
@@ -62,10 +63,30 @@ def pytest_llmbench_modify_request(body: dict[str, Any], model: ModelSpec) -> No
     """Edit the outgoing chat-completion JSON ``body`` in place before it is sent.
 
     Called for every request to ``model`` (a :class:`~pytest_llmbench.records.ModelSpec`),
-    on every attempt, in the item's process. Every implementation is called (not
-    first-result); each mutates ``body`` (e.g. to add a vendor-specific field). The return
-    value is ignored. Keep edits deterministic: a result reported from the store was
-    produced by the body as it was edited then.
+    on every attempt, with the body the model's provider will send, in the process that
+    sends it (the item's process, or pytest's for the ``llm`` fixture). Every
+    implementation is called (not first-result); each mutates ``body`` (e.g. to add a
+    vendor-specific field). The return value is ignored.
+
+    The item's process has no plugin manager: the implementing *functions* are handed to it
+    with the item's job (pickled by reference), so an implementation must be a module-level
+    function of an importable module or conftest, and must not rely on state set up in the
+    pytest process at run time. Keep edits deterministic: a result reported from the store
+    was produced by the body as it was edited then.
+    """
+
+
+@hookspec(firstresult=True)
+def pytest_llmbench_get_provider(model: ModelSpec) -> Provider | None:
+    """Return the :class:`~pytest_llmbench.providers.base.Provider` that reaches ``model``,
+    or ``None`` to pass.
+
+    Asked once per model in the pytest process (controller and each xdist worker); the
+    first non-``None`` answer wins, and when none answers the plugin's own
+    OpenAI-compatible provider (the ``openai`` SDK) is used, as pytest-xdist does for its
+    schedulers. The provider object is pickled into each item's job, so it must be an
+    instance of a module-level class of an importable module (or conftest); create clients
+    lazily in its methods, which run in the item's process. See docs/providers.md.
     """
 
 

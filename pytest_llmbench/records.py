@@ -60,6 +60,12 @@ class ModelSpec:
     max_connections: int | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     """Extra non-secret headers (e.g. ``api-version`` for Azure is a query; see docs)."""
+    api_version: str | None = None
+    """Azure OpenAI's ``api-version``: set, the endpoint is reached with ``AzureOpenAI``."""
+    max_response_bytes: int = 32 * 1024 * 1024
+    """Cap on the bytes of one answer (and on the text kept of a streamed one)."""
+    max_retry_after: float = 60.0
+    """A server asking to wait longer than this (Retry-After) is treated as down."""
     fallbacks: tuple[ModelSpec, ...] = ()
     """Other endpoints serving the same model, tried in order when this endpoint's circuit
     breaker is open (their own fallbacks are not followed)."""

@@ -13,6 +13,10 @@ import pytest_llmbench.engine.forkserver  # noqa: F401
 # engine's side here, once, so every in-process run shares it (a real run imports it once).
 import pytest_llmbench.engine.scheduler  # noqa: F401
 
+# Likewise the openai SDK (a run that forks items from pytest imports it there): two
+# generations of its modules in one process disagree (its ``Omit`` marker, its types).
+import pytest_llmbench.providers.openai_sdk  # noqa: F401
+
 pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,11 +7,9 @@ small real servers defined here.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import email.utils
 import http.client
-import json
 import logging
 import random
 import shutil
@@ -31,14 +29,12 @@ from pytest_llmbench.errors import APIError, APITimeoutError, LLMBenchError
 from pytest_llmbench.providers.api import (
     BACKOFF_BASE,
     BACKOFF_CAP,
-    RETRY_AFTER_CAP,
     backoff_delay,
-    build_request,
     chat,
-    parse_endpoint,
     parse_retry_after,
-    proxy_for,
 )
+from pytest_llmbench.providers.base import ChatRequest
+from pytest_llmbench.providers.openai_compat import OpenAIProvider, parse_endpoint, proxy_for
 from pytest_llmbench.records import (
     Attempt,
     Case,
@@ -74,12 +70,12 @@ def test_backoff_is_full_jitter_with_doubling_ceiling_and_cap() -> None:
     assert max(draws) > 1.5 and min(draws) < 0.5  # jitter spreads over the whole range
 
 
-def test_retry_after_seconds_ms_precedence_cap_and_garbage() -> None:
+def test_retry_after_seconds_ms_precedence_and_garbage() -> None:
     assert parse_retry_after({"Retry-After": "2"}) == 2.0
     assert parse_retry_after({"retry-after": "1.5"}) == 1.5
     assert parse_retry_after({"Retry-After": "5", "retry-after-ms": "250"}) == 0.25
     assert parse_retry_after({"Retry-After": "5", "Retry-After-Ms": "junk"}) == 5.0
-    assert parse_retry_after({"Retry-After": "3600"}) == RETRY_AFTER_CAP
+    assert parse_retry_after({"Retry-After": "3600"}) == 3600.0  # chat() judges it
     assert parse_retry_after({"Retry-After": "-3"}) == 0.0
     assert parse_retry_after({"Retry-After": "soon"}) is None
     assert parse_retry_after({"Retry-After": "nan"}) is None
@@ -93,7 +89,7 @@ def test_retry_after_http_date() -> None:
     past = email.utils.formatdate(now - 30, usegmt=True)
     assert parse_retry_after({"Retry-After": past}, now=now) == 0.0
     far = email.utils.formatdate(now + 7200, usegmt=True)
-    assert parse_retry_after({"Retry-After": far}, now=now) == RETRY_AFTER_CAP
+    assert parse_retry_after({"Retry-After": far}, now=now) == pytest.approx(7200.0)
 
 
 def test_retry_after_reads_http_message_case_insensitively() -> None:
@@ -106,11 +102,12 @@ def test_endpoint_keeps_query_and_hides_credentials() -> None:
     ep = parse_endpoint("https://user:pw@res.openai.azure.com/openai/deployments/d1/"
                         "?api-version=2024-06-01")
     assert ep.azure and ep.scheme == "https" and ep.port == 443
-    assert ep.target == "/openai/deployments/d1/chat/completions?api-version=2024-06-01"
+    assert ep.query == (("api-version", "2024-06-01"),)
+    assert ep.base == "https://user:pw@res.openai.azure.com/openai/deployments/d1"
     assert ep.display == "https://res.openai.azure.com/openai/deployments/d1"
     plain = parse_endpoint("http://127.0.0.1:8000/v1/")
-    assert (plain.host, plain.port, plain.target, plain.azure) == (
-        "127.0.0.1", 8000, "/v1/chat/completions", False)
+    assert (plain.host, plain.port, plain.base, plain.azure) == (
+        "127.0.0.1", 8000, "http://127.0.0.1:8000/v1", False)
     assert not parse_endpoint("https://openai.azure.com.evil.example/v1").azure
     for bad in ("sim", "ftp://x/v1", "http://host:99999/v1", "http:///v1"):
         with pytest.raises(APIError) as info:
@@ -121,45 +118,38 @@ def test_endpoint_keeps_query_and_hides_credentials() -> None:
 def test_body_params_override_model_defaults_and_none_drops() -> None:
     model = spec("http://127.0.0.1:1/v1", params={"temperature": 0.7, "max_tokens": 50,
                                                   "top_p": 0.9}, stream=True)
-    req = build_request(model, USER, {"temperature": 0.0, "top_p": None}, KEY)
-    body = json.loads(req.body)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    body = OpenAIProvider().build_body(ChatRequest(
+        model=model, messages=USER, params={"temperature": 0.0, "top_p": None}, tools=tools,
+        tool_choice="auto"))
     assert body == {"model": "sim-1", "messages": USER, "temperature": 0.0, "max_tokens": 50,
-                    "stream": True}
-    assert req.headers["Authorization"] == f"Bearer {KEY}"
-    assert req.headers["Accept"] == "text/event-stream"
-    assert req.est_tokens >= 50
-
-
-def test_azure_sends_api_key_header_instead_of_bearer() -> None:
-    model = spec("https://res.openai.azure.com/openai/deployments/d1?api-version=2024-06-01",
-                 headers={"X-Team": "a"})
-    req = build_request(model, USER, None, KEY, {"X-Trace": "t"})
-    assert req.headers["api-key"] == KEY
-    assert "Authorization" not in req.headers
-    assert req.headers["X-Team"] == "a" and req.headers["X-Trace"] == "t"
-    no_key = build_request(model, USER, None, None)
-    assert "api-key" not in no_key.headers and "Authorization" not in no_key.headers
+                    "stream": True, "stream_options": {"include_usage": True},
+                    "tools": tools, "tool_choice": "auto"}
+    own = OpenAIProvider().build_body(ChatRequest(
+        model=model, messages=USER, params={"stream_options": {"include_usage": False}}))
+    assert own["stream_options"] == {"include_usage": False}  # the suite's choice wins
+    plain = OpenAIProvider().build_body(ChatRequest(model=spec("http://h/v1"), messages=USER))
+    assert plain == {"model": "sim-1", "messages": USER, "stream": False}
 
 
 def test_proxy_selection_and_no_proxy() -> None:
     env = {"https_proxy": "http://u%40x:p%3Aw@proxy.corp:3128", "HTTP_PROXY": "proxy.corp:8080",
-           "no_proxy": "internal.corp, .lan,api.example:8443"}
-    got = proxy_for(parse_endpoint("https://api.openai.com/v1"), env)
-    assert got is not None
-    host, port, headers = got
-    assert (host, port) == ("proxy.corp", 3128)
-    assert base64.b64decode(headers["Proxy-Authorization"].split()[1]) == b"u@x:p:w"
+           "no_proxy": "internal.corp, .lan,api.example:8443,10.0.0.0/8"}
+    assert proxy_for(parse_endpoint("https://api.openai.com/v1"), env) == (
+        "http://u%40x:p%3Aw@proxy.corp:3128")
     assert proxy_for(parse_endpoint("http://models.example/v1"), env) == (
-        "proxy.corp", 8080, {})
+        "http://proxy.corp:8080")
     for direct in ("https://internal.corp/v1", "https://a.b.internal.corp/v1",
                    "http://box.lan/v1", "https://api.example:8443/v1",
+                   "http://10.1.2.3:8000/v1",  # CIDR
                    "http://127.0.0.1:8000/v1", "http://localhost:8000/v1"):
         assert proxy_for(parse_endpoint(direct), env) is None, direct
+    assert proxy_for(parse_endpoint("http://11.1.2.3/v1"), env) is not None  # outside the range
     assert proxy_for(parse_endpoint("https://api.example/v1"), env) is not None  # other port
     assert proxy_for(parse_endpoint("https://x.example/v1"), {**env, "NO_PROXY": "*",
                                                                "no_proxy": "*"}) is None
-    with pytest.raises(APIError, match="only http:// proxies"):
-        proxy_for(parse_endpoint("https://x.example/v1"), {"https_proxy": "socks5://p:1080"})
+    assert proxy_for(parse_endpoint("https://x.example/v1"),
+                     {"https_proxy": "socks5://p:1080"}) == "socks5://p:1080"
 
 
 def test_no_attempt_once_task_deadline_has_passed() -> None:
@@ -184,12 +174,12 @@ class NoTimeLimiter:
         raise AssertionError("no attempt was made")
 
 
-def test_rate_limit_grant_past_the_task_deadline_is_task_timeout() -> None:
-    with pytest.raises(APITimeoutError) as info:
+def test_rate_limit_grant_past_the_task_deadline_is_rate_limited() -> None:
+    with pytest.raises(APIError) as info:
         chat(spec("http://127.0.0.1:9/v1"), USER, deadlines=Deadlines(task_timeout=5),
              task_deadline=time.monotonic() + 5, limiter=NoTimeLimiter(), env={})
-    assert info.value.error_class == "task_timeout"
-    assert "task deadline of 5 s leaves no time for attempt 1" in str(info.value)
+    assert info.value.error_class == "rate_limited"
+    assert "no grant for attempt 1 before the task deadline of 5 s" in str(info.value)
     assert "9.00 s away" in str(info.value)
 
 
@@ -469,8 +459,8 @@ def test_retry_after_past_the_task_deadline_fails_now(
         calls.chat(conv("What is 2 + 3? [[sim:fail=429 retry_after=20]]"),
                    task_deadline=started + 5.0)
     assert calls.sleeps == [] and time.monotonic() - started < 2.0
-    assert info.value.error_class == "api_error" and info.value.status == 429
-    assert "would reach the task deadline" in str(info.value)
+    assert info.value.error_class == "rate_limited" and info.value.status == 429
+    assert "asked to wait 20 s (Retry-After), past the task deadline" in str(info.value)
     assert [(a.outcome, a.wait) for a in calls.attempts] == [("rate_limited", 0.0)]
 
 
@@ -794,6 +784,10 @@ class TLSFront(ThreadedServer):
     def _relay(self, raw: socket.socket) -> None:
         with self.context.wrap_socket(raw, server_side=True) as conn:
             head, body = read_request(conn)
+            # one request per connection: the simulator closes it, and says so to the client
+            head = b"\r\n".join(line for line in head.split(b"\r\n")
+                                 if not line.lower().startswith(b"connection:"))
+            head += b"\r\nConnection: close"
             with socket.create_connection(("127.0.0.1", self.upstream_port)) as upstream:
                 upstream.sendall(head + b"\r\n\r\n" + body)
                 while data := upstream.recv(65536):

@@ -223,13 +223,13 @@ def test_the_server_builds_the_tls_context_for_its_hosts_only_when_a_model_uses_
     env = {k: v for k, v in os.environ.items() if k != forkserver._TLS_ENV}
     if https:
         env[forkserver._TLS_ENV] = "1"
-    code = ("import os; from pytest_llmbench.engine import forkserver; from pytest_llmbench.providers import transport; forkserver.warm_up();"
-            " print(transport.default_ssl_context.cache_info().currsize,"
+    code = ("import os; from pytest_llmbench.engine import forkserver; from pytest_llmbench.providers import openai_compat as oc; forkserver.warm_up();"
+            " print(oc.default_ssl_context.cache_info().currsize, 'openai' in __import__('sys').modules,"
             f" {forkserver._TLS_ENV!r} in os.environ)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     # Built once in the server (hosts inherit it); the variable is not passed on to them.
-    assert out == (["1", "False"] if https else ["0", "False"])
+    assert out == (["1", "True", "False"] if https else ["0", "True", "False"])
 
 
 def test_an_item_does_not_see_the_environment_changes_of_the_item_before_it_in_its_host(

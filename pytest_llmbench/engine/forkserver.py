@@ -21,7 +21,9 @@ Protocol, over ``AF_UNIX``/``SOCK_SEQPACKET`` connections (message boundaries ke
 
 - client -> server: ``pickle(seq)`` with the host's job pipe (read end) and result pipe
   (write end) attached (``SCM_RIGHTS``);
-- server -> client: ``("forked", seq, pid)`` once the host exists; ``("exit", pid,
+- server -> client: ``("ready",)`` first, once the server has warmed up (``import openai``
+  takes ~1 CPU-s: a client waits for it when it connects, so that no item's task deadline
+  runs while the server is still importing); ``("forked", seq, pid)`` once the host exists; ``("exit", pid,
   status)`` when a host is reaped, to the connection that asked for that host.
 
 Two ways to run it. Without xdist, the pytest process starts its own server and talks to it
@@ -147,6 +149,7 @@ class ForkServer:
             raise
         finally:
             theirs.close()
+        _wait_ready(ours)
         self.seq = 0
         self.closed = False
 
@@ -159,6 +162,7 @@ class ForkServer:
         except BaseException:
             sock.close()
             raise
+        _wait_ready(sock)
         self = cls.__new__(cls)
         self.sock, self.process, self.seq, self.closed = sock, None, 0, False
         return self
@@ -238,6 +242,29 @@ class SharedForkServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+#: Seconds a client waits for the server's warm-up (``import openai``, ~1 CPU-s) at most.
+READY_TIMEOUT = 60.0
+
+
+def _say_ready(conn: socket.socket) -> None:
+    """First message on every connection, once the warm-up is done."""
+    with contextlib.suppress(OSError):
+        conn.send(pickle.dumps(("ready",)))
+
+
+def _wait_ready(sock: socket.socket) -> None:
+    """Block until the server has warmed up (its first message), so that no item's task
+    deadline starts ticking while the server is still importing the SDK. A server that
+    never says so is left to the engine's usual handling of a dead one."""
+    sock.settimeout(READY_TIMEOUT)
+    try:
+        sock.recv(65536)
+    except OSError as exc:
+        log.warning("the fork server did not become ready: %s", exc)
+    finally:
+        sock.settimeout(None)
 
 
 def _address(path: str) -> str:
@@ -348,6 +375,7 @@ class _Server:
                 conn.close()
                 continue
             conn.setblocking(True)
+            _say_ready(conn)
             self.conns.add(conn)
             self.selector.register(conn, selectors.EVENT_READ, "conn")
 
@@ -484,7 +512,8 @@ class _Server:
 def warm_up() -> None:
     """Import and initialise here, once, what every child would otherwise do itself: the
     child's module, the scorers, the IDNA codec ``http.client`` uses for host names (it
-    loads ``unicodedata``), libc for ``prctl``, and the TLS context when a model needs it."""
+    loads ``unicodedata``), libc for ``prctl``, the ``openai`` SDK, and the TLS context when a
+    model needs it."""
     # Imported once here, not in every host: everything an item touches.
     from pytest_llmbench.coord import (
         proc,  # noqa: F401
@@ -494,7 +523,7 @@ def warm_up() -> None:
         child,  # noqa: F401
         runner,  # noqa: F401
     )
-    from pytest_llmbench.providers import api  # noqa: F401
+    from pytest_llmbench.providers import api, openai_compat  # noqa: F401
     from pytest_llmbench.scoring import resolve as scoring  # noqa: F401
 
     # The default store (and filelock) before the hosts fork: importing it in each host on
@@ -504,10 +533,13 @@ def warm_up() -> None:
 
     "localhost".encode("idna")
     proc._libc()
+    # ``import openai`` (~0.8 s of CPU) and one request path through the SDK (its lazy
+    # imports), once here: the hosts forked after this inherit them.
+    openai_compat.warm_up()
     if os.environ.pop(_TLS_ENV, "") == "1":
         # A model is reached over HTTPS: build the verifying TLS context (the CA bundle,
         # ~45 ms) once here instead of in every host on its first request.
-        api.default_ssl_context()
+        openai_compat.default_ssl_context()
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -530,6 +562,7 @@ def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server proce
 
     sock = socket.socket(fileno=int(argv[0]))
     listener = socket.socket(fileno=int(argv[1])) if len(argv) > 1 else None
+    _say_ready(sock)
     _Server(sock, listener).run()
     return 0
 

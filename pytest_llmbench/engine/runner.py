@@ -16,6 +16,7 @@ from pytest_llmbench.agent.loop import Conversation
 from pytest_llmbench.agent.tools import ToolRunner
 from pytest_llmbench.errors import AgentStop, APIError, ScorerError
 from pytest_llmbench.providers import api
+from pytest_llmbench.providers.base import Provider, RequestHook
 from pytest_llmbench.records import (
     ERROR,
     FAILED,
@@ -38,7 +39,7 @@ Scorer = Callable[[ScoreRequest], Score]
 
 #: error class of an ``APIError`` -> the deadline layer that fired (the API layer decides
 #: the class: ``api.chat`` reports ``task_timeout`` when the task deadline ended the call).
-DEADLINE_LAYERS = {"api_timeout": "api", "task_timeout": "task"}
+DEADLINE_LAYERS = {"api_timeout": "api", "task_timeout": "task", "rate_limited": "api"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +57,10 @@ class Job:
     scorer: Scorer | None = None
     limiter: api.RateLimiter | None = None
     """The machine-wide shared rate limiter (created in the parent, inherited by fork)."""
+    provider: Provider | None = None
+    """The model's provider (``pytest_llmbench_get_provider``); None: the default one."""
+    request_hooks: tuple[RequestHook, ...] = ()
+    """The ``pytest_llmbench_modify_request`` implementations, called before each request."""
     rescore_from: ItemResult | None = None
     """Score these stored completions instead of calling the API (``--llmbench-rescore``,
     or a stored answer to the same request found by the item process)."""
@@ -96,7 +101,8 @@ def _conversation(job: Job, emit: Emit, result: ItemResult, task_deadline: float
         return api.chat(job.model, messages, params=case.params, tools=tools,
                         deadlines=job.deadlines, task_deadline=task_deadline,
                         api_key=job.api_key, turn=turn, item_started=t0,
-                        on_attempt=on_attempt, label=job.nodeid, limiter=job.limiter)
+                        on_attempt=on_attempt, label=job.nodeid, limiter=job.limiter,
+                        provider=job.provider, request_hooks=job.request_hooks)
 
     return Conversation(turns=case.turns, chat=chat, emit=emit, result=result, started=t0,
                         limits=case.agent, runner=runner)

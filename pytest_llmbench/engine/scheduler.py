@@ -436,6 +436,10 @@ class Engine:
                 os.close(fd)
 
     def _fork_local(self, job: Job, token: str, started: float, deadline: float) -> None:
+        from pytest_llmbench.providers.openai_compat import prepare_fork
+
+        prepare_fork(job.provider)  # the SDK imported once here, not in every child
+
         def body(write_fd: int) -> None:  # pragma: no cover - runs in the child
             gc.disable()
             child_main(job, write_fd, token, deadline, self.store, self.holder)

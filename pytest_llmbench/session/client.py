@@ -76,6 +76,8 @@ class LLMClient:
             api_key=self._session.settings.api_key(spec),
             label=self._label,
             limiter=self._session.limiter,
+            provider=self._session.provider_for(spec),
+            request_hooks=self._session.request_hooks,
         )
 
 

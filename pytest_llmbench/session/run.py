@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pytest_llmbench.engine.forkserver import SharedForkServer
     from pytest_llmbench.engine.runner import Job, Scorer
     from pytest_llmbench.engine.scheduler import Engine
+    from pytest_llmbench.providers.base import Provider, RequestHook
     from pytest_llmbench.session.runlog import RunLog
     from pytest_llmbench.sim.control import SimServer
     from pytest_llmbench.store.protocol import ResultStore
@@ -61,6 +62,8 @@ class LLMBenchSession:
         self._leases: LeaseManager | None = None
         self._limiter: SharedLimiter | None = None
         self._scorers: dict[str, Scorer] = {}
+        self._providers: dict[str, Provider] = {}
+        self._request_hooks: tuple[RequestHook, ...] | None = None
         self._markers: set[str] = set()
         self.suite_errors = 0
         self.other_collect_errors = 0
@@ -258,6 +261,22 @@ class LLMBenchSession:
             overrides["api_retries"] = int(overrides["api_retries"])
         return self.settings.deadlines.replace(**overrides)
 
+    def provider_for(self, model: ModelSpec) -> Provider:
+        """The model's provider (``pytest_llmbench_get_provider``), asked once per model."""
+        if model.name not in self._providers:
+            from pytest_llmbench.providers.registry import get_provider
+
+            self._providers[model.name] = get_provider(self.config, model)
+        return self._providers[model.name]
+
+    @property
+    def request_hooks(self) -> tuple[RequestHook, ...]:
+        if self._request_hooks is None:
+            from pytest_llmbench.providers.registry import request_hooks
+
+            self._request_hooks = request_hooks(self.config)
+        return self._request_hooks
+
     def resolved_model(self, model: ModelSpec) -> ModelSpec:
         if model.simulated:
             return dataclasses.replace(model, base_url=self.ensure_sim())
@@ -290,6 +309,8 @@ class LLMBenchSession:
             api_key=self.settings.api_key(item.model),
             scorer=scorer,
             limiter=self.limiter,
+            provider=self.provider_for(item.model),
+            request_hooks=self.request_hooks,
             rescore_from=rescore_from,
             reuse_answers=not self.settings.fresh,
         )
