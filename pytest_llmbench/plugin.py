@@ -81,11 +81,25 @@ def pytest_configure(config: pytest.Config) -> None:
 
     try:
         settings = load_settings(config)
+        _ensure_open_files(config, settings.concurrency)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     session = LLMBenchSession(config, settings)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "llmbench-session")
+
+
+def _ensure_open_files(config: pytest.Config, concurrency: int) -> None:
+    """Enough open files for the items in flight (engine/fdlimit.py); the xdist controller
+    runs no items, but the simulator it starts serves every worker's."""
+    from pytest_llmbench.engine.fdlimit import ensure_open_files
+
+    try:
+        workers = int(getattr(config.option, "numprocesses", 0) or 0)
+    except (TypeError, ValueError):
+        workers = 0
+    controller = workers > 0 and not hasattr(config, "workerinput")
+    ensure_open_files(concurrency, strict=not controller, processes=workers if controller else 1)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

@@ -1,0 +1,115 @@
+"""Many items in flight: the channels between pytest, the fork server and the item hosts
+stay live, and the open-file limit is raised or named (engine/fdlimit.py).
+
+No timing is asserted here (bench/run.py measures speed); what is checked is that the run
+ends, every item passes, and that as many item processes ran at once as were asked for.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+from pytest_llmbench.engine.fdlimit import files_needed
+
+#: A scorer in a module of its own (pickled to the item hosts by reference): it logs the
+#: item process's pid, so the test can count how many processes ran items.
+PID_SCORER = """
+import os
+from pytest_llmbench.records import Score
+
+def score(req):
+    if os.environ.get("PIDS_LOG"):
+        with open(os.environ["PIDS_LOG"], "a") as fh:
+            fh.write(f"{os.getpid()}\\n")
+    return Score(value=1.0)
+"""
+
+
+def write_suite(pytester: pytest.Pytester, n: int, *, latency: float) -> str:
+    module = f"pid_scorer_{secrets.token_hex(4)}"
+    pytester.makepyfile(**{module: PID_SCORER})
+    lines = ['[[prompts]]\nid = "add"\ntemplate = "What is {{a}} + 1? [[sim:latency=%g]]"\n' % latency
+             + f'scorer = "{module}:score"\n']
+    lines += [f'[[prompts.instances]]\nid = "i{i}"\nvars = {{ a = {i} }}\nexpected = "{i + 1}"\n'
+              for i in range(n)]
+    pytester.makefile(".toml", wide="".join(lines))
+    return module
+
+
+@pytest.mark.slow
+def test_600_items_at_600_in_flight_all_pass(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K = 600 once deadlocked: the pytest process and the fork server both blocked sending
+    on their socket after ~280 hosts. Every item waits 2 s at the simulator, so they are all
+    in flight together: 600 item processes at once, with their requests and replies."""
+    n = 600
+    write_suite(pytester, n, latency=2.0)
+    pids = pytester.path / "pids.log"
+    monkeypatch.setenv("PIDS_LOG", str(pids))
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--llmbench-concurrency", str(n), timeout=600,
+    )
+    result.assert_outcomes(passed=n)
+    # A host is forked only when no host is idle: 600 processes ran items, so (nearly) all
+    # 600 items were in flight at once, far past where the channel used to block.
+    assert len(set(pids.read_text().split())) > n * 0.9
+
+
+def _run_with_nofile(pytester: pytest.Pytester, soft: int, hard: int, *args: str,
+                     ) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import resource, sys, pytest;"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}));"
+        "sys.exit(pytest.main(sys.argv[1:]))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, "-p", "no:cacheprovider", *args],
+        cwd=pytester.path, capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+def test_a_low_soft_open_file_limit_is_raised(pytester: pytest.Pytester, sim_env: str) -> None:
+    pytester.makepyfile(test_limit=f"""
+        import resource
+        def test_soft_limit_raised():
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= {files_needed(300)}
+    """)
+    write_suite(pytester, 2, latency=0.0)
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < files_needed(300):
+        pytest.skip(f"the hard open-file limit here ({hard}) is too low for this test")
+    done = _run_with_nofile(pytester, 512, hard, "--llmbench-concurrency", "300",
+                            "-p", "pytester")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout
+
+
+def test_a_hard_open_file_limit_too_low_is_one_clear_error(
+    pytester: pytest.Pytester, sim_env: str
+) -> None:
+    write_suite(pytester, 2, latency=0.0)
+    done = _run_with_nofile(pytester, 1024, 1024, "--llmbench-concurrency", "2000")
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
+    err = done.stderr
+    assert "--llmbench-concurrency 2000 needs up to 8256 open files" in err
+    assert "RLIMIT_NOFILE" in err and "1024 hard" in err
+    assert "lower --llmbench-concurrency to 192 or less" in err
+    assert "Traceback" not in err
+
+
+def test_the_limit_module_never_lowers_a_limit() -> None:
+    import resource
+
+    from pytest_llmbench.engine.fdlimit import ensure_open_files
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert ensure_open_files(1) >= soft
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft
+
