@@ -32,8 +32,8 @@ def score(req):
 def write_suite(pytester: pytest.Pytester, n: int, *, latency: float) -> str:
     module = f"pid_scorer_{secrets.token_hex(4)}"
     pytester.makepyfile(**{module: PID_SCORER})
-    lines = ['[[prompts]]\nid = "add"\ntemplate = "What is {{a}} + 1? [[sim:latency=%g]]"\n' % latency
-             + f'scorer = "{module}:score"\n']
+    template = "What is {{a}} + 1? [[sim:latency=" + f"{latency:g}]]"
+    lines = [f'[[prompts]]\nid = "add"\ntemplate = "{template}"\nscorer = "{module}:score"\n']
     lines += [f'[[prompts.instances]]\nid = "i{i}"\nvars = {{ a = {i} }}\nexpected = "{i + 1}"\n'
               for i in range(n)]
     pytester.makefile(".toml", wide="".join(lines))
