@@ -91,6 +91,9 @@ class Settings:
     """setting -> where its value came from (for the header)."""
     store_dir: Path
     concurrency: int = DEFAULT_CONCURRENCY
+    concurrency_is_default: bool = False
+    """No concurrency was configured: under xdist, the workers share a run-wide
+    ``DEFAULT_RUN_CONCURRENCY`` (engine/runslots.py)."""
     fresh: bool = False
     rescore: bool = False
     jsonl: Path | None = None
@@ -417,6 +420,7 @@ def load_settings(config: Any) -> Settings:
     concurrency_raw = cli("llmbench_concurrency")
     if concurrency_raw is None:
         concurrency_raw = os.environ.get("LLMBENCH_CONCURRENCY") or ini("llmbench_concurrency")
+    concurrency_is_default = concurrency_raw in (None, "") and "concurrency" not in file_config
     if concurrency_raw in (None, ""):
         concurrency_raw = file_config.get("concurrency", default_concurrency())
     concurrency = parse_count(concurrency_raw, "llmbench concurrency", minimum=1)
@@ -447,6 +451,7 @@ def load_settings(config: Any) -> Settings:
         deadline_sources=sources,
         store_dir=store_dir,
         concurrency=concurrency,
+        concurrency_is_default=concurrency_is_default,
         fresh=bool(fresh if fresh is not None else ini("llmbench_fresh")),
         rescore=bool(rescore if rescore is not None else ini("llmbench_rescore")),
         jsonl=jsonl,

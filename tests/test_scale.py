@@ -113,3 +113,69 @@ def test_the_limit_module_never_lowers_a_limit() -> None:
     assert ensure_open_files(1) >= soft
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft
 
+
+
+def test_workers_share_the_run_wide_budget_through_the_slot_file() -> None:
+    from pytest_llmbench.engine import runslots
+
+    path = runslots.create(3)
+    try:
+        first = runslots.RunSlots(path, 0, 64)
+        second = runslots.RunSlots(path, 1, 64)
+        # The first worker up may take the whole budget while the others run nothing.
+        assert first.free(0) == 64
+        first.publish(60)
+        assert second.free(0) == 4
+        second.publish(4)
+        assert first.free(60) == 0
+        # What one worker finishes, another may start.
+        first.publish(50)
+        assert second.free(4) == 10
+        # A worker id past the count (an xdist replacement) maps onto a slot, modulo.
+        third = runslots.RunSlots(path, 5, 64)
+        assert third.offset == 2 * 8
+        first.close()
+        assert second.free(4) == 60
+    finally:
+        runslots.remove(path)
+    assert not path.exists()
+
+
+def test_under_xdist_every_worker_may_use_the_whole_default_budget(
+    pytester: pytest.Pytester, sim_env: str
+) -> None:
+    pytest.importorskip("xdist")
+    write_suite(pytester, 4, latency=0.0)
+    pytester.makepyfile(test_budget="""
+        from pytest_llmbench.config import DEFAULT_RUN_CONCURRENCY
+        from pytest_llmbench.session.run import SESSION_KEY
+
+        def test_engine_budget(request):
+            engine = request.config.stash[SESSION_KEY].engine
+            assert engine.concurrency == DEFAULT_RUN_CONCURRENCY
+            assert engine.run_slots is not None
+            assert engine.run_slots.budget == DEFAULT_RUN_CONCURRENCY
+            assert engine.run_slots.workers == 2
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines(["*concurrency 64 per run, shared by the workers*"])
+
+
+def test_an_explicit_concurrency_stays_per_process_under_xdist(
+    pytester: pytest.Pytester, sim_env: str
+) -> None:
+    pytest.importorskip("xdist")
+    write_suite(pytester, 2, latency=0.0)
+    pytester.makepyfile(test_budget="""
+        from pytest_llmbench.session.run import SESSION_KEY
+
+        def test_engine_budget(request):
+            engine = request.config.stash[SESSION_KEY].engine
+            assert engine.concurrency == 5
+            assert engine.run_slots is None
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2",
+                                           "--llmbench-concurrency", "5")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*concurrency 5 per process*"])

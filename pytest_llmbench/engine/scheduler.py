@@ -46,6 +46,7 @@ from pytest_llmbench.engine.inflight import (
     timeout_result,
 )
 from pytest_llmbench.engine.runner import Job
+from pytest_llmbench.engine.runslots import RunSlots
 from pytest_llmbench.records import ERROR, ItemResult
 from pytest_llmbench.store.filestore import ClaimHolder, Store
 
@@ -65,6 +66,8 @@ TICK_INTERVAL = 1.0
 POLL_ELSEWHERE = 0.05
 #: How often its claim is tried again (a dead holder's claim is taken over then).
 RECLAIM_ELSEWHERE = 1.0
+#: How often a worker held back by the run-wide budget looks at it again.
+RUN_SLOTS_POLL = 0.05
 
 JobFactory = Callable[[Any], "Job | ItemResult"]
 
@@ -84,6 +87,7 @@ class Engine:
         tick: Callable[[], object] | None = None,
         fork_server: str | None = None,
         tls: bool = False,
+        run_slots: RunSlots | None = None,
     ) -> None:
         # ``fresh``: stored results of earlier runs are ignored (they are overwritten).
         self.store = store
@@ -117,6 +121,8 @@ class Engine:
         self.server_path = fork_server
         self.tls = tls
         """A model is reached over HTTPS: our own fork server prepares the TLS context."""
+        self.run_slots = run_slots
+        """xdist with the default concurrency: the run-wide count every worker shares."""
         """Where the run's shared fork server listens (xdist), or None: start our own."""
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
@@ -262,8 +268,14 @@ class Engine:
         return len(self.running) - before
 
     def free_slots(self) -> int:
-        """How many more items may start now (``inflight.Stragglers``)."""
-        return self.stragglers.free_slots(self.running, self.concurrency)
+        """How many more items may start now (``inflight.Stragglers``; under xdist with
+        the default concurrency, also what the run-wide budget has left: ``runslots.py``)."""
+        local = self.stragglers.free_slots(self.running, self.concurrency)
+        if self.run_slots is None:
+            return local
+        busy = self.concurrency - local
+        self.run_slots.publish(busy)
+        return min(local, self.run_slots.free(busy))
 
     def _seen_elsewhere(self, key: str) -> bool:
         """Two ``stat`` calls instead of a claim: another process runs the item, or stored it
@@ -636,6 +648,9 @@ class Engine:
         timeout = max(0.0, soonest - time.monotonic())
         if self._polled:
             timeout = min(timeout, 0.02)
+        if self.run_slots is not None and self.free_slots() <= 0:
+            # Slots other workers free wake nobody here: look again soon.
+            timeout = min(timeout, RUN_SLOTS_POLL)
         return min(timeout, 1.0)
 
     def _service(self, timeout: float) -> None:
@@ -676,6 +691,8 @@ class Engine:
         overdue = self._overdue(now)
         if overdue:
             self._kill(overdue)
+        if self.run_slots is not None:
+            self.free_slots()  # publish what finished, for the other workers
 
     def _read(self, child: Child) -> None:
         lines, eof = read_lines(child.fd, child.buffer)
@@ -812,6 +829,9 @@ class Engine:
         if self.server is not None:
             self.server.close()
             self.server = None
+        if self.run_slots is not None:
+            self.run_slots.close()
+            self.run_slots = None
         self.selector.close()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
