@@ -45,7 +45,9 @@ DEFAULT_RUN_CONCURRENCY = 64
 
 
 def default_concurrency() -> int:
-    """16 per process; under xdist, a run-wide 64 shared by the workers (at least 2 each)."""
+    """16 per process; under xdist, 64 // W per worker (at least 2). A worker that gets
+    the controller's run-wide count (engine/runslots.py) uses all 64 instead, as long as
+    the others leave them free; this even split is the fallback without it."""
     try:
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     except ValueError:

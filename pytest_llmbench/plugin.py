@@ -18,7 +18,7 @@ MODEL_HELP = "Model to evaluate: a name declared in [tool.llmbench.models], 'sim
 STORE_HELP = "Directory of the result store (default: .llmbench in the rootdir)"
 CONCURRENCY_HELP = (
     f"Items in flight at once in each pytest process (default {DEFAULT_CONCURRENCY}; under -n W,"
-    " 64 per run shared by the workers, at least 2 each). An item running 3x longer than the"
+    " 64 per run, which any worker may use while the others do not). An item running 3x longer than the"
     " median stops counting, so a stuck one never blocks the queue (at most K such)"
 )
 FRESH_HELP = "Ignore stored results and run every item again"
