@@ -872,17 +872,27 @@ def machine() -> str:
 
 
 def bytecode(out: Out) -> None:
-    """Compile the package's bytecode ahead, as ``pip install`` does for an installed one.
+    """Compile the package's bytecode ahead where ``pip install`` would have: for a source
+    checkout (editable install) only, and only the package, as an installed copy has it.
 
     An editable checkout gets its bytecode written on first import, except where
     ``PYTHONDONTWRITEBYTECODE`` is set (as on the machine these figures come from): then
     every process of every run (32 xdist workers, the fork server) compiles the package
-    from source again, ~35 ms each, which no installed copy of the plugin ever pays. The
-    other sides' packages are installed, with their bytecode."""
-    ok = compileall.compile_dir(str(REPO / "pytest_llmbench"), quiet=1)
+    from source again, ~35 ms each, which no installed copy of the plugin ever pays. An
+    installed copy (site-packages) was compiled by pip: nothing is done. The generated
+    projects (suites, bare tests, Inspect tasks) are never compiled ahead: a real project's
+    test files are not either. The other sides' packages are installed, with bytecode."""
+    import pytest_llmbench
+
+    package = Path(pytest_llmbench.__file__).resolve().parent
+    if "site-packages" in package.parts or "dist-packages" in package.parts:
+        out(f"bytecode: pytest_llmbench installed at {package}: compiled by pip, left as is")
+        return
+    ok = compileall.compile_dir(str(package), quiet=1)
     note = "compiled ahead" if ok else "could NOT be compiled ahead"
-    out(f"bytecode: pytest_llmbench {note}, as pip does on install"
-        f" (PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', 'unset')} here)")
+    out(f"bytecode: pytest_llmbench (a source checkout) {note}, as pip does on install"
+        f" (PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', 'unset')} here);"
+        " test files are not")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
