@@ -55,9 +55,9 @@ TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULT_K = 16  # the plugin's default --llmbench-concurrency in one process
 
 
-def default_k(workers: int) -> int:
-    """The plugin's default per process under ``-n workers`` (config.default_concurrency)."""
-    return DEFAULT_K if workers <= 1 else max(2, 64 // workers)
+#: The plugin's default in flight for a whole ``-n W`` run (config.DEFAULT_RUN_CONCURRENCY),
+#: which any worker may use (engine/runslots.py).
+DEFAULT_RUN_K = 64
 WORKLOADS = ("throughput", "overhead", "xdist", "wide", "scale", "stuck", "ratelimit")
 
 
@@ -587,7 +587,8 @@ def overhead(ctx: Ctx) -> None:
         suite = gen.write_suite(project, n)
         gen.write_bare_tests(project, n)
         one = plugin_side(f"llmbench 1 proc x {DEFAULT_K}", project, suite, sim, n)
-        two = plugin_side(f"llmbench -n 2 x {default_k(2)}", project, suite, sim, n, "-n", "2")
+        two = plugin_side(f"llmbench -n 2 ({DEFAULT_RUN_K} per run)", project, suite, sim, n,
+                          "-n", "2")
         bare = bare_side("bare pytest (sequential SDK)", project, sim, n)
         alternate([one, two, bare], ctx.repeat, ctx.scratch, ctx.out)
         s0, s0p = ctx.startup(0), ctx.startup(0, plugin=True)
@@ -625,7 +626,7 @@ def xdist(ctx: Ctx) -> None:
         gen.write_bare_tests(project, n)
         for w in workers:
             sw = ctx.startup(w)
-            ideal = sw.wall + n * latency / min(n, w * default_k(w))
+            ideal = sw.wall + n * latency / min(n, DEFAULT_RUN_K)
             plug = plugin_side(f"llmbench -n {w}", project, suite, sim, n, "-n", str(w), ideal=ideal)
             bare = bare_side(f"bare-xdist -n {w}", project, sim, n, "-n", str(w),
                              ideal=sw.wall + n * latency / min(n, w))
