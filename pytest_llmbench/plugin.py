@@ -88,7 +88,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     try:
         settings = load_settings(config)
-        _ensure_open_files(config, settings.concurrency)
+        _ensure_open_files(config, settings.concurrency, default=settings.concurrency_is_default)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     session = LLMBenchSession(config, settings)
@@ -97,10 +97,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(session, "llmbench-session")
 
 
-def _ensure_open_files(config: pytest.Config, concurrency: int) -> None:
+def _ensure_open_files(config: pytest.Config, concurrency: int, *, default: bool) -> None:
     """Enough open files for the items in flight (engine/fdlimit.py); the xdist controller
-    runs no items, but the simulator it starts serves every worker's."""
+    runs no items, but the simulator it starts serves every worker's. (An xdist worker
+    with the default concurrency may run the whole run-wide budget: engine/runslots.py.)"""
+    from pytest_llmbench.config import DEFAULT_RUN_CONCURRENCY
     from pytest_llmbench.engine.fdlimit import ensure_open_files
+
+    if default and hasattr(config, "workerinput"):
+        concurrency = max(concurrency, DEFAULT_RUN_CONCURRENCY)
 
     try:
         workers = int(getattr(config.option, "numprocesses", 0) or 0)
