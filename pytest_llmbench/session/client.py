@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 
 class LLMClient:
-    """``llm.chat(...)``: the same API layer (timeouts, retries, Retry-After) as suite items."""
+    """``llm.chat(...)``: the same API layer (timeouts, retries, Retry-After) and the same
+    machine-wide rate limits (the session's shared limiter) as suite items."""
 
     def __init__(self, session: LLMBenchSession, label: str, overrides: Mapping[str, Any]) -> None:
         self._session = session
@@ -47,8 +48,14 @@ class LLMClient:
 
     def chat(
         self, prompt: str | Sequence[Message], *, model: str | None = None, system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None,
         **params: Any,
     ) -> Completion:
+        """One chat call. ``prompt``: a user message or a whole conversation (which may hold
+        assistant ``tool_calls`` and ``tool`` messages); ``tools``: OpenAI tool dicts
+        (``{"type": "function", "function": {"name", "description", "parameters"}}``);
+        the answer's ``tool_calls`` are the calls the model made, and
+        ``answer.assistant_message()`` is what to append before the tool results."""
         from pytest_llmbench.providers import api
 
         spec = self.model(model)
@@ -63,16 +70,27 @@ class LLMClient:
             self._session.resolved_model(spec),
             messages,
             params=params,
+            tools=tools,
+            tool_choice=tool_choice,
             deadlines=self.deadlines,
             api_key=self._session.settings.api_key(spec),
             label=self._label,
+            limiter=self._session.limiter,
         )
 
 
-def lease_factory(session: LLMBenchSession) -> Callable[..., Lease]:
-    """``llm_lease("sandbox", timeout=10)`` -> a context-managed lease on that pool."""
+def lease_factory(
+    session: LLMBenchSession, held: list[Lease] | None = None
+) -> Callable[..., Lease]:
+    """``llm_lease("sandbox", timeout=10)`` -> a context-managed lease on that pool; each
+    lease is also appended to ``held``."""
 
     def acquire(pool: str, timeout: float | None = None, *, label: str = "") -> Lease:
-        return session.leases.acquire(pool, timeout, label=label)
+        # Held by this pytest process for a plain test: never killed from outside, the
+        # lease's own guard interrupts the test at lease_max (coord/lease.py).
+        lease = session.leases.acquire(pool, timeout, label=label, in_process=True)
+        if held is not None:
+            held.append(lease)
+        return lease
 
     return acquire
