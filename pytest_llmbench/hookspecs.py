@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import pytest
 
     from pytest_llmbench.records import ItemResult, ModelSpec, Score, ScoreRequest
+    from pytest_llmbench.store.protocol import ResultStore
 
 hookspec = pluggy.HookspecMarker("pytest")
 
@@ -65,4 +66,17 @@ def pytest_llmbench_modify_request(body: dict[str, Any], model: ModelSpec) -> No
     first-result); each mutates ``body`` (e.g. to add a vendor-specific field). The return
     value is ignored. Keep edits deterministic: a result reported from the store was
     produced by the body as it was edited then.
+    """
+
+
+@hookspec(firstresult=True)
+def pytest_llmbench_get_store(config: pytest.Config) -> ResultStore | None:
+    """Return the result store of this run, or ``None`` for the default file store.
+
+    The returned object implements :class:`~pytest_llmbench.store.protocol.ResultStore`
+    (lookups, claims, writes, runs; no file paths). It is asked once per pytest process,
+    the xdist controller and every worker, so each must reach the same data; item
+    processes open it again through its ``ref()``. The first non-``None`` result wins; the
+    plugin's own implementation (``trylast``) opens the file store at
+    ``--llmbench-store``.
     """

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmbench.__main__ import CSV_COLUMNS
 from pytest_llmbench.records import ItemResult
+from pytest_llmbench.report.cli import CSV_COLUMNS
 from pytest_llmbench.report.summary import (
     merge,
     percentile,
@@ -225,7 +225,7 @@ def test_report_cli_does_not_import_pytest_or_openai(filled: tuple[Path, list[It
     root, _, _ = filled
     code = (
         "import sys\n"
-        "from pytest_llmbench.__main__ import main\n"
+        "from pytest_llmbench.report.cli import main\n"
         f"assert main(['report', {str(root)!r}]) == 0\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest', 'openai'))\n"
         "assert not heavy, heavy\n"

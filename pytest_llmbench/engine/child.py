@@ -11,6 +11,7 @@ attempts and result to the parent as JSON lines on a pipe, writes its result to 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -25,7 +26,8 @@ from typing import Any, NoReturn
 from pytest_llmbench.coord import proc
 from pytest_llmbench.coord.cgroup import Cgroup
 from pytest_llmbench.engine.runner import Job, execute
-from pytest_llmbench.store.filestore import ClaimHolder, Store
+from pytest_llmbench.store.claims import ClaimHolder
+from pytest_llmbench.store.protocol import ResultStore, StoreRef
 
 
 class _PipeLogHandler(logging.Handler):
@@ -89,11 +91,20 @@ def _become_item_process(send: Callable[..., None]) -> None:
 
 
 def _run_item(
-    job: Job, send: Callable[..., None], deadline: float, store: Store, holder: ClaimHolder,
+    job: Job, send: Callable[..., None], deadline: float, store: ResultStore, holder: ClaimHolder,
     *, then: Callable[[], str] | None = None,
 ) -> None:
     """Run, store, send the result; ``then()`` names an event to send in the same write
-    (the host's ``idle``: the engine then reuses the host the moment the item is done)."""
+    (the host's ``idle``: the engine then reuses the host the moment the item is done).
+
+    An answer to the same request stored earlier (judged by another scorer, or by an
+    earlier version of this one) is re-scored instead of bought again: looked up here,
+    after the claim, so the lookahead pays nothing for it."""
+    if job.reuse_answers and job.rescore_from is None:
+        request_key = job.identity.get("request_key")
+        answer = store.answer_for(request_key) if isinstance(request_key, str) else None
+        if answer is not None:
+            job = dataclasses.replace(job, rescore_from=answer)
     result = execute(job, send, task_deadline=deadline)
     store.put(result, holder=holder)
     after = then() if then is not None else ""
@@ -101,7 +112,7 @@ def _run_item(
 
 
 def child_main(
-    job: Job, fd: int, token: str, deadline: float, store: Store, holder: ClaimHolder
+    job: Job, fd: int, token: str, deadline: float, store: ResultStore, holder: ClaimHolder
 ) -> NoReturn:  # pragma: no cover - runs in the child, measured by the tests' outcomes
     """Body of an item's forked child: run the item, store its result (dropping ``holder``'s
     claim), send it to the parent through ``fd``. Never returns."""
@@ -179,7 +190,8 @@ def _reap_children() -> int | None:
 
 
 def host_main(
-    jobs_fd: int, fd: int, stores: Callable[[str, bool], Store], group: Cgroup | None = None,
+    jobs_fd: int, fd: int, stores: Callable[[StoreRef], ResultStore],
+    group: Cgroup | None = None,
 ) -> NoReturn:  # pragma: no cover - runs in the host, measured by the tests' outcomes
     """Body of an item host: run the items the engine sends through ``jobs_fd``, one at a
     time, each as ``child_main`` would; say ``idle`` after each. Leaves (so that the engine
@@ -210,7 +222,7 @@ def host_main(
                 if base_env is not None and os.environ != base_env:
                     os.environ.clear()
                     os.environ.update(base_env)
-                store = stores(spawn.store_root, spawn.fsync)
+                store = stores(spawn.store)
             except Exception as exc:  # noqa: BLE001 - the engine forks this item itself
                 send("refused", f"{type(exc).__name__}: {exc}",
                      "" if served == HOST_MAX_ITEMS else "idle")

@@ -68,12 +68,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pytest_llmbench.coord import cgroup, proc
 from pytest_llmbench.engine.runner import Job
-from pytest_llmbench.store.filestore import ClaimHolder, Store
+from pytest_llmbench.store.claims import ClaimHolder
+from pytest_llmbench.store.protocol import ResultStore, StoreRef
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ class Spawn:
     token: str
     deadline: float
     """``time.monotonic()`` deadline (the clock is system-wide)."""
-    store_root: str
-    fsync: bool
+    store: StoreRef
+    """The run's result store, opened again (once per host) through ``StoreRef.open``."""
     holder: ClaimHolder
     sys_path: tuple[str, ...]
     cwd: str
@@ -334,15 +334,14 @@ class _Server:
         self.cgroups: dict[int, cgroup.Cgroup] = {}
         """Each live host's cgroup: everything its items started, whatever they did."""
         self.made = 0
-        self.stores: dict[tuple[str, bool], Store] = {}
+        self.stores: dict[StoreRef, ResultStore] = {}
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector = selectors.DefaultSelector()
 
-    def store(self, root: str, fsync: bool) -> Store:
-        key = (root, fsync)
-        if key not in self.stores:
-            self.stores[key] = Store(Path(root), fsync=fsync)
-        return self.stores[key]
+    def store(self, ref: StoreRef) -> ResultStore:
+        if ref not in self.stores:
+            self.stores[ref] = ref.open()
+        return self.stores[ref]
 
     def send(self, conn: socket.socket | None, message: tuple[Any, ...]) -> None:
         """Queue ``message`` for ``conn`` and send what its socket takes now (never blocks)."""
@@ -585,6 +584,11 @@ def warm_up() -> None:
     )
     from pytest_llmbench.providers import api  # noqa: F401
     from pytest_llmbench.scoring import resolve as scoring  # noqa: F401
+
+    # The default store (and filelock) before the hosts fork: importing it in each host on
+    # its first job (to unpickle its ``FileStoreRef``) cost ~0.4-0.9 s of the first item's
+    # task deadline on a loaded machine.
+    from pytest_llmbench.store import filestore  # noqa: F401
 
     "localhost".encode("idna")
     proc._libc()

@@ -155,13 +155,13 @@ def timeout_result(child: Child) -> ItemResult:
     return result
 
 
-def crash_result(child: Child, status: int | None, store_root: Path) -> ItemResult:
+def crash_result(child: Child, status: int | None, coord_dir: Path) -> ItemResult:
     """The item process died without a result: a lease reclaim killed it, or it crashed."""
     from pytest_llmbench.coord.lease import default_state_dir, find_reclaim
 
     # The run's pools live in the store; the pools items use on their own (the judge's
     # ``sandbox``) in the state directory.
-    reclaim = find_reclaim(store_root, token=child.token) or find_reclaim(
+    reclaim = find_reclaim(coord_dir, token=child.token) or find_reclaim(
         default_state_dir(), token=child.token)
     if reclaim is not None:
         what = (

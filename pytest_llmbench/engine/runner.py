@@ -57,7 +57,11 @@ class Job:
     limiter: api.RateLimiter | None = None
     """The machine-wide shared rate limiter (created in the parent, inherited by fork)."""
     rescore_from: ItemResult | None = None
-    """With --llmbench-rescore: score these stored completions instead of calling the API."""
+    """Score these stored completions instead of calling the API (``--llmbench-rescore``,
+    or a stored answer to the same request found by the item process)."""
+    reuse_answers: bool = False
+    """Look for a stored answer to the same request before calling the API (off with
+    ``--llmbench-fresh``)."""
 
 
 def score_answer(job: Job, answer: str, deadline: float | None = None) -> tuple[Score, bool]:
@@ -150,6 +154,8 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
             result.completion_tokens = stored.completion_tokens
             result.transcript = list(stored.transcript)
             answer = stored.answer or ""
+            # Marks the result ``rescored``: this run judged an answer bought earlier.
+            result.identity["rescored_from"] = stored.key
         else:
             conversation = _conversation(job, emit, result, task_deadline, t0, on_attempt)
             messages = conversation.messages
@@ -182,7 +188,7 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
         result.details = {"stop": exc.error_class, "repeated" if exc.error_class == "loop"
                           else "counted": exc.detail}
     except ScorerError as exc:
-        result.messages = messages
+        result.messages = result.messages or messages  # a re-scored answer keeps its own
         result.error_class = "scorer_error"
         result.error = str(exc)
     _expected_error(job, result)

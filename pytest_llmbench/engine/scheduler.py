@@ -30,6 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pytest_llmbench.coord import proc
@@ -48,7 +49,8 @@ from pytest_llmbench.engine.runner import Job
 from pytest_llmbench.engine.runslots import RunSlots
 from pytest_llmbench.engine.supervise import Supervisor
 from pytest_llmbench.records import ERROR, ItemResult
-from pytest_llmbench.store.filestore import ClaimHolder, Store
+from pytest_llmbench.store.claims import ClaimHolder
+from pytest_llmbench.store.protocol import ResultStore
 
 log = logging.getLogger("pytest_llmbench.engine.scheduler")
 
@@ -78,7 +80,8 @@ class Engine:
     def __init__(
         self,
         *,
-        store: Store,
+        store: ResultStore,
+        coord_dir: Path,
         run_id: str,
         concurrency: int,
         make_job: JobFactory,
@@ -91,6 +94,8 @@ class Engine:
     ) -> None:
         # ``fresh``: stored results of earlier runs are ignored (they are overwritten).
         self.store = store
+        self.coord_dir = coord_dir
+        """Where overdue-claim reclaims are recorded for the killed item's engine to find."""
         self.run_id = run_id
         self.concurrency = max(1, concurrency)
         self.make_job = make_job
@@ -225,7 +230,7 @@ class Engine:
                     next_check = now + POLL_ELSEWHERE
                     if key not in self.elsewhere:
                         self._try_start(item, key, priority=True)
-                    elif self.store.result_path(key).exists() and self._check_elsewhere(key):
+                    elif self.store.has_result(key) and self._check_elsewhere(key):
                         continue
                     elif now >= next_claim and self.free_slots() > 0:
                         # Cheap polls above; a claim attempt (lock, read, holder check) only
@@ -257,7 +262,7 @@ class Engine:
         # Stored by an earlier run: its owner reads it when its turn comes (see ``_stored``);
         # keeping every result read ahead would hold the whole store in memory on a cached
         # re-run of 100,000 items. A stored error runs again, ahead.
-        if (not self.fresh and self.store.result_path(key).exists()
+        if (not self.fresh and self.store.has_result(key)
                 and (skip_stored or self._stored(key) is not None)):
             return 0
         before = len(self.running)
@@ -275,26 +280,18 @@ class Engine:
         return min(local, self.run_slots.free(busy))
 
     def _seen_elsewhere(self, key: str) -> bool:
-        """Two ``stat`` calls instead of a claim: another process runs the item, or stored it
-        during this run. Under ``-n 32`` every worker looks ahead over every item, and most
-        of them are taken by the time it gets there; a claim attempt (job, lock, reads) for
-        each cost more CPU than the items themselves."""
-        try:
-            os.stat(self.store.claim_path(key))
-            return True
-        except FileNotFoundError:
-            pass
-        try:
-            return os.stat(self.store.result_path(key)).st_mtime >= self.started_at
-        except FileNotFoundError:
-            return False
+        """Two ``stat`` calls (``seen_since`` of the file store) instead of a claim: another
+        process runs the item, or stored it during this run. Under ``-n 32`` every worker
+        looks ahead over every item, and most of them are taken by the time it gets there; a
+        claim attempt (job, lock, reads) for each cost more CPU than the items themselves."""
+        return self.store.seen_since(key, self.started_at)
 
     def _try_start(self, item: Any, key: str, *, priority: bool) -> None:
         """Claim ``key`` and fork its child, or learn that it is done / busy elsewhere."""
         if priority and self.free_slots() <= 0:
             # The item being reported waits for a free slot, no claim yet, unless it is
             # done already (another xdist worker's lookahead ran it: a ``stat`` tells).
-            if key in self.elsewhere or self.store.result_path(key).exists():
+            if key in self.elsewhere or self.store.has_result(key):
                 self._check_elsewhere(key)
             return
         job_or_result = self.make_job(item)
@@ -390,7 +387,7 @@ class Engine:
         killed: list[int] = []
         if holder.is_local() and holder.token:
             killed = proc.kill_tree(0, token=holder.token, grace=KILL_GRACE)
-            record_reclaim(self.store.root, ReclaimEvent(
+            record_reclaim(self.coord_dir, ReclaimEvent(
                 resource="claim", slot=0, holder=holder.pid, held=held, reason="over_time",
                 limit=holder.deadline - holder.claimed_at, label=key[:12], token=holder.token,
                 killed=tuple(killed),
@@ -425,8 +422,8 @@ class Engine:
         # make the environment differ for every job.
         env.pop("PYTEST_CURRENT_TEST", None)
         payload = forkserver.encode(forkserver.Spawn(
-            job=job, token=token, deadline=deadline, store_root=str(self.store.root),
-            fsync=self.store.fsync, holder=self.holder, sys_path=tuple(sys.path), cwd=os.getcwd(),
+            job=job, token=token, deadline=deadline, store=self.store.ref(),
+            holder=self.holder, sys_path=tuple(sys.path), cwd=os.getcwd(),
             env=None if env == host.env else env,
         ))
         if payload is None:
@@ -647,7 +644,7 @@ class Engine:
         if child is not None and self.running.get(child.job.key) is child:
             del self.running[child.job.key]
             self.supervisor.ended(child)
-            result = crash_result(child, status, self.store.root)
+            result = crash_result(child, status, self.coord_dir)
             self._put(result)
             self.done[child.job.key] = result
 
@@ -750,7 +747,7 @@ class Engine:
         self.supervisor.ended(child)  # anything the item left behind goes with it
         result = child.result
         if result is None:
-            result = crash_result(child, status, self.store.root)
+            result = crash_result(child, status, self.coord_dir)
             self._put(result)
         else:
             self.stragglers.finished(child, result)

@@ -46,6 +46,8 @@ def describe(result: ItemResult, *, prompt: str = "", model: str = "") -> str:
     head = f"model {model or result.identity.get('model', '?')}"
     if result.cached:
         head += " (cached result)"
+    elif "rescored_from" in result.identity:
+        head += " (stored answer re-scored)"
     if result.status == ERROR:
         lines.append(f"ERROR [{result.error_class}] {head}: {result.error}")
         if result.deadline_layer:
@@ -65,6 +67,14 @@ def describe(result: ItemResult, *, prompt: str = "", model: str = "") -> str:
     if any(e.get("kind") in ("tool", "stop") for e in result.transcript):
         lines.extend(transcript_lines(result.transcript))
     return "\n".join(lines)
+
+
+def result_source(result: ItemResult) -> str:
+    """How this run got the result: ``cached`` (read from the store), ``rescored`` (an
+    answer from the store judged now by a changed scorer: no API call) or ``ran``."""
+    if result.cached:
+        return "cached"
+    return "rescored" if "rescored_from" in result.identity else "ran"
 
 
 def _entry_line(entry: Mapping[str, Any]) -> str:
@@ -120,7 +130,10 @@ def junit_properties(result: ItemResult) -> list[tuple[str, object]]:
         ("completion_tokens", result.completion_tokens),
         ("attempts", len(result.attempts)),
         ("cached", "true" if result.cached else "false"),
+        ("source", result_source(result)),
     ]
+    if result.error_class:
+        props.append(("error_class", result.error_class))
     if result.deadline_layer:
         props.append(("deadline_layer", result.deadline_layer))
     tool_calls = sum(1 for e in result.transcript if e.get("kind") == "tool")

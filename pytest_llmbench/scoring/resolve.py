@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import importlib
+import inspect
 import logging
 import numbers
 import os
@@ -49,6 +51,7 @@ from pytest_llmbench.scoring.builtin import (
     normalize_text,
     parse_json_object,
 )
+from pytest_llmbench.version import plugin_version
 
 __all__ = [
     "ALIASES",
@@ -65,6 +68,7 @@ __all__ = [
     "resolve_scorer",
     "run_scorer",
     "scorer_exists",
+    "scorer_fingerprint",
     "unknown_scorer_message",
     "validate_options",
 ]
@@ -245,6 +249,45 @@ def validate_options(
             raise ScorerError(f"scorer {spec.name!r}: {exc}") from None
     elif canonical != "code":  # code's options belong to codeexec, checked when it runs
         _resolve(spec.name, None, rootdir)
+
+
+def scorer_fingerprint(scorer: NamedScorer) -> str:
+    """What a stored verdict of ``scorer`` is valid for, beyond its name and options.
+
+    - a built-in: the plugin's version (a release may change how it judges);
+    - anything else (``module:function``, a hook's callable): a sha256 of the source file
+      that defines it (the whole file, so an edited helper the function calls counts too;
+      re-scoring costs no API call, so erring towards "changed" is cheap), or of the
+      function's own source when there is no file;
+    - plus ``llmbench_fingerprint`` when the callable has one (a string, or a callable
+      returning one): a judge scorer puts its judge model's configuration there.
+    """
+    fn: Any = scorer.fn
+    if (isinstance(fn, functools.partial) and fn.func is _run_builtin) or fn is _score_code:
+        return f"builtin:{plugin_version()}"
+    extra = getattr(fn, "llmbench_fingerprint", None)
+    if callable(extra):
+        extra = extra()
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    digest = _source_digest(target)
+    return f"source:{digest}" + (f";judge:{extra}" if extra is not None else "")
+
+
+def _source_digest(fn: Any) -> str:
+    """sha256 of the file defining ``fn`` (or of its source, or of its name)."""
+    target = inspect.unwrap(fn) if callable(fn) else fn
+    try:
+        path = inspect.getsourcefile(target) or inspect.getsourcefile(type(target))
+        if path:
+            with open(path, "rb") as fh:
+                return hashlib.sha256(fh.read()).hexdigest()[:32]
+    except (OSError, TypeError):
+        pass
+    try:
+        text = inspect.getsource(target)
+    except (OSError, TypeError):
+        text = f"{getattr(target, '__module__', '')}:{getattr(target, '__qualname__', repr(target))}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def coerce_score(raw: Any, name: str) -> Score:

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ from pytest_llmbench.config import Settings, check_hierarchy, deadline_overrides
 from pytest_llmbench.errors import ConfigError, ScorerError
 from pytest_llmbench.records import ERROR, Case, ItemResult, ModelSpec, ScorerSpec, to_jsonable
 from pytest_llmbench.report import text as report
+from pytest_llmbench.store.runs import new_run_id
 
 if TYPE_CHECKING:
     from pytest_llmbench.collect.items import LLMItem
@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from pytest_llmbench.engine.runner import Job, Scorer
     from pytest_llmbench.engine.runslots import RunSlots
     from pytest_llmbench.engine.scheduler import Engine
+    from pytest_llmbench.session.runlog import RunLog
     from pytest_llmbench.sim.control import SimServer
-    from pytest_llmbench.store.filestore import Store
+    from pytest_llmbench.store.protocol import ResultStore
 
 log = logging.getLogger("pytest_llmbench")
 
@@ -45,7 +46,7 @@ class LLMBenchSession:
         self.run_id: str = (
             workerinput["llmbench_run_id"]
             if workerinput and "llmbench_run_id" in workerinput
-            else secrets.token_hex(8)
+            else new_run_id()
         )
         self.sim_url: str | None = (workerinput or {}).get("llmbench_sim_url") or os.environ.get(
             "LLMBENCH_SIM_URL"
@@ -55,29 +56,41 @@ class LLMBenchSession:
         self._fork_server_failed = False
         self._run_slots_path: Path | None = None
         """xdist controller: the run-wide in-flight count file (engine/runslots.py)."""
-        self._store: Store | None = None
+        self._store: ResultStore | None = None
+        self._fingerprints: dict[str, str] = {}
+        self._results: dict[str, ItemResult] | None = None
+        self._runlog: RunLog | None = None
         self._engine: Engine | None = None
         self._leases: LeaseManager | None = None
         self._limiter: SharedLimiter | None = None
-        self._by_request: dict[str, ItemResult] | None = None
         self._scorers: dict[str, Scorer] = {}
         self._markers: set[str] = set()
         self.suite_errors = 0
         self.other_collect_errors = 0
         self.hierarchy_problems: dict[str, str] = {}
         """suite path -> why its deadlines break the hierarchy for its max_turns."""
-        self.reported: dict[str, bool] = {}
-        """llmbench key -> cached, from every item report this process saw."""
+        self.reported: dict[str, str] = {}
+        """llmbench key -> source (``ran``/``cached``/``rescored``), from every item report
+        this process saw."""
 
     # --- shared pieces, created on first use ---------------------------------------------
 
     @property
-    def store(self) -> Store:
+    def store(self) -> ResultStore:
+        """The run's result store: the ``pytest_llmbench_get_store`` hook's answer (by default
+        ``pytest_llmbench_get_store`` below: the file store)."""
         if self._store is None:
-            from pytest_llmbench.store.filestore import Store
-
-            self._store = Store.open(self.settings.store_dir)
+            self._store = self.config.hook.pytest_llmbench_get_store(config=self.config)
+            if self._store is None:  # pragma: no cover - our own trylast implementation answers
+                raise pytest.UsageError("pytest_llmbench_get_store returned no store")
         return self._store
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_llmbench_get_store(self, config: pytest.Config) -> ResultStore:
+        """The default store: files under ``--llmbench-store`` (``store/filestore.py``)."""
+        from pytest_llmbench.store.filestore import Store
+
+        return Store.open(self.settings.store_dir)
 
     @property
     def engine(self) -> Engine:
@@ -87,6 +100,7 @@ class LLMBenchSession:
             run_slots = self._run_slots()
             self._engine = Engine(
                 store=self.store,
+                coord_dir=self.settings.store_dir,
                 run_id=self.run_id,
                 concurrency=run_slots.budget if run_slots else self.settings.concurrency,
                 make_job=self.make_job,
@@ -169,6 +183,23 @@ class LLMBenchSession:
             spec, expected, hook=self.config.pluginmanager.hook, rootdir=self.config.rootpath
         )
 
+    def scorer_fingerprint(self, spec: ScorerSpec) -> str:
+        """What the scorer's verdicts are valid for (``scoring.resolve.scorer_fingerprint``);
+        ``unresolved`` when the name does not resolve (its items error anyway)."""
+        fingerprint = self._fingerprints.get(spec.name)
+        if fingerprint is None:
+            from pytest_llmbench.scoring.resolve import NamedScorer, scorer_fingerprint
+
+            try:
+                scorer = self._resolve_scorer(spec)
+            except ScorerError:
+                fingerprint = "unresolved"
+            else:
+                fingerprint = (scorer_fingerprint(scorer) if isinstance(scorer, NamedScorer)
+                               else "unknown")
+            self._fingerprints[spec.name] = fingerprint
+        return fingerprint
+
     def _resolve_scorer(self, spec: ScorerSpec) -> Scorer:
         cache_key = spec.name
         scorer = self._scorers.get(cache_key)
@@ -211,8 +242,10 @@ class LLMBenchSession:
             model=model.model,
             base_url=model.base_url,
             params={**model.params, **case.params},
+            # A verdict is valid only for the scorer as it is now (docs/store.md, "Keys").
             scorer={"name": case.scorer.name, "options": dict(case.scorer.options),
-                    "threshold": case.scorer.threshold},
+                    "threshold": case.scorer.threshold,
+                    "fingerprint": self.scorer_fingerprint(case.scorer)},
             repeat=item.repeat,
             extra={"expected": case.expected, "extra": dict(case.extra), **_agent_key(case)},
         )
@@ -231,18 +264,7 @@ class LLMBenchSession:
 
     def stored_completions(self, item: LLMItem) -> ItemResult | None:
         """--llmbench-rescore: the newest stored result with completions for this request."""
-        if self._by_request is None:
-            self._by_request = {}
-            for _path, result in self.store.iter_results():
-                if result is None or not result.completions or result.answer is None:
-                    continue
-                rkey = result.identity.get("request_key")
-                if not isinstance(rkey, str):
-                    continue
-                known = self._by_request.get(rkey)
-                if known is None or known.started_at < result.started_at:
-                    self._by_request[rkey] = result
-        return self._by_request.get(self.request_key_for(item))
+        return self.store.answer_for(self.request_key_for(item))
 
     # --- running -------------------------------------------------------------------------
 
@@ -291,6 +313,7 @@ class LLMBenchSession:
             scorer=scorer,
             limiter=self.limiter,
             rescore_from=rescore_from,
+            reuse_answers=not self.settings.fresh,
         )
 
     def result_for(self, item: LLMItem) -> ItemResult:
@@ -433,22 +456,52 @@ class LLMBenchSession:
         props = dict(report.user_properties)
         key = props.get("llmbench_key")
         if isinstance(key, str):
-            self.reported[key] = props.get("cached") == "true"
+            source = props.get("source")
+            if not isinstance(source, str):
+                source = "cached" if props.get("cached") == "true" else "ran"
+            self.reported[key] = source
+            if not self.is_worker:
+                self.runlog.add(report)
+
+    @property
+    def runlog(self) -> RunLog:
+        """The outcomes of this run's items, for its manifest (not kept by xdist workers)."""
+        if self._runlog is None:
+            from pytest_llmbench.session.runlog import RunLog
+
+            self._runlog = RunLog(self.run_id)
+        return self._runlog
+
+    def _stored_results(self) -> dict[str, ItemResult]:
+        """The stored results of every reported item, looked up once (manifest, summary)."""
+        if self._results is None:
+            self._results = self.store.lookup_many(list(self.reported)) if self.reported else {}
+        return self._results
 
     def collect_results(self) -> list[ItemResult]:
-        if not self.reported:
-            return []
-        from pytest_llmbench.store.filestore import Store
-
-        store = self._store or Store.open(self.settings.store_dir)
-        found = store.lookup_many(list(self.reported))
+        found = self._stored_results()
         results = []
-        for key, cached in self.reported.items():
+        for key, source in self.reported.items():
             result = found.get(key)
             if result is not None:
-                result.cached = cached
+                result.cached = source == "cached"
                 results.append(result)
         return results
+
+    def write_manifest(self, exitstatus: int) -> None:
+        """Plain run or xdist controller: record the run in the store (``store/runs.py``)."""
+        if self.is_worker or self._runlog is None or not self._runlog.items:
+            return
+        manifest = self._runlog.manifest(
+            settings=self.settings, args=self.config.invocation_params.args,
+            exit_status=int(exitstatus), results=self._stored_results(),
+        )
+        try:
+            self.store.put_run(manifest)
+        except (OSError, ValueError) as exc:
+            log.error("could not write the manifest of run %s: %s", self.run_id, exc)
+            return
+        log.info("run %s: manifest of %d items written", self.run_id, len(manifest.items))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.is_worker or not self.reported:
@@ -470,6 +523,17 @@ class LLMBenchSession:
                 f"{cached} of {len(results)} items reported from the store (cached, no API call);"
                 " --llmbench-fresh runs them again"
             )
+        rescored = sum(1 for source in self.reported.values() if source == "rescored")
+        if rescored:
+            terminalreporter.write_line(
+                f"{rescored} of {len(results)} items re-scored: stored answers judged by a"
+                " changed scorer, no API call"
+            )
+        if self._runlog is not None and self._runlog.items:
+            terminalreporter.write_line(
+                f"llmbench: run {self.run_id}; python -m pytest_llmbench report"
+                f" {self.settings.store_dir} shows it again"
+            )
         if self.settings.jsonl is not None:
             count = report.write_jsonl(self.settings.jsonl, results)
             terminalreporter.write_line(f"llmbench: wrote {count} records to {self.settings.jsonl}")
@@ -480,6 +544,7 @@ class LLMBenchSession:
                 self._engine.drain()  # items claimed for other workers: finish, do not waste
             self._engine.shutdown()
             self._engine = None
+        self.write_manifest(exitstatus)
 
     def pytest_unconfigure(self) -> None:
         if self._engine is not None:

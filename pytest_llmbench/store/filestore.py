@@ -39,6 +39,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
@@ -54,6 +55,7 @@ from pytest_llmbench.store.format import (
     KEY_VERSION,
     _check_key,
     _encode_result,
+    _json_default,
     _parse_result,
     item_key,
 )
@@ -69,6 +71,7 @@ from pytest_llmbench.store.index import (
     _read_file,
     _shared,
 )
+from pytest_llmbench.store.runs import RunManifest, check_run_id, manifest_from_dict
 
 log = logging.getLogger("pytest_llmbench.store.filestore")
 
@@ -78,6 +81,7 @@ __all__ = [
     "ClaimHolder",
     "ClaimKind",
     "ClaimResult",
+    "FileStoreRef",
     "Store",
     "item_key",
 ]
@@ -87,7 +91,7 @@ LOCK_TIMEOUT = 120.0
 when a holder is frozen (SIGSTOP) or the file system does not honour flock."""
 
 _LOCK_POLL = 0.002
-_OWN_NAMES = frozenset({"store.json", "results", "claims", "locks"})
+_OWN_NAMES = frozenset({"store.json", "results", "claims", "locks", "answers", "runs", "leases"})
 
 
 # --- file helpers and the per-shard index ---------------------------------------------------
@@ -149,7 +153,70 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+class _Gone:
+    """Type of ``_GONE``, the scan helpers' "no record this way" (file gone, entry stale)."""
+
+
+_GONE = _Gone()
+
+
+def _from_entry(path: str, entry: IndexEntry) -> ItemResult | _Gone:
+    """The record of an index entry if the file is still the one it was made from, else
+    ``_GONE``: read the file (one ``stat``; the index spares the JSON parse)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return _GONE
+    if st.st_ino != entry[1] or st.st_mtime_ns != entry[3] or st.st_size != entry[2]:
+        return _GONE
+    values = entry[4]
+    fields = _RECORD_FIELDS
+    if _PLAIN_RESULT and type(values) is tuple and len(values) == len(fields):
+        result: ItemResult = object.__new__(ItemResult)
+        attrs = result.__dict__
+        attrs.update(zip(fields, values, strict=True))
+        attrs["cached"] = False
+        return result
+    try:
+        return ItemResult(**dict(zip(fields, values, strict=True)))
+    except (TypeError, ValueError):
+        return _GONE  # a malformed entry: read the file
+
+
+def _from_file(
+    path: str, key: str, fresh: list[IndexEntry], on_corrupt: Callable[[str, str], None]
+) -> ItemResult | None | _Gone:
+    """Parse the result file (``_GONE`` if it vanished, ``None`` if corrupt: reported);
+    a good record is added to ``fresh`` for the index."""
+    try:
+        raw, st = _read_file(path)
+    except FileNotFoundError:
+        return _GONE
+    except OSError as exc:
+        on_corrupt(path, f"unreadable ({exc})")
+        return None
+    result, why = _parse_result(raw, key)
+    if result is None:
+        on_corrupt(path, why)
+        return None
+    values = tuple(getattr(result, f) for f in _RECORD_FIELDS)  # JSON types already
+    fresh.append((key, st.st_ino, st.st_size, st.st_mtime_ns, values))
+    return result
+
+
 # --- the store ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileStoreRef:
+    """Picklable, hashable name of a file store: item hosts open it again from this."""
+
+    root: str
+    fsync: bool = True
+
+    def open(self) -> Store:
+        return Store(Path(self.root), fsync=self.fsync)
+
 
 
 class Store:
@@ -166,6 +233,8 @@ class Store:
         self._results = root / "results"
         self._claims = root / "claims"
         self._lockdir = root / "locks"
+        self._answers = root / "answers"
+        self._runs = root / "runs"
         self._pid = os.getpid()
         self._locks: dict[str, FileLock] = {}
         self._made: set[str] = set()
@@ -360,67 +429,37 @@ class Store:
         entry was made from, else from the file (then the index is rewritten afterwards).
         """
         folder = f"{self._results}/{shard}"
-        try:
-            names = os.listdir(folder)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        if not self.readonly:
-            _sweep_temp_files(folder, names)
-        if keys is None:
-            present = sorted(n[:-5] for n in names if n.endswith(".json") and n[0] != ".")
-        else:
-            nameset = set(names)
-            present = [k for k in keys if f"{k}.json" in nameset]
+        names, present = self._list_shard(folder, keys)
         if not present:
             return
         index, count, sound = _load_index(f"{folder}/{_INDEX}")
         fresh: list[IndexEntry] = []
-        # The loop below runs 10^5 times on resume: local names.
-        stat, fields, plain, new = os.stat, _RECORD_FIELDS, _PLAIN_RESULT, object.__new__
+        get = index.get  # the loop runs 10^5 times on resume: local names
         for key in present:
             path = f"{folder}/{key}.json"
-            result = None
-            entry = index.get(key)
-            if entry is not None:
-                try:
-                    st = stat(path)
-                except FileNotFoundError:
+            entry = get(key)
+            result: ItemResult | None | _Gone = _GONE if entry is None else _from_entry(path, entry)
+            if isinstance(result, _Gone):
+                result = _from_file(path, key, fresh, on_corrupt)
+                if isinstance(result, _Gone):
                     continue
-                if (
-                    st.st_ino == entry[1]
-                    and st.st_mtime_ns == entry[3]
-                    and st.st_size == entry[2]
-                ):
-                    values = entry[4]
-                    if plain and type(values) is tuple and len(values) == len(fields):
-                        result = new(ItemResult)
-                        attrs = result.__dict__
-                        attrs.update(zip(fields, values, strict=True))
-                        attrs["cached"] = False
-                    else:
-                        try:  # noqa: SIM105 - suppress() costs ~1 us a call, 10^5 times here
-                            result = ItemResult(**dict(zip(fields, values, strict=True)))
-                        except (TypeError, ValueError):
-                            pass  # a malformed entry: read the file
-            if result is None:
-                try:
-                    raw, st = _read_file(path)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    on_corrupt(path, f"unreadable ({exc})")
-                    yield path, None
-                    continue
-                result, why = _parse_result(raw, key)
-                if result is None:
-                    on_corrupt(path, why)
-                    yield path, None
-                    continue
-                values = tuple(getattr(result, f) for f in fields)  # JSON types already
-                fresh.append((key, st.st_ino, st.st_size, st.st_mtime_ns, values))
             yield path, result
         if not self.readonly and (fresh or not sound or count > 2 * len(names) + 16):
             self._compact_index(shard, folder, fresh)
+
+    def _list_shard(self, folder: str, keys: Iterable[str] | None) -> tuple[list[str], list[str]]:
+        """The shard's directory listing, and which of ``keys`` (default: all) have a result
+        file there; sweeps dead writers' temp files on the way (unless read-only)."""
+        try:
+            names = os.listdir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return [], []
+        if not self.readonly:
+            _sweep_temp_files(folder, names)
+        if keys is None:
+            return names, sorted(n[:-5] for n in names if n.endswith(".json") and n[0] != ".")
+        nameset = set(names)
+        return names, [k for k in keys if f"{k}.json" in nameset]
 
     def _compact_index(self, shard: str, folder: str, fresh: Iterable[IndexEntry] = ()) -> None:
         """Rewrite the shard's index as one frame: the newest entry of each file present.
@@ -490,12 +529,122 @@ class Store:
                 if record is not None and _append_index(folder, [_index_entry(key, st, record)]):
                     self._compact_index(key[:2], folder)
                 self._drop_claim(key, owners)
+                self._point_answer(result)
         except BaseException:
             _unlink_quiet(tmp)
             raise
         if self.fsync:
             _fsync_dir(folder)
         return Path(final)
+
+    # -- the ResultStore protocol's fast paths, answers and runs ---------------------------
+
+    def ref(self) -> FileStoreRef:
+        """What an item host opens this store again from (``StoreRef``)."""
+        return FileStoreRef(root=str(self.root), fsync=self.fsync)
+
+    def has_result(self, key: str) -> bool:
+        """Whether a result file exists for ``key`` (one ``stat``; not parsed)."""
+        return os.path.exists(self.result_path(key))
+
+    def seen_since(self, key: str, since: float) -> bool:
+        """Two ``stat`` calls: ``key`` is claimed right now, or its result was stored at or
+        after ``since`` (Unix time). The engine's lookahead asks this for every item."""
+        try:
+            os.stat(self.claim_path(key))
+            return True
+        except FileNotFoundError:
+            pass
+        try:
+            return os.stat(self.result_path(key)).st_mtime >= since
+        except FileNotFoundError:
+            return False
+
+    def answer_for(self, request_key: str) -> ItemResult | None:
+        """The newest stored result holding a whole answer (every turn) to the request
+        ``request_key`` (``identity["request_key"]``), whatever scorer judged it; ``None``
+        if there is none. Lets a changed scorer judge a stored answer without an API call."""
+        path = self._answers / _check_key(request_key)[:2] / request_key
+        try:
+            key = path.read_text(encoding="ascii").strip()
+            result = self.get(_check_key(key))
+        except (OSError, ValueError):
+            return None  # no pointer, or a torn one: the answer is bought again
+        if result is None or result.answer is None or not result.completions:
+            return None
+        return result if result.identity.get("request_key") == request_key else None
+
+    def _point_answer(self, result: ItemResult) -> None:
+        """Under the shard lock after a ``put``: make ``answers/<rk>`` name this result when
+        it holds a whole answer. Derived data (a lost pointer costs one API call), so it is
+        renamed into place without fsync."""
+        request_key = result.identity.get("request_key")
+        if result.answer is None or not result.completions or not isinstance(request_key, str):
+            return
+        if not _KEY_RE.match(request_key):
+            return
+        folder = self._dir(self._answers, request_key[:2])
+        tmp = f"{folder}/.{request_key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            _write_new(tmp, result.key.encode("ascii"), fsync=False)
+            os.replace(tmp, f"{folder}/{request_key}")
+        except OSError as exc:
+            _unlink_quiet(tmp)
+            log.debug("could not record the answer of %s: %s", result.key[:12], exc)
+
+    def results(
+        self, *, on_corrupt: Callable[[str, str], None] | None = None
+    ) -> Iterator[ItemResult]:
+        """Every valid stored result (``on_corrupt(location, reason)`` hears of bad ones)."""
+        for _path, result in self.iter_results(
+            on_corrupt=None if on_corrupt is None else (lambda p, why: on_corrupt(str(p), why))
+        ):
+            if result is not None:
+                yield result
+
+    def put_run(self, manifest: RunManifest) -> None:
+        """Write (or replace) the run's manifest, ``runs/<run_id>.json``, atomically."""
+        if self.readonly:
+            raise StoreError(f"result store {self.root} is open read-only")
+        folder = str(self._runs)
+        os.makedirs(folder, exist_ok=True)
+        name = check_run_id(manifest.run_id)
+        tmp = f"{folder}/.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        data = json.dumps(manifest.to_dict(), ensure_ascii=False, separators=(",", ":"),
+                          default=_json_default)
+        try:
+            _write_new(tmp, data.encode("utf-8"), fsync=self.fsync)
+            os.replace(tmp, f"{folder}/{name}.json")
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+
+    def runs(self) -> list[RunManifest]:
+        """Every readable run manifest, oldest first (by start time); bad ones are logged."""
+        try:
+            names = sorted(n for n in os.listdir(self._runs) if n.endswith(".json") and n[0] != ".")
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = [m for m in (self._read_run(self._runs / n) for n in names) if m is not None]
+        return sorted(found, key=lambda m: (m.started_at, m.run_id))
+
+    def get_run(self, run_id: str) -> RunManifest | None:
+        """The manifest of ``run_id``, or ``None``."""
+        try:
+            name = check_run_id(run_id)
+        except ValueError:
+            return None
+        return self._read_run(self._runs / f"{name}.json")
+
+    @staticmethod
+    def _read_run(path: Path) -> RunManifest | None:
+        try:
+            return manifest_from_dict(json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("unreadable run manifest %s: %s (skipped)", path, exc)
+            return None
 
     def _keeps_finished(self, key: str, owners: tuple[ClaimHolder, ...]) -> bool:
         """Whether an error result for ``key`` must not replace what is stored (lock held).
