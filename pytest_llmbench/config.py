@@ -44,7 +44,9 @@ DEFAULT_RUN_CONCURRENCY = 64
 
 
 def default_concurrency() -> int:
-    """16 per process; under xdist, a run-wide 64 shared by the workers (at least 2 each)."""
+    """16 per process; under xdist, 64 // W per worker (at least 2). A worker that gets
+    the controller's run-wide count (engine/runslots.py) uses all 64 instead, as long as
+    the others leave them free; this even split is the fallback without it."""
     try:
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     except ValueError:
@@ -94,6 +96,9 @@ class Settings:
     """setting -> where its value came from (for the header)."""
     store_dir: Path
     concurrency: int = DEFAULT_CONCURRENCY
+    concurrency_is_default: bool = False
+    """No concurrency was configured: under xdist, the workers share a run-wide
+    ``DEFAULT_RUN_CONCURRENCY`` (engine/runslots.py)."""
     fresh: bool = False
     rescore: bool = False
     jsonl: Path | None = None
@@ -477,6 +482,7 @@ def load_settings(config: Any) -> Settings:
     concurrency_raw = cli("llmbench_concurrency")
     if concurrency_raw is None:
         concurrency_raw = os.environ.get("LLMBENCH_CONCURRENCY") or ini("llmbench_concurrency")
+    concurrency_is_default = concurrency_raw in (None, "") and "concurrency" not in file_config
     if concurrency_raw in (None, ""):
         concurrency_raw = file_config.get("concurrency", default_concurrency())
     concurrency = parse_count(concurrency_raw, "llmbench concurrency", minimum=1)
@@ -508,6 +514,7 @@ def load_settings(config: Any) -> Settings:
         deadline_sources=sources,
         store_dir=store_dir,
         concurrency=concurrency,
+        concurrency_is_default=concurrency_is_default,
         fresh=bool(fresh if fresh is not None else ini("llmbench_fresh")),
         rescore=bool(rescore if rescore is not None else ini("llmbench_rescore")),
         jsonl=jsonl,

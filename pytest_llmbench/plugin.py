@@ -18,7 +18,7 @@ MODEL_HELP = "Model to evaluate: a name declared in [tool.llmbench.models], 'sim
 STORE_HELP = "Directory of the result store (default: .llmbench in the rootdir)"
 CONCURRENCY_HELP = (
     f"Items in flight at once in each pytest process (default {DEFAULT_CONCURRENCY}; under -n W,"
-    " 64 per run shared by the workers, at least 2 each). An item running 3x longer than the"
+    " 64 per run, which any worker may use while the others do not). An item running 3x longer than the"
     " median stops counting, so a stuck one never blocks the queue (at most K such)"
 )
 FRESH_HELP = "Ignore stored results and run every item again"
@@ -88,12 +88,31 @@ def pytest_configure(config: pytest.Config) -> None:
 
     try:
         settings = load_settings(config)
+        _ensure_open_files(config, settings.concurrency, default=settings.concurrency_is_default)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     session = LLMBenchSession(config, settings)
     config.stash[SESSION_KEY] = session
     config.stash[SERVICES_KEY] = session
     config.pluginmanager.register(session, "llmbench-session")
+
+
+def _ensure_open_files(config: pytest.Config, concurrency: int, *, default: bool) -> None:
+    """Enough open files for the items in flight (engine/fdlimit.py); the xdist controller
+    runs no items, but the simulator it starts serves every worker's. (An xdist worker
+    with the default concurrency may run the whole run-wide budget: engine/runslots.py.)"""
+    from pytest_llmbench.config import DEFAULT_RUN_CONCURRENCY
+    from pytest_llmbench.engine.fdlimit import ensure_open_files
+
+    if default and hasattr(config, "workerinput"):
+        concurrency = max(concurrency, DEFAULT_RUN_CONCURRENCY)
+
+    try:
+        workers = int(getattr(config.option, "numprocesses", 0) or 0)
+    except (TypeError, ValueError):
+        workers = 0
+    controller = workers > 0 and not hasattr(config, "workerinput")
+    ensure_open_files(concurrency, strict=not controller, processes=workers if controller else 1)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

@@ -160,3 +160,24 @@ def write_empty(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     _ini(folder)
     return folder
+
+
+TRIVIAL_TEST = '''\
+"""Bare pytest reporting N trivial parametrized tests: the floor of reporting N items."""
+
+import pytest
+
+
+@pytest.mark.parametrize("i", range({n}))
+def test_trivial(i: int) -> None:
+    pass
+'''
+
+
+def write_trivial_tests(folder: Path, n: int) -> Path:
+    """``test_trivial.py``: ``n`` parametrized tests that do nothing (the scale baseline)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _ini(folder)
+    path = folder / "test_trivial.py"
+    path.write_text(TRIVIAL_TEST.format(n=n), encoding="utf-8")
+    return path

@@ -26,6 +26,11 @@ Protocol, over ``AF_UNIX``/``SOCK_SEQPACKET`` connections (message boundaries ke
   runs while the server is still importing); ``("forked", seq, pid)`` once the host exists; ``("exit", pid,
   status)`` when a host is reaped, to the connection that asked for that host.
 
+Every end of every connection is non-blocking and keeps what the socket does not take yet
+in a queue, sent when the socket is writable: each side reads whatever arrives whatever it
+has to send. (With blocking sends, at K = 1000 the pytest process and the server both
+blocked sending to each other once ~280 requests and replies filled the socket buffers.)
+
 Two ways to run it. Without xdist, the pytest process starts its own server and talks to it
 over a socket pair (``ForkServer()``). Under xdist, the controller starts one server for the
 whole run (``SharedForkServer``), listening at a path handed to every worker in its
@@ -63,6 +68,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,8 +156,14 @@ class ForkServer:
         finally:
             theirs.close()
         _wait_ready(ours)
+        self._init_channel()
+
+    def _init_channel(self) -> None:
+        self.sock.setblocking(False)
         self.seq = 0
         self.closed = False
+        self.outbox: deque[tuple[bytes, tuple[int, int]]] = deque()
+        """Requests not sent yet, with the descriptors they carry (ours until sent)."""
 
     @classmethod
     def connect(cls, path: str) -> ForkServer:
@@ -164,15 +176,52 @@ class ForkServer:
             raise
         _wait_ready(sock)
         self = cls.__new__(cls)
-        self.sock, self.process, self.seq, self.closed = sock, None, 0, False
+        self.sock, self.process = sock, None
+        self._init_channel()
         return self
 
     def spawn_host(self, jobs_fd: int, results_fd: int) -> int:
         """Ask for an item host reading jobs from ``jobs_fd``, writing to ``results_fd``;
-        returns the request's sequence number (the reply ``forked`` carries it)."""
+        returns the request's sequence number (the reply ``forked`` carries it).
+
+        Never blocks: the request is queued and sent as far as the socket takes it now, the
+        rest by ``flush`` once the socket is writable again (``pending``). This process owns
+        the two descriptors until then, and closes them once sent."""
         self.seq += 1
-        socket.send_fds(self.sock, [pickle.dumps(self.seq)], [jobs_fd, results_fd])
+        self.outbox.append((pickle.dumps(self.seq), (jobs_fd, results_fd)))
+        self.flush()
         return self.seq
+
+    @property
+    def pending(self) -> bool:
+        """Requests wait for the socket to become writable (watch it for ``EVENT_WRITE``)."""
+        return bool(self.outbox)
+
+    def flush(self) -> None:
+        """Send the queued requests until the socket would block.
+
+        Both ends of this socket send and read: a blocking send here, with the server
+        blocked sending its replies to us, deadlocked the run at ~280 hosts (K = 1000).
+        On a broken socket the queue is dropped: the read side reports ``gone``."""
+        while self.outbox:
+            data, fds = self.outbox[0]
+            try:
+                socket.send_fds(self.sock, [data], list(fds))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("fork server connection broken: %s", exc)
+                self._drop_outbox()
+                return
+            self.outbox.popleft()
+            for fd in fds:
+                os.close(fd)
+
+    def _drop_outbox(self) -> None:
+        while self.outbox:
+            for fd in self.outbox.popleft()[1]:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -182,7 +231,7 @@ class ForkServer:
         out: list[tuple[Any, ...]] = []
         while True:
             try:
-                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                data = self.sock.recv(65536)
             except (BlockingIOError, InterruptedError):
                 return out
             except OSError:
@@ -196,6 +245,7 @@ class ForkServer:
         if self.closed:
             return
         self.closed = True
+        self._drop_outbox()
         self.sock.close()  # our own server sees EOF and exits; a shared one forgets us
         if self.process is None:
             return
@@ -301,6 +351,10 @@ class _Server:
         """The primary connection: the server exits when it closes."""
         self.listener = listener
         self.conns: set[socket.socket] = {sock}
+        self.outbox: dict[socket.socket, deque[bytes]] = {}
+        """Messages a client's socket did not take yet (sent when it is writable)."""
+        self.writing: set[socket.socket] = set()
+        """Connections watched for writability (their queue is not empty)."""
         self.children: dict[int, socket.socket | None] = {}
         """Live hosts, each with the connection that asked for it (None once it closed)."""
         self.cgroup_base: cgroup.Cgroup | None = None
@@ -317,10 +371,32 @@ class _Server:
         return self.stores[ref]
 
     def send(self, conn: socket.socket | None, message: tuple[Any, ...]) -> None:
-        if conn is None:
+        """Queue ``message`` for ``conn`` and send what its socket takes now (never blocks)."""
+        if conn is None or conn not in self.conns:
             return
-        with contextlib.suppress(OSError):  # the client is gone: run() notices the EOF
-            conn.send(pickle.dumps(message))
+        self.outbox.setdefault(conn, deque()).append(pickle.dumps(message))
+        self.flush(conn)
+
+    def flush(self, conn: socket.socket) -> None:
+        """Send what ``conn``'s socket takes; watch it for writability while more waits."""
+        queue = self.outbox.get(conn)
+        while queue:
+            try:
+                conn.send(queue[0])
+            except (BlockingIOError, InterruptedError):
+                if conn not in self.writing:
+                    self.writing.add(conn)
+                    self.selector.modify(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, "conn")
+                return
+            except OSError:  # the client is gone: run() notices the EOF
+                queue.clear()
+                break
+            queue.popleft()
+        self.outbox.pop(conn, None)
+        if conn in self.writing:
+            self.writing.discard(conn)
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.modify(conn, selectors.EVENT_READ, "conn")
 
     def run(self) -> None:
         proc.set_child_subreaper()
@@ -342,8 +418,9 @@ class _Server:
             self.listener.setblocking(False)
             selector.register(self.listener, selectors.EVENT_READ, "listen")
         gc.freeze()  # what is imported now is never scanned again (fewer copied pages)
+        self.sock.setblocking(False)
         while True:
-            for key, _mask in selector.select():
+            for key, mask in selector.select():
                 if key.data == "wake":
                     with contextlib.suppress(BlockingIOError):
                         while os.read(self.wake_r, 4096):
@@ -353,7 +430,9 @@ class _Server:
                 else:
                     conn = key.fileobj
                     assert isinstance(conn, socket.socket)
-                    if self.request(conn):
+                    if mask & selectors.EVENT_WRITE:
+                        self.flush(conn)
+                    if not mask & selectors.EVENT_READ or self.requests(conn):
                         continue
                     if conn is self.sock:  # pytest ended (or died): its hosts go with it
                         self.shut()
@@ -376,6 +455,7 @@ class _Server:
                 continue
             conn.setblocking(True)
             _say_ready(conn)
+            conn.setblocking(False)
             self.conns.add(conn)
             self.selector.register(conn, selectors.EVENT_READ, "conn")
 
@@ -385,6 +465,8 @@ class _Server:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(conn)
         self.conns.discard(conn)
+        self.outbox.pop(conn, None)
+        self.writing.discard(conn)
         conn.close()
         for pid, owner in list(self.children.items()):
             if owner is conn:
@@ -458,14 +540,21 @@ class _Server:
         elif proc.group_exists(pid):
             proc.kill_tree(pid, pgid=pid, grace=0.0)
 
-    def request(self, conn: socket.socket) -> bool:
+    def requests(self, conn: socket.socket) -> bool:
+        """Fork an item host for every request waiting on ``conn``; False when the client
+        has closed the socket."""
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 2)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            if not self.request(conn, data, fds):
+                return False
+
+    def request(self, conn: socket.socket, data: bytes, fds: list[int]) -> bool:
         """Fork one item host for ``conn``; False when the client has closed the socket."""
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 2)
-        except InterruptedError:
-            return True
-        except OSError:
-            return False
         if not data:
             for fd in fds:
                 os.close(fd)

@@ -89,22 +89,33 @@ class Stragglers:
             self.after = max(STRAGGLER_MIN, STRAGGLER_FACTOR * statistics.median(self.durations))
 
     def free_slots(self, running: dict[str, Child], concurrency: int) -> int:
-        """``concurrency`` less the running items that are not stragglers."""
+        """``concurrency`` less the running items that are not stragglers.
+
+        ``running`` is in the order the items started (a dict keeps insertion order), so
+        the stragglers are at its head: counting them stops at the first that is not one,
+        and costs nothing while none is (no scan of a thousand items per loop)."""
         busy = len(running)
         if busy >= concurrency and self.after < math.inf:
             cutoff = time.monotonic() - self.after
-            stragglers = sum(1 for c in running.values() if c.started < cutoff)
-            busy -= min(stragglers, concurrency)
+            stragglers = 0
+            for child in running.values():
+                if child.started >= cutoff or stragglers >= concurrency:
+                    break
+                stragglers += 1
+            busy -= stragglers
         return concurrency - busy
 
     def next_change(self, running: dict[str, Child], concurrency: int) -> float:
         """When the next running item turns straggler (``time.monotonic()``), if that frees
-        a slot now needed; ``inf`` otherwise."""
+        a slot now needed; ``inf`` otherwise. (The oldest item that is not a straggler yet:
+        ``running`` is in start order.)"""
         if len(running) < concurrency or self.after == math.inf:
             return math.inf
         cutoff = time.monotonic() - self.after
-        waiting = [c.started for c in running.values() if c.started >= cutoff]
-        return min(waiting) + self.after if waiting else math.inf
+        for child in running.values():
+            if child.started >= cutoff:
+                return child.started + self.after
+        return math.inf
 
 
 def error_result(child: Child, error_class: str, message: str) -> ItemResult:

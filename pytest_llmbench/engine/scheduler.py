@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import heapq
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from pytest_llmbench.engine.inflight import (
     timeout_result,
 )
 from pytest_llmbench.engine.runner import Job
+from pytest_llmbench.engine.runslots import RunSlots
 from pytest_llmbench.engine.supervise import Supervisor
 from pytest_llmbench.records import ERROR, ItemResult
 from pytest_llmbench.store.claims import ClaimHolder
@@ -66,6 +68,8 @@ TICK_INTERVAL = 1.0
 POLL_ELSEWHERE = 0.05
 #: How often its claim is tried again (a dead holder's claim is taken over then).
 RECLAIM_ELSEWHERE = 1.0
+#: How often a worker held back by the run-wide budget looks at it again.
+RUN_SLOTS_POLL = 0.05
 
 JobFactory = Callable[[Any], "Job | ItemResult"]
 
@@ -86,6 +90,7 @@ class Engine:
         tick: Callable[[], object] | None = None,
         fork_server: str | None = None,
         tls: bool = False,
+        run_slots: RunSlots | None = None,
     ) -> None:
         # ``fresh``: stored results of earlier runs are ignored (they are overwritten).
         self.store = store
@@ -114,9 +119,21 @@ class Engine:
         self.server_path = fork_server
         self.tls = tls
         """A model is reached over HTTPS: our own fork server prepares the TLS context."""
+        self.run_slots = run_slots
+        """xdist with the default concurrency: the run-wide count every worker shares."""
         """Where the run's shared fork server listens (xdist), or None: start our own."""
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
+        self._server_writing = False
+        """The server's socket is watched for writability (requests wait to be sent)."""
+        self._idle: dict[int, Host] = {}
+        """The hosts waiting for a job (a lookup per item start, not a scan of every host)."""
+        self._deadlines: list[tuple[float, int, Child]] = []
+        """A heap of (deadline, tie-breaker, child) of the items started; entries of items
+        no longer running are dropped when they reach the top (no scan of every item)."""
+        self._pushed = 0
+        self._polled: dict[str, Child] = {}
+        """Children forked here that have no pidfd: their exit is found with ``waitpid``."""
         self.stragglers = Stragglers()
         self._prefetcher: threading.Thread | None = None
         self._stop_prefetch = threading.Event()
@@ -139,6 +156,7 @@ class Engine:
             self.use_server = False
             return
         self.selector.register(self.server.fileno(), selectors.EVENT_READ, ("server", None))
+        self._server_writing = False
 
     @staticmethod
     def _freeze() -> None:
@@ -241,15 +259,25 @@ class Engine:
         if self._seen_elsewhere(key):
             self.elsewhere.add(key)
             return 0
-        if skip_stored and self.store.has_result(key):
+        # Stored by an earlier run: its owner reads it when its turn comes (see ``_stored``);
+        # keeping every result read ahead would hold the whole store in memory on a cached
+        # re-run of 100,000 items. A stored error runs again, ahead.
+        if (not self.fresh and self.store.has_result(key)
+                and (skip_stored or self._stored(key) is not None)):
             return 0
         before = len(self.running)
         self._try_start(item, key, priority=False)
         return len(self.running) - before
 
     def free_slots(self) -> int:
-        """How many more items may start now (``inflight.Stragglers``)."""
-        return self.stragglers.free_slots(self.running, self.concurrency)
+        """How many more items may start now (``inflight.Stragglers``; under xdist with
+        the default concurrency, also what the run-wide budget has left: ``runslots.py``)."""
+        local = self.stragglers.free_slots(self.running, self.concurrency)
+        if self.run_slots is None:
+            return local
+        busy = self.concurrency - local
+        self.run_slots.publish(busy)
+        return min(local, self.run_slots.free(busy))
 
     def _seen_elsewhere(self, key: str) -> bool:
         """Two ``stat`` calls (``seen_since`` of the file store) instead of a claim: another
@@ -271,11 +299,15 @@ class Engine:
             self.done[key] = job_or_result
             return
         job = job_or_result
+        # --llmbench-fresh / --llmbench-rescore: results of earlier runs do not count.
+        ignore_before = self.run_id if (self.fresh or job.rescore_from is not None) else None
+        if ignore_before is None and (stored := self._stored(key)) is not None:
+            self.elsewhere.discard(key)
+            self.done[key] = stored
+            return
         now = time.time()
         token = secrets.token_hex(8)  # the item process's tag, named in its claim
         holder = self._holder(now, job.deadlines.task_timeout, token)
-        # --llmbench-fresh / --llmbench-rescore: results of earlier runs do not count.
-        ignore_before = self.run_id if (self.fresh or job.rescore_from is not None) else None
         claim = self.store.claim(key, holder=holder, fresh_run_id=ignore_before, run_id=self.run_id)
         if claim.kind == "done" and claim.result is not None:
             self.elsewhere.discard(key)
@@ -301,6 +333,20 @@ class Engine:
             self._put(result)
             return
         self._fork(job, token)
+
+    def _stored(self, key: str) -> ItemResult | None:
+        """A stored result that makes running ``key`` needless, read without the shard lock
+        (results are written whole, by rename): what ``Store.claim`` would answer ``done``
+        (unless ``fresh``). A cached re-run so skips a lock and a claim per item: the lock
+        was most of the cost of reporting a stored result (profile of 10,000 cached items)."""
+        if self.fresh:
+            return None
+        result = self.store.get(key)
+        if result is not None and (
+            result.status != ERROR or result.identity.get("run_id") == self.run_id
+        ):
+            return result
+        return None
 
     def _check_elsewhere(self, key: str) -> bool:
         """Take the stored result of an item another process ran: a finished one, or an
@@ -363,9 +409,14 @@ class Engine:
         self._fork_local(job, token, started, deadline)
 
     def _run_in_host(self, job: Job, token: str, started: float, deadline: float) -> bool:
-        host = next((h for h in self.hosts.values() if h.idle), None) or self._new_host()
-        if host is None:
-            return False
+        if self._idle:
+            host = self._idle.popitem()[1]  # the most recently idle: its pages are warm
+            host.idle = False
+        else:
+            new = self._new_host()
+            if new is None:
+                return False
+            host = new
         env = dict(os.environ)
         # pytest's marker of the test it is on: never this item (it runs ahead), and it would
         # make the environment differ for every job.
@@ -376,7 +427,7 @@ class Engine:
             env=None if env == host.env else env,
         ))
         if payload is None:
-            host.idle = True  # free for the next job; this one forks from pytest
+            self._set_idle(host, True)  # free for the next job; this one forks from pytest
             return False
         host.env = env
         try:
@@ -387,8 +438,8 @@ class Engine:
             return False
         child = Child(job=job, pid=host.pid, fd=host.fd, token=token, started=started,
                       deadline=deadline, host=host)
-        host.child, host.idle = child, False
-        self.running[job.key] = child
+        host.child = child
+        self._add_running(child)
         return True
 
     def _new_host(self) -> Host | None:
@@ -397,17 +448,10 @@ class Engine:
             return None
         jobs_r, jobs_w = os.pipe2(os.O_CLOEXEC)
         results_r, results_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            seq = self.server.spawn_host(jobs_r, results_w)
-        except OSError as exc:
-            for fd in (jobs_w, results_r):
-                os.close(fd)
-            log.warning("the fork server is gone (%s): items fork from pytest", exc)
-            self.use_server = False
-            return None
-        finally:
-            os.close(jobs_r)
-            os.close(results_w)
+        # The server's ends go with the request (closed here once sent); a request the
+        # socket cannot take now is sent when it is writable (``_watch_server``).
+        seq = self.server.spawn_host(jobs_r, results_w)
+        self._watch_server()
         os.set_blocking(results_r, False)
         host = Host(seq=seq, jobs_fd=jobs_w, fd=results_r)
         self.hosts[seq] = host
@@ -425,8 +469,16 @@ class Engine:
                 self.server_path = None
         return forkserver.ForkServer(tls=self.tls)
 
+    def _set_idle(self, host: Host, idle: bool) -> None:
+        host.idle = idle
+        if idle:
+            self._idle[host.seq] = host
+        else:
+            self._idle.pop(host.seq, None)
+
     def _drop_host(self, host: Host) -> None:
         """Forget ``host`` (dead, killed or leaving); its item, if any, is handled apart."""
+        self._idle.pop(host.seq, None)
         if self.hosts.pop(host.seq, None) is None:
             return
         with contextlib.suppress(KeyError, ValueError):
@@ -466,10 +518,45 @@ class Engine:
 
     def _track(self, child: Child) -> None:
         os.set_blocking(child.fd, False)
-        self.running[child.job.key] = child
+        self._add_running(child)
         self.selector.register(child.fd, selectors.EVENT_READ, ("pipe", child))
         if child.pidfd is not None:
             self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
+        else:
+            self._polled[child.job.key] = child
+
+    def _add_running(self, child: Child) -> None:
+        self.running[child.job.key] = child
+        self._pushed += 1
+        heapq.heappush(self._deadlines, (child.deadline, self._pushed, child))
+
+    def _soonest(self) -> tuple[float, Child] | None:
+        """The running item whose deadline comes first (finished items are dropped)."""
+        heap = self._deadlines
+        while heap:
+            deadline, _, child = heap[0]
+            if self.running.get(child.job.key) is child:
+                return deadline, child
+            heapq.heappop(heap)
+        return None
+
+    def _overdue(self, now: float) -> list[Child]:
+        """The running items past their deadline (and ``KILL_SLACK``)."""
+        due = []
+        while (soonest := self._soonest()) is not None and now >= soonest[0] + KILL_SLACK:
+            heapq.heappop(self._deadlines)
+            due.append(soonest[1])
+        return due
+
+    def _watch_server(self) -> None:
+        """Watch the server's socket for writability exactly while requests wait to go."""
+        server = self.server
+        if server is None or server.pending == self._server_writing:
+            return
+        self._server_writing = server.pending
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if server.pending else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.modify(server.fileno(), events, ("server", None))
 
     def _server_events(self) -> None:
         server = self.server
@@ -527,7 +614,7 @@ class Engine:
             return
         child = host.child
         if kind == "idle":
-            host.idle = host.jobs_fd >= 0
+            self._set_idle(host, host.jobs_fd >= 0)
             if not host.idle:
                 self._drop_host(host)
             return
@@ -566,14 +653,18 @@ class Engine:
             self.done[child.job.key] = result
 
     def _next_timeout(self) -> float:
-        if not self.running:
+        first = self._soonest()
+        if first is None:
             return POLL_ELSEWHERE
-        soonest = min(c.deadline for c in self.running.values()) + KILL_SLACK
+        soonest = first[0] + KILL_SLACK
         # The next item to turn straggler frees a slot then: wake up to fill it.
         soonest = min(soonest, self.stragglers.next_change(self.running, self.concurrency))
         timeout = max(0.0, soonest - time.monotonic())
-        if any(c.pidfd is None and c.host is None for c in self.running.values()):
+        if self._polled:
             timeout = min(timeout, 0.02)
+        if self.run_slots is not None and self.free_slots() <= 0:
+            # Slots other workers free wake nobody here: look again soon.
+            timeout = min(timeout, RUN_SLOTS_POLL)
         return min(timeout, 1.0)
 
     def _service(self, timeout: float) -> None:
@@ -583,14 +674,18 @@ class Engine:
         else:
             events = []
             time.sleep(timeout)
-        for skey, _mask in events:
+        for skey, mask in events:
             kind, child = skey.data
             if kind == "pipe":
                 self._read(child)
             elif kind == "host":
                 self._host_output(child)
             elif kind == "server":
-                self._server_events()
+                if mask & selectors.EVENT_WRITE and self.server is not None:
+                    self.server.flush()
+                    self._watch_server()
+                if mask & selectors.EVENT_READ and self.server is not None:
+                    self._server_events()
             elif kind == "wake":
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 64)
@@ -603,17 +698,15 @@ class Engine:
                 self.tick()
             except Exception:  # noqa: BLE001 - a monitor failure must not stop the run
                 log.exception("lease monitor tick failed")
-        overdue = []
-        for child in list(self.running.values()):
-            if child.pidfd is None and child.host is None:
-                pid, status = os.waitpid(child.pid, os.WNOHANG)
-                if pid:
-                    self._finish(child, status)
-                    continue
-            if now >= child.deadline + KILL_SLACK and child.job.key in self.running:
-                overdue.append(child)
+        for child in list(self._polled.values()):
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+            if pid:
+                self._finish(child, status)
+        overdue = self._overdue(now)
         if overdue:
             self._kill(overdue)
+        if self.run_slots is not None:
+            self.free_slots()  # publish what finished, for the other workers
 
     def _read(self, child: Child) -> None:
         lines, eof = read_lines(child.fd, child.buffer)
@@ -707,6 +800,8 @@ class Engine:
 
     def _close(self, child: Child) -> None:
         self.running.pop(child.job.key, None)
+        if self._polled.get(child.job.key) is child:
+            del self._polled[child.job.key]
         if child.host is not None:  # the host's pipes are the host's
             return
         for fd in (child.fd, child.pidfd):
@@ -739,6 +834,9 @@ class Engine:
         if self.server is not None:
             self.server.close()
             self.server = None
+        if self.run_slots is not None:
+            self.run_slots.close()
+            self.run_slots = None
         self.supervisor.close()
         self.selector.close()
         for fd in (self._wake_r, self._wake_w):

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pytest_llmbench.coord.ratelimit import SharedLimiter
     from pytest_llmbench.engine.forkserver import SharedForkServer
     from pytest_llmbench.engine.runner import Job, Scorer
+    from pytest_llmbench.engine.runslots import RunSlots
     from pytest_llmbench.engine.scheduler import Engine
     from pytest_llmbench.providers.base import Provider, RequestHook
     from pytest_llmbench.session.runlog import RunLog
@@ -54,6 +55,8 @@ class LLMBenchSession:
         self._sim: SimServer | None = None
         self._fork_server: SharedForkServer | None = None
         self._fork_server_failed = False
+        self._run_slots_path: Path | None = None
+        """xdist controller: the run-wide in-flight count file (engine/runslots.py)."""
         self._store: ResultStore | None = None
         self._fingerprints: dict[str, str] = {}
         self._results: dict[str, ItemResult] | None = None
@@ -97,11 +100,12 @@ class LLMBenchSession:
         if self._engine is None:
             from pytest_llmbench.engine.scheduler import Engine
 
+            run_slots = self._run_slots()
             self._engine = Engine(
                 store=self.store,
                 coord_dir=self.settings.store_dir,
                 run_id=self.run_id,
-                concurrency=self.settings.concurrency,
+                concurrency=run_slots.budget if run_slots else self.settings.concurrency,
                 make_job=self.make_job,
                 key_of=lambda item: getattr(item, "key", None) if _is_llm_item(item) else None,
                 fresh=self.settings.fresh,
@@ -109,8 +113,26 @@ class LLMBenchSession:
                 fork_server=(getattr(self.config, "workerinput", None) or {}).get(
                     "llmbench_fork_server"),
                 tls=self.uses_tls(),
+                run_slots=run_slots,
             )
         return self._engine
+
+    def _run_slots(self) -> RunSlots | None:
+        """xdist worker with the default concurrency: the run-wide budget's shared count."""
+        workerinput = getattr(self.config, "workerinput", None) or {}
+        path = workerinput.get("llmbench_run_slots")
+        if not path or not self.settings.concurrency_is_default:
+            return None
+        from pytest_llmbench.config import DEFAULT_RUN_CONCURRENCY
+        from pytest_llmbench.engine.runslots import RunSlots
+
+        try:
+            return RunSlots(Path(path), _worker_index(workerinput.get("workerid")),
+                            DEFAULT_RUN_CONCURRENCY)
+        except (OSError, ValueError) as exc:
+            log.warning("could not open the run-wide concurrency count %s (%s): %d items"
+                        " in flight in this worker", path, exc, self.settings.concurrency)
+            return None
 
     @property
     def leases(self) -> LeaseManager:
@@ -342,7 +364,7 @@ class LLMBenchSession:
         d = s.deadlines
         src = s.deadline_sources
         lines = [
-            f"llmbench: models {models}; store {s.store_dir}; concurrency {s.concurrency} per process",
+            f"llmbench: models {models}; store {s.store_dir}; concurrency {self._concurrency_text()}",
             "llmbench deadlines: "
             f"api_timeout {d.api_timeout:g} s ({src.get('api_timeout', 'default')}), "
             f"api_retries {d.api_retries} ({src.get('api_retries', 'default')}), "
@@ -357,6 +379,15 @@ class LLMBenchSession:
         if s.rescore:
             lines.append("llmbench: --llmbench-rescore: stored completions are re-scored, no API calls")
         return lines
+
+    def _concurrency_text(self) -> str:
+        s = self.settings
+        workers = getattr(self.config.option, "numprocesses", None)
+        if s.concurrency_is_default and (self.is_worker or workers):
+            from pytest_llmbench.config import DEFAULT_RUN_CONCURRENCY
+
+            return f"{DEFAULT_RUN_CONCURRENCY} per run, shared by the workers"
+        return f"{s.concurrency} per process"
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -376,6 +407,12 @@ class LLMBenchSession:
         path = self.ensure_fork_server()
         if path is not None:
             node.workerinput["llmbench_fork_server"] = path
+        if self.settings.concurrency_is_default:
+            if self._run_slots_path is None:
+                from pytest_llmbench.engine import runslots
+
+                self._run_slots_path = runslots.create(int(node.workerinput.get("workercount", 1)))
+            node.workerinput["llmbench_run_slots"] = str(self._run_slots_path)
 
     def ensure_fork_server(self) -> str | None:
         """xdist controller: the path of the fork server every worker shares (one for the
@@ -537,6 +574,11 @@ class LLMBenchSession:
         if self._fork_server is not None:
             self._fork_server.close()
             self._fork_server = None
+        if self._run_slots_path is not None:
+            from pytest_llmbench.engine import runslots
+
+            runslots.remove(self._run_slots_path)
+            self._run_slots_path = None
         if self._sim is not None:
             self._sim.stop()
             self._sim = None

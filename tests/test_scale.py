@@ -1,0 +1,181 @@
+"""Many items in flight: the channels between pytest, the fork server and the item hosts
+stay live, and the open-file limit is raised or named (engine/fdlimit.py).
+
+No timing is asserted here (bench/run.py measures speed); what is checked is that the run
+ends, every item passes, and that as many item processes ran at once as were asked for.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+from pytest_llmbench.engine.fdlimit import files_needed
+
+#: A scorer in a module of its own (pickled to the item hosts by reference): it logs the
+#: item process's pid, so the test can count how many processes ran items.
+PID_SCORER = """
+import os
+from pytest_llmbench.records import Score
+
+def score(req):
+    if os.environ.get("PIDS_LOG"):
+        with open(os.environ["PIDS_LOG"], "a") as fh:
+            fh.write(f"{os.getpid()}\\n")
+    return Score(value=1.0)
+"""
+
+
+def write_suite(pytester: pytest.Pytester, n: int, *, latency: float) -> str:
+    module = f"pid_scorer_{secrets.token_hex(4)}"
+    pytester.makepyfile(**{module: PID_SCORER})
+    template = "What is {{a}} + 1? [[sim:latency=" + f"{latency:g}]]"
+    lines = [f'[[prompts]]\nid = "add"\ntemplate = "{template}"\nscorer = "{module}:score"\n']
+    lines += [f'[[prompts.instances]]\nid = "i{i}"\nvars = {{ a = {i} }}\nexpected = "{i + 1}"\n'
+              for i in range(n)]
+    pytester.makefile(".toml", wide="".join(lines))
+    return module
+
+
+@pytest.mark.slow
+def test_600_items_at_600_in_flight_all_pass(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K = 600 once deadlocked: the pytest process and the fork server both blocked sending
+    on their socket after ~280 hosts. Every item waits 2 s at the simulator, so they are all
+    in flight together: 600 item processes at once, with their requests and replies."""
+    n = 600
+    write_suite(pytester, n, latency=2.0)
+    pids = pytester.path / "pids.log"
+    monkeypatch.setenv("PIDS_LOG", str(pids))
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--llmbench-concurrency", str(n), timeout=600,
+    )
+    result.assert_outcomes(passed=n)
+    # A host is forked only when no host is idle: 600 processes ran items, so (nearly) all
+    # 600 items were in flight at once, far past where the channel used to block.
+    assert len(set(pids.read_text().split())) > n * 0.9
+
+
+def _run_with_nofile(pytester: pytest.Pytester, soft: int, hard: int, *args: str,
+                     ) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import resource, sys, pytest;"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}));"
+        "sys.exit(pytest.main(sys.argv[1:]))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, "-p", "no:cacheprovider", *args],
+        cwd=pytester.path, capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+def test_a_low_soft_open_file_limit_is_raised(pytester: pytest.Pytester, sim_env: str) -> None:
+    pytester.makepyfile(test_limit=f"""
+        import resource
+        def test_soft_limit_raised():
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= {files_needed(300)}
+    """)
+    write_suite(pytester, 2, latency=0.0)
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < files_needed(300):
+        pytest.skip(f"the hard open-file limit here ({hard}) is too low for this test")
+    done = _run_with_nofile(pytester, 512, hard, "--llmbench-concurrency", "300",
+                            "-p", "pytester")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout
+
+
+def test_a_hard_open_file_limit_too_low_is_one_clear_error(
+    pytester: pytest.Pytester, sim_env: str
+) -> None:
+    write_suite(pytester, 2, latency=0.0)
+    done = _run_with_nofile(pytester, 1024, 1024, "--llmbench-concurrency", "2000")
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
+    err = done.stderr
+    assert "--llmbench-concurrency 2000 needs up to 8256 open files" in err
+    assert "RLIMIT_NOFILE" in err and "1024 hard" in err
+    assert "lower --llmbench-concurrency to 192 or less" in err
+    assert "Traceback" not in err
+
+
+def test_the_limit_module_never_lowers_a_limit() -> None:
+    import resource
+
+    from pytest_llmbench.engine.fdlimit import ensure_open_files
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert ensure_open_files(1) >= soft
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft
+
+
+
+def test_workers_share_the_run_wide_budget_through_the_slot_file() -> None:
+    from pytest_llmbench.engine import runslots
+
+    path = runslots.create(3)
+    try:
+        first = runslots.RunSlots(path, 0, 64)
+        second = runslots.RunSlots(path, 1, 64)
+        # The first worker up may take the whole budget while the others run nothing.
+        assert first.free(0) == 64
+        first.publish(60)
+        assert second.free(0) == 4
+        second.publish(4)
+        assert first.free(60) == 0
+        # What one worker finishes, another may start.
+        first.publish(50)
+        assert second.free(4) == 10
+        # A worker id past the count (an xdist replacement) maps onto a slot, modulo.
+        third = runslots.RunSlots(path, 5, 64)
+        assert third.offset == 2 * 8
+        first.close()
+        assert second.free(4) == 60
+    finally:
+        runslots.remove(path)
+    assert not path.exists()
+
+
+def test_under_xdist_every_worker_may_use_the_whole_default_budget(
+    pytester: pytest.Pytester, sim_env: str
+) -> None:
+    pytest.importorskip("xdist")
+    write_suite(pytester, 4, latency=0.0)
+    pytester.makepyfile(test_budget="""
+        from pytest_llmbench.config import DEFAULT_RUN_CONCURRENCY
+        from pytest_llmbench.session.run import SESSION_KEY
+
+        def test_engine_budget(request):
+            engine = request.config.stash[SESSION_KEY].engine
+            assert engine.concurrency == DEFAULT_RUN_CONCURRENCY
+            assert engine.run_slots is not None
+            assert engine.run_slots.budget == DEFAULT_RUN_CONCURRENCY
+            assert engine.run_slots.workers == 2
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines(["*concurrency 64 per run, shared by the workers*"])
+
+
+def test_an_explicit_concurrency_stays_per_process_under_xdist(
+    pytester: pytest.Pytester, sim_env: str
+) -> None:
+    pytest.importorskip("xdist")
+    write_suite(pytester, 2, latency=0.0)
+    pytester.makepyfile(test_budget="""
+        from pytest_llmbench.session.run import SESSION_KEY
+
+        def test_engine_budget(request):
+            engine = request.config.stash[SESSION_KEY].engine
+            assert engine.concurrency == 5
+            assert engine.run_slots is None
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2",
+                                           "--llmbench-concurrency", "5")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*concurrency 5 per process*"])
