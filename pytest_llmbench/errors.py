@@ -125,6 +125,9 @@ class APITimeoutError(APIError):
 class EndpointDown(APIError):
     """The endpoint's circuit breaker is open: no request was sent (``coord/breaker.py``)."""
 
+    probing = False
+    """Another caller's probe is deciding whether the endpoint is back (worth a wait)."""
+
     def __init__(self, url: str, reason: str) -> None:
         self.url, self.reason = url, reason
         super().__init__(f"endpoint {url} is down (circuit breaker open: {reason})",

@@ -195,6 +195,9 @@ class Completion:
     """Reasoning text when the server sends it (``reasoning_content`` / ``reasoning``)."""
     logprobs: Any = None
     """Passed through as the server sent it (JSON types)."""
+    endpoint: str = ""
+    """The name of the model config that answered (a fallback's, when the model's endpoint
+    was down)."""
 
     def assistant_message(self) -> Message:
         """The message to append to the conversation for this answer."""

@@ -40,6 +40,9 @@ __all__ = ["BreakerPolicy", "BreakerState", "CircuitBreaker", "EndpointDown", "b
 
 log = logging.getLogger("pytest_llmbench.coord.breaker")
 
+PROBE_POLL = 0.05
+"""Seconds between looks at a half-open breaker while another caller's probe runs."""
+
 CLOSED = "closed"
 OPEN = "open"
 HALF_OPEN = "half_open"
@@ -104,15 +107,29 @@ class CircuitBreaker:
         with self._locked(url) as st:
             if st["state"] == CLOSED:
                 return False
-            if now - st["opened_at"] < self.policy.cooldown or (
-                st["state"] == HALF_OPEN and now < st["probe_until"]
-            ):
+            probing = st["state"] == HALF_OPEN and now < st["probe_until"]
+            if now - st["opened_at"] < self.policy.cooldown or probing:
                 st["refused"] += 1
-                raise EndpointDown(url, f"{st['failures']} consecutive failures, "
+                exc = EndpointDown(url, f"{st['failures']} consecutive failures, "
                                    f"last: {st['last_error']}")
+                exc.probing = probing
+                raise exc
             st["state"] = HALF_OPEN
             st["probe_until"] = now + self.policy.probe_timeout
             return True
+
+    def wait_allow(self, url: str, deadline: float | None) -> bool:
+        """``allow``, but while another caller's probe decides, wait for its outcome (polling
+        every ``PROBE_POLL`` s, until ``deadline``, absolute monotonic) rather than fail:
+        the endpoint may well be back."""
+        while True:
+            try:
+                return self.allow(url)
+            except EndpointDown as exc:
+                left = None if deadline is None else deadline - time.monotonic()
+                if not exc.probing or (left is not None and left < PROBE_POLL):
+                    raise
+                time.sleep(PROBE_POLL)
 
     def record(self, url: str, *, ok: bool, error: str = "") -> None:
         """The outcome of an attempt to ``url`` that ``allow`` let through.

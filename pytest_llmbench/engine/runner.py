@@ -14,6 +14,7 @@ from typing import Any
 
 from pytest_llmbench.agent.loop import Conversation
 from pytest_llmbench.agent.tools import ToolRunner
+from pytest_llmbench.coord.breaker import CircuitBreaker
 from pytest_llmbench.errors import AgentStop, APIError, ScorerError
 from pytest_llmbench.providers import api
 from pytest_llmbench.providers.base import Provider, RequestHook
@@ -59,6 +60,10 @@ class Job:
     """The machine-wide shared rate limiter (created in the parent, inherited by fork)."""
     provider: Provider | None = None
     """The model's provider (``pytest_llmbench_get_provider``); None: the default one."""
+    breaker: CircuitBreaker | None = None
+    """The endpoints' circuit breakers, shared machine-wide (``coord/breaker.py``)."""
+    fallback_keys: tuple[str | None, ...] = field(default=(), repr=False)
+    """The keys of ``model.fallbacks``, in order (read by the parent like ``api_key``)."""
     request_hooks: tuple[RequestHook, ...] = ()
     """The ``pytest_llmbench_modify_request`` implementations, called before each request."""
     rescore_from: ItemResult | None = None
@@ -102,7 +107,8 @@ def _conversation(job: Job, emit: Emit, result: ItemResult, task_deadline: float
                         deadlines=job.deadlines, task_deadline=task_deadline,
                         api_key=job.api_key, turn=turn, item_started=t0,
                         on_attempt=on_attempt, label=job.nodeid, limiter=job.limiter,
-                        provider=job.provider, request_hooks=job.request_hooks)
+                        provider=job.provider, request_hooks=job.request_hooks,
+                        breaker=job.breaker, fallback_keys=job.fallback_keys)
 
     return Conversation(turns=case.turns, chat=chat, emit=emit, result=result, started=t0,
                         limits=case.agent, runner=runner)

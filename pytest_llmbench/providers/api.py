@@ -51,11 +51,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from pytest_llmbench.coord.breaker import CircuitBreaker
 from pytest_llmbench.errors import (
     OUTCOME_TO_ERROR_CLASS,
     APIError,
     APITimeoutError,
     AttemptFailure,
+    EndpointDown,
     LLMBenchError,
 )
 from pytest_llmbench.providers.base import ChatRequest, Provider, RequestHook, parse_retry_after
@@ -301,6 +303,32 @@ class _Call:
         return APIError(msg, error_class, last.status)
 
 
+#: Attempt outcomes that say the endpoint is not serving: they count toward opening its
+#: circuit breaker. An HTTP answer of any other kind (4xx, a malformed body) shows it up.
+_DOWN_OUTCOMES = frozenset({"connection_error", "timeout", "server_error"})
+
+
+def _tell_breaker(breaker: CircuitBreaker, model: ModelSpec, failure: AttemptFailure,
+                  capped: bool, probe: bool) -> None:
+    """One failed attempt, as the endpoint's circuit breaker sees it."""
+    too_long = failure.retry_after is not None and failure.retry_after > model.max_retry_after
+    if too_long or (failure.outcome in _DOWN_OUTCOMES and not (capped and
+                                                               failure.outcome == "timeout")):
+        # (a timeout cut short by the task deadline says nothing about the endpoint)
+        breaker.record(model.base_url, ok=False, error=failure.error or failure.outcome)
+    elif failure.status is not None and failure.outcome != "rate_limited":
+        breaker.record(model.base_url, ok=True)
+    elif probe:
+        breaker.release_probe(model.base_url)
+
+
+def _endpoint_failed(exc: APIError) -> bool:
+    """The call failed because the endpoint is not serving (a fallback may answer): its
+    breaker is open, or its last attempt could not connect, timed out or got a 5xx."""
+    return (isinstance(exc, EndpointDown) or exc.error_class in ("connection_error",
+            "api_timeout", "endpoint_down") or (exc.status or 0) >= 500)
+
+
 def chat(
     model: ModelSpec,
     messages: Sequence[Message],
@@ -323,8 +351,16 @@ def chat(
     tool_choice: Any = None,
     provider: Provider | None = None,
     request_hooks: Sequence[RequestHook | Callable[..., None]] = (),
+    breaker: CircuitBreaker | None = None,
+    fallback_keys: Sequence[str | None] = (),
 ) -> Completion:
     """Send one chat request under the API deadline layer and return the answer.
+
+    With a ``breaker``, an endpoint whose circuit is open is not called, and a call that
+    failed because its endpoint is not serving goes on to the model's ``fallbacks`` in
+    order (their keys in ``fallback_keys``); with none left, the last error stands
+    (``EndpointDown``, ``endpoint_down``, when the breaker refused). The answering endpoint's name
+    is the completion's ``endpoint``.
 
     ``task_deadline`` is the absolute ``time.monotonic()`` at which the item's task deadline
     expires; every attempt's timeout is capped by it (``deadlines.task_timeout`` only names
@@ -341,6 +377,52 @@ def chat(
         from pytest_llmbench.providers.openai_compat import OpenAIProvider
 
         provider = OpenAIProvider()
+    kwargs = dict(params=params, deadlines=deadlines, task_deadline=task_deadline, turn=turn,
+                  item_started=item_started, on_attempt=on_attempt, rng=rng,
+                  extra_headers=extra_headers, sleep=sleep, label=label, limiter=limiter,
+                  ssl_context=ssl_context, env=env, tools=tools, tool_choice=tool_choice,
+                  provider=provider, request_hooks=request_hooks, breaker=breaker)
+    keys = [api_key, *fallback_keys]
+    chain = [model, *model.fallbacks] if breaker is not None else [model]
+    for i, spec in enumerate(chain):
+        try:
+            completion = _chat_one(spec, messages, api_key=keys[i] if i < len(keys) else None,
+                                   **kwargs)
+        except APIError as exc:
+            if i + 1 == len(chain) or not _endpoint_failed(exc):
+                raise
+            log.warning("[Fallback] model=%s: %s; trying %s (%s)", model.name, exc,
+                        chain[i + 1].name, chain[i + 1].base_url)
+            continue
+        return replace(completion, endpoint=spec.name)
+    raise AssertionError("unreachable: the chain returns or raises")  # pragma: no cover
+
+
+def _chat_one(
+    model: ModelSpec,
+    messages: Sequence[Message],
+    *,
+    params: Mapping[str, Any] | None,
+    deadlines: Deadlines,
+    task_deadline: float | None,
+    api_key: str | None,
+    turn: int,
+    item_started: float | None,
+    on_attempt: Callable[[Attempt], None] | None,
+    rng: random.Random | None,
+    extra_headers: Mapping[str, str] | None,
+    sleep: Callable[[float], None],
+    label: str,
+    limiter: RateLimiter | None,
+    ssl_context: ssl.SSLContext | None,
+    env: Mapping[str, str] | None,
+    tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: Any,
+    provider: Provider,
+    request_hooks: Sequence[RequestHook | Callable[..., None]],
+    breaker: CircuitBreaker | None,
+) -> Completion:
+    """``chat`` against one endpoint: the attempt loop."""
     add_secret(api_key)
     request = ChatRequest(model=model, messages=messages, params=dict(params or {}),
                           tools=tools, tool_choice=tool_choice, api_key=api_key,
@@ -352,18 +434,31 @@ def chat(
     for number in range(1, call.total + 1):
         body = call.body()
         call.attempt_timeout(number)  # no task time left at all: task_timeout, not a wait
-        call.acquire(body, number)
-        timeout, capped = call.attempt_timeout(number)
+        probe = breaker.wait_allow(model.base_url, task_deadline) if breaker is not None \
+            else False
+        try:
+            call.acquire(body, number)
+            timeout, capped = call.attempt_timeout(number)
+        except BaseException:
+            if probe and breaker is not None:
+                breaker.release_probe(model.base_url)
+            raise
         start = time.monotonic()
         try:
             completion = provider.send(request, body, start + timeout)
         except AttemptFailure as exc:
+            if breaker is not None:
+                _tell_breaker(breaker, model, exc, capped, probe)
             wait = call.failed(exc, number, start, timeout, capped)  # raises at the end
         except BaseException:
             if limiter is not None:  # frees a connection slot held for this attempt
                 limiter.on_response(model, 0, None, 0)
+            if probe and breaker is not None:
+                breaker.release_probe(model.base_url)
             raise
         else:
+            if breaker is not None:
+                breaker.record(model.base_url, ok=True)
             return call.succeeded(completion, number, start)
         if wait > 0:
             sleep(wait)

@@ -20,6 +20,7 @@ from pytest_llmbench.store.runs import new_run_id
 if TYPE_CHECKING:
     from pytest_llmbench.collect.items import LLMItem
     from pytest_llmbench.collect.suite import Suite
+    from pytest_llmbench.coord.breaker import CircuitBreaker
     from pytest_llmbench.coord.lease import LeaseManager
     from pytest_llmbench.coord.ratelimit import SharedLimiter
     from pytest_llmbench.engine.forkserver import SharedForkServer
@@ -64,6 +65,7 @@ class LLMBenchSession:
         self._engine: Engine | None = None
         self._leases: LeaseManager | None = None
         self._limiter: SharedLimiter | None = None
+        self._breaker: CircuitBreaker | None = None
         self._scorers: dict[str, Scorer] = {}
         self._providers: dict[str, Provider] = {}
         self._request_hooks: tuple[RequestHook, ...] | None = None
@@ -300,9 +302,25 @@ class LLMBenchSession:
         return self._request_hooks
 
     def resolved_model(self, model: ModelSpec) -> ModelSpec:
+        if model.fallbacks:
+            model = dataclasses.replace(
+                model, fallbacks=tuple(self.resolved_model(f) for f in model.fallbacks))
         if model.simulated:
             return dataclasses.replace(model, base_url=self.ensure_sim())
         return model
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The endpoints' circuit breakers: beside the rate limits, so concurrent runs share
+        them too."""
+        if self._breaker is None:
+            from pytest_llmbench.coord.breaker import BreakerPolicy, CircuitBreaker
+            from pytest_llmbench.coord.ratelimit import default_root
+
+            policy = BreakerPolicy(threshold=self.settings.breaker_threshold,
+                                   cooldown=self.settings.breaker_cooldown)
+            self._breaker = CircuitBreaker(default_root(), policy)
+        return self._breaker
 
     def make_job(self, item: LLMItem) -> Job | ItemResult:
         from pytest_llmbench.engine.runner import Job
@@ -332,6 +350,8 @@ class LLMBenchSession:
             scorer=scorer,
             limiter=self.limiter,
             provider=self.provider_for(item.model),
+            breaker=self.breaker,
+            fallback_keys=tuple(self.settings.api_key(f) for f in item.model.fallbacks),
             request_hooks=self.request_hooks,
             rescore_from=rescore_from,
             reuse_answers=not self.settings.fresh,
