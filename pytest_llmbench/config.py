@@ -99,6 +99,8 @@ class Settings:
     sim_options: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     """Values from the rootdir's ``.env`` file (secrets included: never printed)."""
+    preflight: bool = True
+    """Check every selected model's endpoint before the first item (session/preflight.py)."""
 
     def api_key(self, model: ModelSpec) -> str | None:
         """The model's key from the environment or ``.env``; never stored anywhere."""
@@ -441,6 +443,7 @@ def load_settings(config: Any) -> Settings:
 
     fresh = cli("llmbench_fresh")
     rescore = cli("llmbench_rescore")
+    no_preflight = cli("llmbench_no_preflight")
     settings = Settings(
         models=models,
         deadlines=deadlines,
@@ -453,6 +456,8 @@ def load_settings(config: Any) -> Settings:
         resources=resources,
         sim_options=sim_options,
         env=dotenv,
+        preflight=not bool(no_preflight if no_preflight is not None
+                           else ini("llmbench_no_preflight")),
     )
     if settings.fresh and settings.rescore:
         raise ConfigError("--llmbench-fresh and --llmbench-rescore exclude each other; pick one")

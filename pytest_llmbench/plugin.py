@@ -24,6 +24,10 @@ CONCURRENCY_HELP = (
 FRESH_HELP = "Ignore stored results and run every item again"
 RESCORE_HELP = "Re-score stored completions with the current scorers, without calling any API"
 JSONL_HELP = "Write every item's record as JSON lines to this file"
+NO_PREFLIGHT_HELP = (
+    "Skip the preflight: the check of every selected model's endpoint (reachable, key"
+    " accepted, model id listed) before the first item, for endpoints that do not allow it"
+)
 
 
 def _positive_int(value: str) -> int:
@@ -60,6 +64,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llmbench-jsonl", dest="llmbench_jsonl", default=None, metavar="FILE",
                     help=JSONL_HELP)
     parser.addini("llmbench_jsonl", JSONL_HELP, default=None)
+    group.addoption("--llmbench-no-preflight", dest="llmbench_no_preflight",
+                    action="store_true", default=None, help=NO_PREFLIGHT_HELP)
+    parser.addini("llmbench_no_preflight", NO_PREFLIGHT_HELP, type="bool", default=False)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:

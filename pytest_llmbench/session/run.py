@@ -293,6 +293,27 @@ class LLMBenchSession:
             lines.append("llmbench: --llmbench-rescore: stored completions are re-scored, no API calls")
         return lines
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Preflight, before any item runs (and, under xdist, before workers start)."""
+        self.preflight()
+
+    def preflight(self) -> None:
+        """Check every selected model's endpoint once; one ``UsageError`` for all failures.
+
+        Not on xdist workers (the controller did it), with ``--collect-only``,
+        ``--llmbench-rescore`` (no API call is made) or ``--llmbench-no-preflight``."""
+        opt = self.config.option
+        if (self.is_worker or not self.settings.preflight or self.settings.rescore
+                or getattr(opt, "collectonly", False)):
+            return
+        from pytest_llmbench.session.preflight import PREFLIGHT_TIMEOUT, check_models
+
+        timeout = min(PREFLIGHT_TIMEOUT, self.settings.deadlines.api_timeout)
+        problems = check_models(self.settings.models, self.settings.api_key, timeout=timeout)
+        if problems:
+            raise pytest.UsageError("\n".join(problems))
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         """xdist controller: hand the run id, the simulator URL and the run's fork server
