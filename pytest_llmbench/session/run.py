@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pytest_llmbench.engine.forkserver import SharedForkServer
     from pytest_llmbench.engine.runner import Job, Scorer
     from pytest_llmbench.engine.scheduler import Engine
+    from pytest_llmbench.session.storeplace import StorePlaces
     from pytest_llmbench.sim.control import SimServer
     from pytest_llmbench.store.filestore import Store
 
@@ -287,11 +288,28 @@ class LLMBenchSession:
         problem = check_hierarchy(d)
         if problem:
             lines.append(f"llmbench WARNING: deadline hierarchy violated: {problem}")
+        moved = self._moved_store_warning()
+        if moved:
+            lines.append(moved)
         if s.fresh:
             lines.append("llmbench: --llmbench-fresh: stored results are ignored and overwritten")
         if s.rescore:
             lines.append("llmbench: --llmbench-rescore: stored completions are re-scored, no API calls")
         return lines
+
+    def _store_places(self) -> tuple[StorePlaces, str]:
+        from pytest_llmbench.coord.ratelimit import default_root
+        from pytest_llmbench.session.storeplace import StorePlaces, suites_key
+
+        key = suites_key(self.config.args, Path(self.config.invocation_params.dir))
+        return StorePlaces(default_root()), key
+
+    def _moved_store_warning(self) -> str | None:
+        """A new store where the last run of the same suites used another (storeplace.py)."""
+        from pytest_llmbench.session.storeplace import moved_store_warning
+
+        places, key = self._store_places()
+        return moved_store_warning(places, key, self.settings.store_dir)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
@@ -427,6 +445,9 @@ class LLMBenchSession:
             terminalreporter.write_line(f"llmbench: wrote {count} records to {self.settings.jsonl}")
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if not self.is_worker and (self.settings.store_dir / "store.json").exists():
+            places, key = self._store_places()
+            places.remember(key, self.settings.store_dir)
         if self._engine is not None:
             if exitstatus != pytest.ExitCode.INTERRUPTED and not session.shouldstop:
                 self._engine.drain()  # items claimed for other workers: finish, do not waste
