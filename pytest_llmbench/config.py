@@ -204,6 +204,12 @@ def _load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
+#: Keys of ``[tool.llmbench.sim]``: keywords of ``SimServer.start`` (docs/simulator.md).
+SIM_KEYS = frozenset({
+    "latency", "jitter", "error_rate", "hang_rate", "fail_rate", "rpm", "require_key",
+    "request_log", "seed", "models",
+})
+
 _MODEL_KEYS = {
     "model", "base_url", "api_key_env", "params", "stream", "rpm", "tpm",
     "max_connections", "headers",
@@ -433,6 +439,9 @@ def load_settings(config: Any) -> Settings:
     sim_options = file_config.get("sim", {})
     if not isinstance(sim_options, dict):
         raise ConfigError(f"{where}: sim must be a table of simulator options")
+    bad_sim = sorted(set(sim_options) - SIM_KEYS)
+    if bad_sim:  # they are SimServer.start's keywords: an unknown one would be a TypeError
+        raise ConfigError(f"{where}: sim: unknown key(s) {bad_sim}; allowed: {sorted(SIM_KEYS)}")
 
     jsonl_raw = cli("llmbench_jsonl") or ini("llmbench_jsonl")
     jsonl = None
