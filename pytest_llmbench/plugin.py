@@ -34,9 +34,10 @@ def _positive_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise pytest.UsageError(f"--llmbench-concurrency: expected a whole number, got {value!r}") from None
+        raise pytest.UsageError(
+            f"--llmbench-concurrency: expected a whole number, got {value!r} (e.g. 16)") from None
     if number < 1:
-        raise pytest.UsageError(f"--llmbench-concurrency: must be at least 1, got {value!r}")
+        raise pytest.UsageError(f"--llmbench-concurrency: must be at least 1, got {value!r} (use 1 or more)")
     return number
 
 
@@ -110,12 +111,20 @@ def llm(request: pytest.FixtureRequest) -> Iterator[Any]:
     ``llm.chat("prompt")`` or ``llm.chat([{"role": "user", "content": ...}], model="name")``
     returns a ``Completion``. The first selected model is the default.
     """
+    from pytest_llmbench.errors import ConfigError
     from pytest_llmbench.session.client import LLMClient
     from pytest_llmbench.session.run import SESSION_KEY
 
     session = request.config.stash[SESSION_KEY]
     marker = request.node.get_closest_marker("llmbench")
-    yield LLMClient(session, request.node.nodeid, dict(marker.kwargs) if marker else {})
+    try:
+        client = LLMClient(session, request.node.nodeid, dict(marker.kwargs) if marker else {})
+    except ConfigError as exc:  # a bad marker: the message names it; a traceback would not help
+        problem = str(exc)
+    else:
+        yield client
+        return
+    pytest.fail(problem, pytrace=False)
 
 
 @pytest.fixture
