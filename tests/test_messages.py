@@ -21,6 +21,8 @@ class Case:
     files: dict[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    run: bool = False
+    """Run (not just collect): the store is checked when the session starts."""
 
 
 def _model(body: str) -> dict[str, str]:
@@ -91,6 +93,15 @@ CASES = [
                          "(use a positive number)"), env={"TASK_EXECUTION_TIMEOUT": "-1"}),
     Case("retries-ini", ("ini option llmbench_api_retries: expected a whole number", "(e.g. 2)"),
          args=("-o", "llmbench_api_retries=x")),
+    Case("store-is-a-file", ("cannot use", "afile as a result store: it is not a directory",
+                             "(point --llmbench-store to a directory)"),
+         {"afile": "x"}, args=("--llmbench-store=afile",), run=True),
+    Case("store-is-foreign", ("mine is not a pytest-llmbench result store",
+                              "point --llmbench-store to a new or empty directory"),
+         {"mine/notes.txt": "x"}, args=("--llmbench-store=mine",), run=True),
+    Case("store-of-another-version", ("format 99", "--llmbench-store"),
+         {".llmbench/store.json": '{"format": 99, "created": "2026-01-01T00:00:00Z"}'},
+         run=True),
     Case("timeout-option", ("option --llmbench-api-timeout: expected a number of seconds",
                             "(e.g. 30)"), args=("--llmbench-api-timeout=fast",)),
 ]
@@ -105,8 +116,10 @@ def test_each_config_mistake_is_one_line_naming_key_and_fix(
     for var, value in case.env.items():
         monkeypatch.setenv(var, value)
     for name, text in {"s.toml": SUITE, **case.files}.items():
+        (pytester.path / name).parent.mkdir(parents=True, exist_ok=True)
         (pytester.path / name).write_text(text)
-    result = pytester.runpytest("-p", "no:cacheprovider", "--collect-only", *case.args)
+    mode = () if case.run else ("--collect-only",)
+    result = pytester.runpytest("-p", "no:cacheprovider", *mode, *case.args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     errors = [line for line in result.stderr.lines if line.startswith("ERROR:")]
     assert len(errors) == 1, result.stderr.lines

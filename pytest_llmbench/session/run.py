@@ -57,6 +57,8 @@ class LLMBenchSession:
         self._leases: LeaseManager | None = None
         self._limiter: SharedLimiter | None = None
         self._by_request: dict[str, ItemResult] | None = None
+        self._moved: str | None = None
+        """The header's warning about a moved store, computed before the store is created."""
         self._scorers: dict[str, Scorer] = {}
         self._markers: set[str] = set()
         self.suite_errors = 0
@@ -288,7 +290,7 @@ class LLMBenchSession:
         problem = check_hierarchy(d)
         if problem:
             lines.append(f"llmbench WARNING: deadline hierarchy violated: {problem}")
-        moved = self._moved_store_warning()
+        moved = self._moved if self._moved is not None else self._moved_store_warning()
         if moved:
             lines.append(moved)
         if s.fresh:
@@ -313,7 +315,19 @@ class LLMBenchSession:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        """Preflight, before any item runs (and, under xdist, before workers start)."""
+        """The store opens and the endpoints answer, before any item runs (and, under xdist,
+        before the workers start): a mistake there is one usage error, not one per item."""
+        if getattr(self.config.option, "collectonly", False):
+            return
+        if not self.is_worker:
+            self._moved = self._moved_store_warning()  # before this run creates its store
+        from pytest_llmbench.errors import StoreError
+
+        try:  # a path that exists must be a usable store (a new one is created on first use)
+            if self.settings.store_dir.exists():
+                self.store  # noqa: B018 - opened (and checked) here for the message's sake
+        except StoreError as exc:
+            raise pytest.UsageError(str(exc)) from None
         self.preflight()
 
     def preflight(self) -> None:

@@ -202,7 +202,8 @@ class Store:
     @staticmethod
     def _create(root: Path, meta: Path) -> None:
         if root.exists() and not root.is_dir():
-            raise StoreError(f"cannot use {root} as a result store: it is not a directory")
+            raise StoreError(f"cannot use {root} as a result store: it is not a directory "
+                             "(point --llmbench-store to a directory)")
         if root.is_dir():
             foreign = [p.name for p in root.iterdir() if p.name not in _OWN_NAMES]
             foreign = [n for n in foreign if not n.startswith(".store.json.")]
