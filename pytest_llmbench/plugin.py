@@ -28,6 +28,11 @@ NO_PREFLIGHT_HELP = (
     "Skip the preflight: the check of every selected model's endpoint (reachable, key"
     " accepted, model id listed) before the first item, for endpoints that do not allow it"
 )
+SUITE_FILES_HELP = (
+    "Glob patterns of the .toml file names that may be suites (default *.toml); a matching"
+    " file with a prompts or suite table is a suite, and one that mentions them but does not"
+    " parse is a collection error"
+)
 
 
 def _positive_int(value: str) -> int:
@@ -68,6 +73,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llmbench-no-preflight", dest="llmbench_no_preflight",
                     action="store_true", default=None, help=NO_PREFLIGHT_HELP)
     parser.addini("llmbench_no_preflight", NO_PREFLIGHT_HELP, type="bool", default=False)
+    parser.addini("llmbench_suite_files", SUITE_FILES_HELP, type="linelist", default=[])
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -83,6 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if config.option.help or getattr(config.option, "version", False):
         return
+    from pytest_llmbench.collect.items import SERVICES_KEY
     from pytest_llmbench.config import load_settings
     from pytest_llmbench.errors import ConfigError
     from pytest_llmbench.session.run import SESSION_KEY, LLMBenchSession
@@ -93,15 +100,22 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     session = LLMBenchSession(config, settings)
     config.stash[SESSION_KEY] = session
+    config.stash[SERVICES_KEY] = session
     config.pluginmanager.register(session, "llmbench-session")
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
-    from pytest_llmbench.collect.items import SuiteFile, looks_like_suite
+    if file_path.suffix != ".toml":
+        return None
+    from pytest_llmbench.collect.items import DEFAULT_SUITE_FILES, SuiteFile, suite_source
 
-    if file_path.suffix == ".toml" and looks_like_suite(file_path):
-        return SuiteFile.from_parent(parent, path=file_path)
-    return None
+    patterns = parent.config.getini("llmbench_suite_files") or DEFAULT_SUITE_FILES
+    source = suite_source(file_path, parent.config.rootpath, patterns)
+    if source is None:
+        return None
+    node: SuiteFile = SuiteFile.from_parent(parent, path=file_path)
+    node.source = source
+    return node
 
 
 @pytest.fixture

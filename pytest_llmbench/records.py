@@ -60,6 +60,9 @@ class ModelSpec:
     max_connections: int | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     """Extra non-secret headers (e.g. ``api-version`` for Azure is a query; see docs)."""
+    fallbacks: tuple[ModelSpec, ...] = ()
+    """Other endpoints serving the same model, tried in order when this endpoint's circuit
+    breaker is open (their own fallbacks are not followed)."""
 
     @property
     def simulated(self) -> bool:
