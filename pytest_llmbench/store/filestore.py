@@ -87,7 +87,9 @@ LOCK_TIMEOUT = 120.0
 when a holder is frozen (SIGSTOP) or the file system does not honour flock."""
 
 _LOCK_POLL = 0.002
-_OWN_NAMES = frozenset({"store.json", "results", "claims", "locks"})
+#: What a store directory may hold; ``leases`` is the lease pools' (coord/lease.py), which a
+#: concurrent run may create before this run opens the store.
+_OWN_NAMES = frozenset({"store.json", "results", "claims", "locks", "leases"})
 
 
 # --- file helpers and the per-shard index ---------------------------------------------------
