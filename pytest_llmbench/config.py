@@ -431,6 +431,22 @@ def select_models(
     return tuple(models)
 
 
+def resolve_concurrency(cli: Getter, ini: Getter, file_config: Mapping[str, Any],
+                        where: str) -> int:
+    """CLI > ``LLMBENCH_CONCURRENCY`` > ini > file > default; a bad value names its source."""
+    candidates = (
+        (cli("llmbench_concurrency"), "--llmbench-concurrency"),
+        (os.environ.get("LLMBENCH_CONCURRENCY", "").strip(),
+         "environment variable LLMBENCH_CONCURRENCY"),
+        (ini("llmbench_concurrency"), "ini option llmbench_concurrency"),
+        (file_config.get("concurrency"), f"{where}: concurrency"),
+    )
+    for raw, source in candidates:
+        if raw not in (None, ""):
+            return parse_count(raw, source, minimum=1)
+    return default_concurrency()
+
+
 def load_settings(config: Any) -> Settings:
     """Build ``Settings`` from a ``pytest.Config`` (CLI, ini), the environment and files."""
     rootdir = Path(config.rootpath)
@@ -468,16 +484,7 @@ def load_settings(config: Any) -> Settings:
     if not store_dir.is_absolute():
         store_dir = rootdir / store_dir
 
-    concurrency_raw, concurrency_src = cli("llmbench_concurrency"), "--llmbench-concurrency"
-    if concurrency_raw is None and os.environ.get("LLMBENCH_CONCURRENCY", "").strip():
-        concurrency_raw = os.environ["LLMBENCH_CONCURRENCY"]
-        concurrency_src = "environment variable LLMBENCH_CONCURRENCY"
-    if concurrency_raw in (None, ""):
-        concurrency_raw, concurrency_src = ini("llmbench_concurrency"), "ini option llmbench_concurrency"
-    if concurrency_raw in (None, ""):
-        concurrency_raw = file_config.get("concurrency", default_concurrency())
-        concurrency_src = f"{where}: concurrency"
-    concurrency = parse_count(concurrency_raw, concurrency_src, minimum=1)
+    concurrency = resolve_concurrency(cli, ini, file_config, where)
 
     resources_raw = file_config.get("resources", {})
     if not isinstance(resources_raw, dict):
