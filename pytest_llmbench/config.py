@@ -109,6 +109,8 @@ class Settings:
     """Values from the rootdir's ``.env`` file (secrets included: never printed)."""
     breaker_threshold: int = DEFAULT_BREAKER_THRESHOLD
     breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN
+    preflight: bool = True
+    """Check every selected model's endpoint before the first item (session/preflight.py)."""
 
     def api_key(self, model: ModelSpec) -> str | None:
         """The model's key from the environment or ``.env``; never stored anywhere."""
@@ -129,11 +131,11 @@ def parse_seconds(value: object, where: str, *, allow_zero: bool = False) -> flo
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected a number of seconds, got {value!r}") from None
+        raise ConfigError(f"{where}: expected a number of seconds, got {value!r} (e.g. 30)") from None
     if number != number or number in (float("inf"), float("-inf")):
-        raise ConfigError(f"{where}: expected a finite number of seconds, got {value!r}")
+        raise ConfigError(f"{where}: expected a finite number of seconds, got {value!r} (e.g. 30)")
     if number < 0 or (number == 0 and not allow_zero):
-        raise ConfigError(f"{where}: must be greater than 0, got {value!r}")
+        raise ConfigError(f"{where}: must be greater than 0, got {value!r} (use a positive number)")
     return number
 
 
@@ -141,15 +143,15 @@ def parse_count(value: object, where: str, *, minimum: int = 0,
                 maximum: int | None = None) -> int:
     """A whole number in ``minimum..maximum``."""
     if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        raise ConfigError(f"{where}: expected a whole number, got {value!r} (e.g. 2)")
     try:
         number = int(str(value).strip()) if not isinstance(value, int) else value
     except ValueError:
-        raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
+        raise ConfigError(f"{where}: expected a whole number, got {value!r} (e.g. 2)") from None
     if number < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum}, got {value!r}")
+        raise ConfigError(f"{where}: must be at least {minimum}, got {value!r} (use {minimum} or more)")
     if maximum is not None and number > maximum:
-        raise ConfigError(f"{where}: must be at most {maximum}, got {value!r}")
+        raise ConfigError(f"{where}: must be at most {maximum}, got {value!r} (use {maximum} or less)")
     return number
 
 
@@ -161,7 +163,7 @@ def parse_bool(value: object, where: str) -> bool:
         return True
     if text in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    raise ConfigError(f"{where}: expected true or false, got {value!r} (use true or false)")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -181,7 +183,8 @@ def read_dotenv(path: Path) -> dict[str, str]:
             line = line[len("export ") :].strip()
         key, sep, value = line.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE in .env file")
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE in .env file (write KEY=VALUE, "
+                              "or comment the line out with #)")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
@@ -199,7 +202,8 @@ def read_file_config(rootdir: Path) -> tuple[dict[str, Any], Path | None]:
         data = _load_toml(pyproject).get("tool", {}).get("llmbench")
         if data is not None:
             if not isinstance(data, dict):
-                raise ConfigError(f"{pyproject}: [tool.llmbench] must be a table")
+                raise ConfigError(f"{pyproject}: [tool.llmbench] must be a table (write it as a "
+                                  "[tool.llmbench] section)")
             return data, pyproject
     return {}, None
 
@@ -210,8 +214,14 @@ def _load_toml(path: Path) -> dict[str, Any]:
             data: dict[str, Any] = tomllib.load(fh)
             return data
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{path}: invalid TOML: {exc} (fix the syntax there)") from None
 
+
+#: Keys of ``[tool.llmbench.sim]``: keywords of ``SimServer.start`` (docs/simulator.md).
+SIM_KEYS = frozenset({
+    "latency", "jitter", "error_rate", "hang_rate", "fail_rate", "rpm", "require_key",
+    "request_log", "seed", "models",
+})
 
 _MODEL_KEYS = {
     "model", "base_url", "api_key_env", "params", "stream", "rpm", "tpm",
@@ -223,15 +233,19 @@ _MODEL_KEYS = {
 def parse_model_table(name: str, table: object, where: str) -> ModelSpec:
     """One ``[tool.llmbench.models.NAME]`` table."""
     if not isinstance(table, dict):
-        raise ConfigError(f"{where}: models.{name} must be a table")
+        raise ConfigError(f"{where}: models.{name} must be a table (declare it as "
+                          f"[tool.llmbench.models.{name}] with base_url, model, ...)")
+    if "api_key" in table:  # a secret in a file that gets committed: say what to do instead
+        raise ConfigError(
+            f"{where}: models.{name}.api_key: keys are read from the environment only "
+            f"(remove it; set api_key_env = \"VAR\" and export VAR, or put VAR in .env)"
+        )
     unknown = set(table) - _MODEL_KEYS
     if unknown:
         raise ConfigError(
             f"{where}: models.{name}: unknown key(s) {sorted(unknown)}; "
             f"allowed: {sorted(_MODEL_KEYS)}"
         )
-    if "api_key" in table:  # pragma: no cover - caught by the unknown-key check above
-        raise ConfigError(f"{where}: models.{name}: keys are read from the environment only")
     base_url = table.get("base_url", "sim")
     if not isinstance(base_url, str) or not (base_url == "sim" or "://" in base_url):
         raise ConfigError(
@@ -240,7 +254,8 @@ def parse_model_table(name: str, table: object, where: str) -> ModelSpec:
         )
     params = table.get("params", {})
     if not isinstance(params, dict):
-        raise ConfigError(f"{where}: models.{name}.params must be a table")
+        raise ConfigError(f"{where}: models.{name}.params must be a table "
+                          "(e.g. params = { temperature = 0.0, max_tokens = 512 })")
     def opt_num(key: str) -> float | None:
         value = table.get(key)
         return None if value is None else parse_seconds(value, f"{where}: models.{name}.{key}")
@@ -338,7 +353,8 @@ def resolve_deadlines(
     sources: dict[str, str] = {}
     file_deadlines = file_config.get("deadlines", {})
     if not isinstance(file_deadlines, dict):
-        raise ConfigError(f"{file_path}: deadlines must be a table")
+        raise ConfigError(f"{file_path}: deadlines must be a table "
+                          "(e.g. [tool.llmbench.deadlines] task_timeout = 600)")
     for key, (dest, env_vars, _help) in DEADLINE_SOURCES.items():
         option = "--" + dest.replace("_", "-")
         candidates: list[tuple[object, str]] = []
@@ -383,7 +399,8 @@ def deadline_overrides(raw: Mapping[str, Any], where: str) -> dict[str, float]:
 def declared_models(file_config: Mapping[str, Any], where: str) -> dict[str, ModelSpec]:
     models = file_config.get("models", {})
     if not isinstance(models, dict):
-        raise ConfigError(f"{where}: models must be a table of tables")
+        raise ConfigError(f"{where}: models must be a table of tables "
+                          "(declare each as [tool.llmbench.models.NAME])")
     declared = {name: parse_model_table(name, table, where) for name, table in models.items()}
     return {name: _with_fallbacks(spec, models[name], declared, where)
             for name, spec in declared.items()}
@@ -430,7 +447,8 @@ def select_models(
         chosen = ini_models
     elif file_default is not None:
         if not isinstance(file_default, list) or not all(isinstance(x, str) for x in file_default):
-            raise ConfigError(f"{where}: default_models must be a list of model names")
+            raise ConfigError(f"{where}: default_models must be a list of model names "
+                              '(e.g. default_models = ["gpt-4o"])')
         chosen = file_default
     else:
         chosen = ["sim"]
@@ -438,8 +456,25 @@ def select_models(
     names = [m.name for m in models]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ConfigError(f"--llmbench-model: model(s) selected twice: {', '.join(dupes)}")
+        raise ConfigError(f"--llmbench-model: model(s) selected twice: {', '.join(dupes)} "
+                          "(name each model once)")
     return tuple(models)
+
+
+def resolve_concurrency(cli: Getter, ini: Getter, file_config: Mapping[str, Any],
+                        where: str) -> int:
+    """CLI > ``LLMBENCH_CONCURRENCY`` > ini > file > default; a bad value names its source."""
+    candidates = (
+        (cli("llmbench_concurrency"), "--llmbench-concurrency"),
+        (os.environ.get("LLMBENCH_CONCURRENCY", "").strip(),
+         "environment variable LLMBENCH_CONCURRENCY"),
+        (ini("llmbench_concurrency"), "ini option llmbench_concurrency"),
+        (file_config.get("concurrency"), f"{where}: concurrency"),
+    )
+    for raw, source in candidates:
+        if raw not in (None, ""):
+            return parse_count(raw, source, minimum=1)
+    return default_concurrency()
 
 
 def load_settings(config: Any) -> Settings:
@@ -489,14 +524,19 @@ def load_settings(config: Any) -> Settings:
 
     resources_raw = file_config.get("resources", {})
     if not isinstance(resources_raw, dict):
-        raise ConfigError(f"{where}: resources must be a table of pool = slots")
+        raise ConfigError(f"{where}: resources must be a table of pool = slots "
+                          "(e.g. [tool.llmbench.resources] sandbox = 2)")
     resources = {
         str(name): parse_count(slots, f"{where}: resources.{name}", minimum=1)
         for name, slots in resources_raw.items()
     }
     sim_options = file_config.get("sim", {})
     if not isinstance(sim_options, dict):
-        raise ConfigError(f"{where}: sim must be a table of simulator options")
+        raise ConfigError(f"{where}: sim must be a table of simulator options "
+                          "(e.g. [tool.llmbench.sim] latency = 0.1)")
+    bad_sim = sorted(set(sim_options) - SIM_KEYS)
+    if bad_sim:  # they are SimServer.start's keywords: an unknown one would be a TypeError
+        raise ConfigError(f"{where}: sim: unknown key(s) {bad_sim}; allowed: {sorted(SIM_KEYS)}")
 
     jsonl_raw = cli("llmbench_jsonl") or ini("llmbench_jsonl")
     jsonl = None
@@ -508,6 +548,7 @@ def load_settings(config: Any) -> Settings:
     breaker_threshold, breaker_cooldown = parse_breaker(file_config, where)
     fresh = cli("llmbench_fresh")
     rescore = cli("llmbench_rescore")
+    no_preflight = cli("llmbench_no_preflight")
     settings = Settings(
         models=models,
         deadlines=deadlines,
@@ -523,6 +564,8 @@ def load_settings(config: Any) -> Settings:
         env=dotenv,
         breaker_threshold=breaker_threshold,
         breaker_cooldown=breaker_cooldown,
+        preflight=not bool(no_preflight if no_preflight is not None
+                           else ini("llmbench_no_preflight")),
     )
     if settings.fresh and settings.rescore:
         raise ConfigError("--llmbench-fresh and --llmbench-rescore exclude each other; pick one")

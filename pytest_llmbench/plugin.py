@@ -24,6 +24,10 @@ CONCURRENCY_HELP = (
 FRESH_HELP = "Ignore stored results and run every item again"
 RESCORE_HELP = "Re-score stored completions with the current scorers, without calling any API"
 JSONL_HELP = "Write every item's record as JSON lines to this file"
+NO_PREFLIGHT_HELP = (
+    "Skip the preflight: the check of every selected model's endpoint (reachable, key"
+    " accepted, model id listed) before the first item, for endpoints that do not allow it"
+)
 SUITE_FILES_HELP = (
     "Glob patterns of the .toml file names that may be suites (default *.toml); a matching"
     " file with a prompts or suite table is a suite, and one that mentions them but does not"
@@ -35,9 +39,10 @@ def _positive_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise pytest.UsageError(f"--llmbench-concurrency: expected a whole number, got {value!r}") from None
+        raise pytest.UsageError(
+            f"--llmbench-concurrency: expected a whole number, got {value!r} (e.g. 16)") from None
     if number < 1:
-        raise pytest.UsageError(f"--llmbench-concurrency: must be at least 1, got {value!r}")
+        raise pytest.UsageError(f"--llmbench-concurrency: must be at least 1, got {value!r} (use 1 or more)")
     return number
 
 
@@ -65,6 +70,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llmbench-jsonl", dest="llmbench_jsonl", default=None, metavar="FILE",
                     help=JSONL_HELP)
     parser.addini("llmbench_jsonl", JSONL_HELP, default=None)
+    group.addoption("--llmbench-no-preflight", dest="llmbench_no_preflight",
+                    action="store_true", default=None, help=NO_PREFLIGHT_HELP)
+    parser.addini("llmbench_no_preflight", NO_PREFLIGHT_HELP, type="bool", default=False)
     parser.addini("llmbench_suite_files", SUITE_FILES_HELP, type="linelist", default=[])
 
 
@@ -136,12 +144,20 @@ def llm(request: pytest.FixtureRequest) -> Iterator[Any]:
     ``llm.chat("prompt")`` or ``llm.chat([{"role": "user", "content": ...}], model="name")``
     returns a ``Completion``. The first selected model is the default.
     """
+    from pytest_llmbench.errors import ConfigError
     from pytest_llmbench.session.client import LLMClient
     from pytest_llmbench.session.run import SESSION_KEY
 
     session = request.config.stash[SESSION_KEY]
     marker = request.node.get_closest_marker("llmbench")
-    yield LLMClient(session, request.node.nodeid, dict(marker.kwargs) if marker else {})
+    try:
+        client = LLMClient(session, request.node.nodeid, dict(marker.kwargs) if marker else {})
+    except ConfigError as exc:  # a bad marker: the message names it; a traceback would not help
+        problem = str(exc)
+    else:
+        yield client
+        return
+    pytest.fail(problem, pytrace=False)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 Message = dict[str, Any]
@@ -229,12 +229,16 @@ class Attempt:
     """Seconds slept after this attempt before the next one."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Score:
-    """A scorer's judgement: ``value`` in [0, 1] and a short human explanation."""
+    """A scorer's judgement: ``value`` in [0, 1] and a short human explanation.
+
+    ``Score(0.5, "half the fields match")`` works: value and explanation may be positional
+    (the one record scorer authors build by hand); ``details`` is keyword-only."""
 
     value: float
     explanation: str = ""
+    _: KW_ONLY
     details: Mapping[str, Any] = field(default_factory=dict)
 
 

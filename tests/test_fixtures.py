@@ -76,7 +76,7 @@ def test_declared_models_and_unknown_model_error(pytester: pytest.Pytester, shar
 def test_unreachable_endpoint_is_one_clear_error(pytester: pytest.Pytester) -> None:
     pytester.makefile(".toml", s='[[prompts]]\nid = "p"\ntemplate = "hi"\n[[prompts.instances]]\nexpected = "x"\n')
     result = pytester.runpytest("-p", "no:cacheprovider", "--llmbench-model=down@http://127.0.0.1:9/v1",
-                                "--llmbench-api-retries=0")
+                                "--llmbench-api-retries=0", "--llmbench-no-preflight")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*ERROR [[]connection_error[]]*127.0.0.1:9*"])
     assert "Traceback" not in result.stdout.str()

@@ -197,6 +197,7 @@ def test_api_key_never_written_anywhere(
         bad = pytester.runpytest_subprocess(
             "-p", "no:cacheprovider", f"--llmbench-model=remote@{sim.base_url}",
             "--llmbench-fresh", "--junitxml=j2.xml", "--llmbench-jsonl=r2.jsonl",
+            "--llmbench-no-preflight",  # the items' own 401s are what is checked here
         )
         bad.assert_outcomes(errors=2)
         bad.stdout.fnmatch_lines(["*ERROR [auth_error]*"])

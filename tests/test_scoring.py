@@ -657,3 +657,12 @@ def test_conftest_with_misspelt_hook_argument_fails_the_run(pytester: pytest.Pyt
     result = pytester.runpytest("-p", "no:cacheprovider", "--import-mode=importlib")
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*pytest_llmbench_get_scorer*scorer_name*"])
+
+
+def test_score_takes_value_and_explanation_positionally() -> None:
+    from pytest_llmbench.records import Score
+
+    assert Score(0.0, "no number") == Score(value=0.0, explanation="no number")
+    assert Score(1.0, "ok", details={"n": 1}).details == {"n": 1}
+    with pytest.raises(TypeError, match="positional"):
+        Score(1.0, "ok", {"n": 1})  # type: ignore[misc]

@@ -162,7 +162,7 @@ def test_health_models_and_unknown_routes(server: SimServer) -> None:
     assert (health.status, health.body) == (200, b"ok")
     models = request(server, "GET", "/v1/models")
     assert models.status == 200
-    assert [m["id"] for m in models.json()["data"]] == ["sim"]
+    assert [m["id"] for m in models.json()["data"]] == ["sim", "sim-1"]
     assert request(server, "GET", "/v1/models/any-name").json()["id"] == "any-name"
     missing = request(server, "GET", "/v2/nothing")
     assert missing.status == 404
@@ -267,7 +267,7 @@ def test_openai_sdk(server: SimServer, uniq: str) -> None:
         assert "".join(parts).startswith("2, 5, 9")
         assert reasons[-1] == "stop"
         assert usage is not None and usage.completion_tokens == len("".join(parts).split())
-        assert [m.id for m in client.models.list()] == ["sim"]
+        assert [m.id for m in client.models.list()] == ["sim", "sim-1"]
 
         with pytest.raises(openai.RateLimitError) as info:
             client.chat.completions.create(

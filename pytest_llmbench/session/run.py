@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pytest_llmbench.engine.scheduler import Engine
     from pytest_llmbench.providers.base import Provider, RequestHook
     from pytest_llmbench.session.runlog import RunLog
+    from pytest_llmbench.session.storeplace import StorePlaces
     from pytest_llmbench.sim.control import SimServer
     from pytest_llmbench.store.protocol import ResultStore
 
@@ -66,6 +67,8 @@ class LLMBenchSession:
         self._leases: LeaseManager | None = None
         self._limiter: SharedLimiter | None = None
         self._breaker: CircuitBreaker | None = None
+        self._moved: str | None = None
+        """The header's warning about a moved store, computed before the store is created."""
         self._scorers: dict[str, Scorer] = {}
         self._providers: dict[str, Provider] = {}
         self._request_hooks: tuple[RequestHook, ...] | None = None
@@ -394,6 +397,9 @@ class LLMBenchSession:
         problem = check_hierarchy(d)
         if problem:
             lines.append(f"llmbench WARNING: deadline hierarchy violated: {problem}")
+        moved = self._moved if self._moved is not None else self._moved_store_warning()
+        if moved:
+            lines.append(moved)
         if s.fresh:
             lines.append("llmbench: --llmbench-fresh: stored results are ignored and overwritten")
         if s.rescore:
@@ -408,6 +414,53 @@ class LLMBenchSession:
 
             return f"{DEFAULT_RUN_CONCURRENCY} per run, shared by the workers"
         return f"{s.concurrency} per process"
+
+    def _store_places(self) -> tuple[StorePlaces, str]:
+        from pytest_llmbench.coord.ratelimit import default_root
+        from pytest_llmbench.session.storeplace import StorePlaces, suites_key
+
+        key = suites_key(self.config.args, Path(self.config.invocation_params.dir))
+        return StorePlaces(default_root()), key
+
+    def _moved_store_warning(self) -> str | None:
+        """A new store where the last run of the same suites used another (storeplace.py)."""
+        from pytest_llmbench.session.storeplace import moved_store_warning
+
+        places, key = self._store_places()
+        return moved_store_warning(places, key, self.settings.store_dir)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """The store opens and the endpoints answer, before any item runs (and, under xdist,
+        before the workers start): a mistake there is one usage error, not one per item."""
+        if getattr(self.config.option, "collectonly", False):
+            return
+        if not self.is_worker:
+            self._moved = self._moved_store_warning()  # before this run creates its store
+        from pytest_llmbench.errors import StoreError
+
+        try:  # a path that exists must be a usable store (a new one is created on first use)
+            if self.settings.store_dir.exists():
+                self.store  # noqa: B018 - opened (and checked) here for the message's sake
+        except StoreError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        self.preflight()
+
+    def preflight(self) -> None:
+        """Check every selected model's endpoint once; one ``UsageError`` for all failures.
+
+        Not on xdist workers (the controller did it), with ``--collect-only``,
+        ``--llmbench-rescore`` (no API call is made) or ``--llmbench-no-preflight``."""
+        opt = self.config.option
+        if (self.is_worker or not self.settings.preflight or self.settings.rescore
+                or getattr(opt, "collectonly", False)):
+            return
+        from pytest_llmbench.session.preflight import PREFLIGHT_TIMEOUT, check_models
+
+        timeout = min(PREFLIGHT_TIMEOUT, self.settings.deadlines.api_timeout)
+        problems = check_models(self.settings.models, self.settings.api_key, timeout=timeout)
+        if problems:
+            raise pytest.UsageError("\n".join(problems))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -580,6 +633,9 @@ class LLMBenchSession:
             terminalreporter.write_line(f"llmbench: wrote {count} records to {self.settings.jsonl}")
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if not self.is_worker and (self.settings.store_dir / "store.json").exists():
+            places, key = self._store_places()
+            places.remember(key, self.settings.store_dir)
         if self._engine is not None:
             if exitstatus != pytest.ExitCode.INTERRUPTED and not session.shouldstop:
                 self._engine.drain()  # items claimed for other workers: finish, do not waste

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> SimOptions:
     parser.add_argument("--request-log", default=None, metavar="FILE",
                         help="Append one JSON line per chat request, written on arrival")
     parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice")
+    parser.add_argument("--models", default=None, metavar="ID,ID",
+                        help="Serve only these model ids (comma separated): /v1/models lists "
+                             "them, any other id gets a 404; default: any id is served")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="Exit when this process is no longer the parent")
     parser.add_argument("--verbose", action="store_true", help="Log each request on stderr")
@@ -71,7 +74,17 @@ def parse_args(argv: list[str] | None = None) -> SimOptions:
         host=args.host, port=args.port, latency=args.latency, jitter=args.jitter,
         error_rate=args.error_rate, hang_rate=args.hang_rate, fail_rate=args.fail_rate,
         rpm=args.rpm, require_key=args.require_key or os.environ.get(KEY_ENV) or None,
-        request_log=args.request_log, seed=args.seed, parent_pid=args.parent_pid)
+        request_log=args.request_log, seed=args.seed, parent_pid=args.parent_pid,
+        models=_model_ids(args.models))
+
+
+def _model_ids(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    ids = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not ids:
+        raise SystemExit("--models: expected one or more model ids, comma separated")
+    return ids
 
 
 def _ready(url: str) -> None:

@@ -58,6 +58,7 @@ class SimServer:
         require_key: str | None = None,
         request_log: str | os.PathLike[str] | None = None,
         seed: int = 0,
+        models: list[str] | tuple[str, ...] | None = None,
         startup_timeout: float = 10.0,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -75,6 +76,8 @@ class SimServer:
                 "--fail-rate", repr(fail_rate), "--seed", str(seed)]
         if rpm is not None:
             argv += ["--rpm", str(rpm)]
+        if models is not None:
+            argv += ["--models", ",".join(models)]
         log_path = Path(request_log) if request_log is not None else None
         if log_path is not None:
             argv += ["--request-log", str(log_path)]

@@ -42,8 +42,10 @@ from pytest_llmbench.sim.programs import PROGRAMS
 
 log = logging.getLogger("pytest_llmbench.sim.server")
 
-MODELS = ("sim",)
-"""Listed by ``GET /v1/models``; requests may name any model."""
+MODELS = ("sim", "sim-1")
+"""Listed by ``GET /v1/models`` when no ``models`` option is given; requests may then name
+any model, and ``GET /v1/models/NAME`` answers for any name (a preflight that does not find
+its model in the list asks for it by name)."""
 
 MAX_STREAM_PIECES = 16
 
@@ -77,6 +79,10 @@ class SimOptions:
     request_log: str | None = None
     """Append one JSON line per chat request, written when the request arrives."""
     seed: int = 0
+    models: tuple[str, ...] | None = None
+    """Serve only these model ids: ``GET /v1/models`` lists exactly them, and any other id
+    gets a 404 (``model_not_found``) from ``/v1/models/NAME`` and the chat endpoint, as a
+    real server does. ``None``: any id is served."""
     parent_pid: int | None = None
     """Exit when this process is no longer our parent (it died): no orphaned servers."""
 
@@ -198,14 +204,22 @@ class SimApp:
                 conn.respond(401, error_body(401, "invalid or missing API key"))
                 return
             name = path[len("/v1/models/"):] if path.startswith("/v1/models/") else ""
+            if name and not self._serves(name):
+                conn.respond(404, error_body(404, f"the model {name!r} does not exist",
+                                             "model_not_found"))
+                return
+            listed = MODELS if self.options.models is None else self.options.models
             conn.respond(200, json.dumps(self._model(name) if name else {
-                "object": "list", "data": [self._model(m) for m in MODELS]}).encode())
+                "object": "list", "data": [self._model(m) for m in listed]}).encode())
             return
         conn.respond(404, error_body(404, f"no route for {req.method} {req.path}"))
 
     @staticmethod
     def _model(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "pytest-llmbench"}
+
+    def _serves(self, name: str) -> bool:
+        return self.options.models is None or name in self.options.models
 
     def _authorized(self, req: Request) -> bool:
         if self._key is None:
@@ -240,6 +254,11 @@ class SimApp:
         if problem:
             self._log(now, None, model, stream, None, "bad_request")
             conn.respond(400, error_body(400, problem))
+            return
+        if not self._serves(body["model"]):
+            self._log(now, None, model, stream, None, "model_not_found")
+            conn.respond(404, error_body(404, f"the model {body['model']!r} does not exist",
+                                         "model_not_found"))
             return
         messages = body["messages"]
         key = request_key(body["model"], messages)

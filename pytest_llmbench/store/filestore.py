@@ -91,6 +91,8 @@ LOCK_TIMEOUT = 120.0
 when a holder is frozen (SIGSTOP) or the file system does not honour flock."""
 
 _LOCK_POLL = 0.002
+#: What a store directory may hold; ``leases`` is the lease pools' (coord/lease.py), which a
+#: concurrent run may create before this run opens the store.
 _OWN_NAMES = frozenset({"store.json", "results", "claims", "locks", "answers", "runs", "leases"})
 
 
@@ -271,7 +273,8 @@ class Store:
     @staticmethod
     def _create(root: Path, meta: Path) -> None:
         if root.exists() and not root.is_dir():
-            raise StoreError(f"cannot use {root} as a result store: it is not a directory")
+            raise StoreError(f"cannot use {root} as a result store: it is not a directory "
+                             "(point --llmbench-store to a directory)")
         if root.is_dir():
             foreign = [p.name for p in root.iterdir() if p.name not in _OWN_NAMES]
             foreign = [n for n in foreign if not n.startswith(".store.json.")]
