@@ -477,6 +477,34 @@ def resolve_concurrency(cli: Getter, ini: Getter, file_config: Mapping[str, Any]
     return default_concurrency()
 
 
+def _resources(file_config: Mapping[str, Any], where: str) -> dict[str, int]:
+    """``[tool.llmbench.resources]``: lease pool name -> slots."""
+    raw = file_config.get("resources", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: resources must be a table of pool = slots "
+                          "(e.g. [tool.llmbench.resources] sandbox = 2)")
+    return {str(name): parse_count(slots, f"{where}: resources.{name}", minimum=1)
+            for name, slots in raw.items()}
+
+
+def _sim_options(file_config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``[tool.llmbench.sim]``: keywords of ``SimServer.start``."""
+    options = file_config.get("sim", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: sim must be a table of simulator options "
+                          "(e.g. [tool.llmbench.sim] latency = 0.1)")
+    bad = sorted(set(options) - SIM_KEYS)
+    if bad:  # they are SimServer.start's keywords: an unknown one would be a TypeError
+        raise ConfigError(f"{where}: sim: unknown key(s) {bad}; allowed: {sorted(SIM_KEYS)}")
+    return options
+
+
+def _output_path(raw: object, base: Path) -> Path:
+    """A path given on the command line: ``~`` expanded, relative to where pytest started."""
+    path = Path(str(raw)).expanduser()
+    return path if path.is_absolute() else base / path
+
+
 def load_settings(config: Any) -> Settings:
     """Build ``Settings`` from a ``pytest.Config`` (CLI, ini), the environment and files."""
     rootdir = Path(config.rootpath)
@@ -514,36 +542,16 @@ def load_settings(config: Any) -> Settings:
     if not store_dir.is_absolute():
         store_dir = rootdir / store_dir
 
-    concurrency_raw = cli("llmbench_concurrency")
-    if concurrency_raw is None:
-        concurrency_raw = os.environ.get("LLMBENCH_CONCURRENCY") or ini("llmbench_concurrency")
-    concurrency_is_default = concurrency_raw in (None, "") and "concurrency" not in file_config
-    if concurrency_raw in (None, ""):
-        concurrency_raw = file_config.get("concurrency", default_concurrency())
-    concurrency = parse_count(concurrency_raw, "llmbench concurrency", minimum=1)
-
-    resources_raw = file_config.get("resources", {})
-    if not isinstance(resources_raw, dict):
-        raise ConfigError(f"{where}: resources must be a table of pool = slots "
-                          "(e.g. [tool.llmbench.resources] sandbox = 2)")
-    resources = {
-        str(name): parse_count(slots, f"{where}: resources.{name}", minimum=1)
-        for name, slots in resources_raw.items()
-    }
-    sim_options = file_config.get("sim", {})
-    if not isinstance(sim_options, dict):
-        raise ConfigError(f"{where}: sim must be a table of simulator options "
-                          "(e.g. [tool.llmbench.sim] latency = 0.1)")
-    bad_sim = sorted(set(sim_options) - SIM_KEYS)
-    if bad_sim:  # they are SimServer.start's keywords: an unknown one would be a TypeError
-        raise ConfigError(f"{where}: sim: unknown key(s) {bad_sim}; allowed: {sorted(SIM_KEYS)}")
+    concurrency = resolve_concurrency(cli, ini, file_config, where)
+    concurrency_is_default = all(
+        v in (None, "") for v in (cli("llmbench_concurrency"), ini("llmbench_concurrency"),
+                                  os.environ.get("LLMBENCH_CONCURRENCY", "").strip())
+    ) and "concurrency" not in file_config
+    resources = _resources(file_config, where)
+    sim_options = _sim_options(file_config, where)
 
     jsonl_raw = cli("llmbench_jsonl") or ini("llmbench_jsonl")
-    jsonl = None
-    if jsonl_raw:
-        jsonl = Path(str(jsonl_raw)).expanduser()
-        if not jsonl.is_absolute():
-            jsonl = Path(config.invocation_params.dir) / jsonl
+    jsonl = _output_path(jsonl_raw, Path(config.invocation_params.dir)) if jsonl_raw else None
 
     breaker_threshold, breaker_cooldown = parse_breaker(file_config, where)
     fresh = cli("llmbench_fresh")
