@@ -204,7 +204,7 @@ def _load_toml(path: Path) -> dict[str, Any]:
 
 _MODEL_KEYS = {
     "model", "base_url", "api_key_env", "params", "stream", "rpm", "tpm",
-    "max_connections", "headers",
+    "max_connections", "headers", "price_input", "price_output",
 }
 
 
@@ -246,7 +246,21 @@ def parse_model_table(name: str, table: object, where: str) -> ModelSpec:
             max_conn, f"{where}: models.{name}.max_connections", minimum=1
         ),
         headers={str(k): str(v) for k, v in dict(table.get("headers", {})).items()},
+        price_input=_price(table, "price_input", f"{where}: models.{name}"),
+        price_output=_price(table, "price_output", f"{where}: models.{name}"),
     )
+
+
+def _price(table: Mapping[str, Any], key: str, where: str) -> float | None:
+    """An optional price in USD per 1M tokens (a number >= 0)."""
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(
+            f"{where}.{key}: expected a price in USD per 1M tokens (a number >= 0), got {value!r}"
+        )
+    return float(value)
 
 
 def parse_model_arg(value: str, declared: Mapping[str, ModelSpec]) -> ModelSpec:

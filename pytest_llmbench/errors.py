@@ -32,6 +32,7 @@ ERROR_CLASSES: dict[str, str] = {
     "crashed": "the item's process died without a result",
     "scorer_error": "the scorer raised or is unknown",
     "sandbox_error": "the code sandbox failed",
+    "test_error": "a plain test using the llm fixture failed in its setup",
     "internal": "a bug in pytest-llmbench",
 }
 

@@ -24,6 +24,10 @@ CONCURRENCY_HELP = (
 FRESH_HELP = "Ignore stored results and run every item again"
 RESCORE_HELP = "Re-score stored completions with the current scorers, without calling any API"
 JSONL_HELP = "Write every item's record as JSON lines to this file"
+HTML_HELP = "Write a self-contained HTML report (plots, items, transcripts) to this file"
+PROGRESS_HELP = (
+    "Live progress line on a terminal: auto (on a terminal, not with -q), on or off (default auto)"
+)
 
 
 def _positive_int(value: str) -> int:
@@ -60,6 +64,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llmbench-jsonl", dest="llmbench_jsonl", default=None, metavar="FILE",
                     help=JSONL_HELP)
     parser.addini("llmbench_jsonl", JSONL_HELP, default=None)
+    group.addoption("--llmbench-html", dest="llmbench_html", default=None, metavar="FILE",
+                    help=HTML_HELP)
+    parser.addini("llmbench_html", HTML_HELP, default=None)
+    group.addoption("--llmbench-progress", dest="llmbench_progress", default=None,
+                    choices=("auto", "on", "off"), help=PROGRESS_HELP)
+    parser.addini("llmbench_progress", PROGRESS_HELP, default="auto")
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -86,6 +96,11 @@ def pytest_configure(config: pytest.Config) -> None:
     session = LLMBenchSession(config, settings)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "llmbench-session")
+    from pytest_llmbench.session.export import EXPORT_KEY, ExportHub
+
+    hub = ExportHub(config, session)
+    config.stash[EXPORT_KEY] = hub
+    config.pluginmanager.register(hub, "llmbench-export")
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -104,11 +119,15 @@ def llm(request: pytest.FixtureRequest) -> Iterator[Any]:
     returns a ``Completion``. The first selected model is the default.
     """
     from pytest_llmbench.session.client import LLMClient
+    from pytest_llmbench.session.export import CALLS_KEY
     from pytest_llmbench.session.run import SESSION_KEY
 
     session = request.config.stash[SESSION_KEY]
     marker = request.node.get_closest_marker("llmbench")
-    yield LLMClient(session, request.node.nodeid, dict(marker.kwargs) if marker else {})
+    # The calls become the test's record (session/export.py): JUnit properties, summary.
+    calls = request.node.stash.setdefault(CALLS_KEY, [])
+    yield LLMClient(session, request.node.nodeid, dict(marker.kwargs) if marker else {},
+                    calls=calls)
 
 
 @pytest.fixture

@@ -60,6 +60,10 @@ class ModelSpec:
     max_connections: int | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     """Extra non-secret headers (e.g. ``api-version`` for Azure is a query; see docs)."""
+    price_input: float | None = None
+    """USD per 1M prompt tokens, for the cost shown in progress and reports (optional)."""
+    price_output: float | None = None
+    """USD per 1M completion tokens (optional)."""
 
     @property
     def simulated(self) -> bool:

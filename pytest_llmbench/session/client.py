@@ -6,18 +6,25 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pytest_llmbench.config import deadline_overrides
+from pytest_llmbench.errors import APIError
 from pytest_llmbench.records import Completion, Deadlines, Message, ModelSpec
 
 if TYPE_CHECKING:
     from pytest_llmbench.coord.lease import Lease
+    from pytest_llmbench.session.export import Call
     from pytest_llmbench.session.run import LLMBenchSession
 
 
 class LLMClient:
     """``llm.chat(...)``: the same API layer (timeouts, retries, Retry-After) as suite items."""
 
-    def __init__(self, session: LLMBenchSession, label: str, overrides: Mapping[str, Any]) -> None:
+    def __init__(
+        self, session: LLMBenchSession, label: str, overrides: Mapping[str, Any],
+        *, calls: list[Call] | None = None,
+    ) -> None:
         self._session = session
+        self._calls = calls
+        """Where each call is recorded (the test's record), or None."""
         self._label = label
         self._overrides = deadline_overrides(
             {k: v for k, v in overrides.items() if k != "model"}, f"{label}: llmbench marker"
@@ -59,14 +66,30 @@ class LLMClient:
             messages.append({"role": "user", "content": prompt})
         else:
             messages.extend(dict(m) for m in prompt)
-        return api.chat(
-            self._session.resolved_model(spec),
-            messages,
-            params=params,
-            deadlines=self.deadlines,
-            api_key=self._session.settings.api_key(spec),
-            label=self._label,
-        )
+        record = None
+        if self._calls is not None:
+            import time
+
+            from pytest_llmbench.session.export import Call
+
+            record = Call([dict(m) for m in messages], spec.name, time.time())
+            self._calls.append(record)
+        try:
+            completion = api.chat(
+                self._session.resolved_model(spec),
+                messages,
+                params=params,
+                deadlines=self.deadlines,
+                api_key=self._session.settings.api_key(spec),
+                label=self._label,
+            )
+        except APIError as exc:
+            if record is not None:
+                record.error, record.error_class = str(exc), exc.error_class
+            raise
+        if record is not None:
+            record.completion = completion
+        return completion
 
 
 def lease_factory(session: LLMBenchSession) -> Callable[..., Lease]:

@@ -253,7 +253,6 @@ class LLMBenchSession:
     def result_for(self, item: LLMItem) -> ItemResult:
         result = self.engine.wait(item, item.session.items)
         result.cached = result.identity.get("run_id") != self.run_id
-        self.config.hook.pytest_llmbench_result(result=result, item=item)
         return result
 
     def properties(self, result: ItemResult) -> list[tuple[str, object]]:
@@ -385,11 +384,15 @@ class LLMBenchSession:
         return results
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.is_worker or not self.reported:
+        from pytest_llmbench.session.export import EXPORT_KEY
+
+        # The records that came with the reports (session/export.py): complete under xdist
+        # whatever the workers' file systems, and they include plain ``llm`` tests.
+        results = self.config.stash[EXPORT_KEY].results if EXPORT_KEY in self.config.stash else []
+        if self.is_worker or not results:
             return
         from pytest_llmbench.report.summary import detail_lines, render_table, summarize
 
-        results = self.collect_results()
         groups = summarize(results)
         terminalreporter.section("llmbench summary")
         terminalreporter.write_line(render_table(groups))
@@ -401,9 +404,6 @@ class LLMBenchSession:
                 f"{cached} of {len(results)} items reported from the store (cached, no API call);"
                 " --llmbench-fresh runs them again"
             )
-        if self.settings.jsonl is not None:
-            count = report.write_jsonl(self.settings.jsonl, results)
-            terminalreporter.write_line(f"llmbench: wrote {count} records to {self.settings.jsonl}")
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self._engine is not None:
