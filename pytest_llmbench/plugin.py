@@ -101,6 +101,12 @@ def pytest_configure(config: pytest.Config) -> None:
     hub = ExportHub(config, session)
     config.stash[EXPORT_KEY] = hub
     config.pluginmanager.register(hub, "llmbench-export")
+    from pytest_llmbench.session import progress
+
+    try:
+        progress.install(config, session)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

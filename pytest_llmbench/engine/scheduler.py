@@ -611,6 +611,7 @@ class Engine:
                 self.tick()
             except Exception:  # noqa: BLE001 - a monitor failure must not stop the run
                 log.exception("lease monitor tick failed")
+        self._warn_half_deadline(now)
         overdue = []
         for child in list(self.running.values()):
             if child.pidfd is None and child.host is None:
@@ -622,6 +623,25 @@ class Engine:
                 overdue.append(child)
         if overdue:
             self._kill(overdue)
+
+    def _warn_half_deadline(self, now: float) -> None:
+        """One WARNING per item that passes half of its task deadline: the log names a
+        stuck item long before its kill (the wait loop wakes at least once a second)."""
+        for child in list(self.running.values()):
+            limit = child.job.deadlines.task_timeout
+            if not child.warned_half and now - child.started >= limit / 2:
+                child.warned_half = True
+                log.warning("%s: still running after %.1f s, half of its task deadline of %g s",
+                            child.job.nodeid, now - child.started, limit)
+
+    def in_flight(self) -> list[tuple[str, float]]:
+        """``(nodeid, unix start time)`` of every item running now (for live progress; safe
+        to call from another thread: a snapshot, and a change while it is taken gives [])."""
+        offset = time.time() - time.monotonic()
+        try:
+            return [(c.job.nodeid, c.started + offset) for c in list(self.running.values())]
+        except RuntimeError:  # the dict changed size while copied
+            return []
 
     def _read(self, child: Child) -> None:
         lines, eof = read_lines(child.fd, child.buffer)

@@ -255,6 +255,10 @@ class LLMBenchSession:
         result.cached = result.identity.get("run_id") != self.run_id
         return result
 
+    def in_flight(self) -> list[tuple[str, float]]:
+        """(nodeid, unix start time) of the items this process's engine runs now."""
+        return self._engine.in_flight() if self._engine is not None else []
+
     def properties(self, result: ItemResult) -> list[tuple[str, object]]:
         return report.junit_properties(result)
 
