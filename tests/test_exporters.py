@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,33 @@ def test_plain_llm_tests_get_a_record_junit_properties_and_a_summary_row(
     outcome = {p.get("name"): p.get("value") for p in cases["test_unreachable"].iter("property")}
     assert outcome["outcome"] == "api_timeout"
     assert not list(cases["test_no_call"].iter("property"))
+
+
+def test_the_documented_exporter_and_prices_work_under_xdist(
+    pytester: pytest.Pytester, sim_env: str
+) -> None:
+    """docs/report.md's exporter example, as a conftest, under -n 2; a model's prices reach
+    the HTML report's cost."""
+    import re
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "report.md").read_text()
+    section = doc.split("## Exporters", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code
+    pytester.makeconftest(code.group(1))
+    toml = re.search(r"```toml\n(.*?)```", doc.split("### Costs", 1)[1], re.S)
+    assert toml
+    pytester.makepyprojecttoml(toml.group(1).replace("gpt-4o", "priced").replace(
+        'base_url = "https://api.openai.com/v1"', 'base_url = "sim"'))
+    pytester.makefile(".toml", math=SUITE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2",
+                                           "--llmbench-model=priced", "--llmbench-html=r.html")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*llmbench: wrote 1 failures to failures.csv*"])
+    rows = (pytester.path / "failures.csv").read_text().splitlines()
+    assert rows[0].startswith("# run ") and rows[1:] == ["math.toml::add[wrong-priced],failed,None"]
+    page = (pytester.path / "r.html").read_text()
+    data = json.loads(re.search(r'id="llmbench-data">(.*?)</script>', page, re.S).group(1))
+    (group,) = data["groups"]
+    assert group["cost"] == pytest.approx(
+        (group["tin"] * 2.5 + group["tout"] * 10.0) / 1e6) and group["cost"] > 0

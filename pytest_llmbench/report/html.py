@@ -31,7 +31,7 @@ from typing import Any
 
 from pytest_llmbench.records import ERROR, ItemResult
 from pytest_llmbench.report.exporters import RunEnd, RunInfo, record_of
-from pytest_llmbench.report.summary import GroupSummary, percentile, summarize
+from pytest_llmbench.report.summary import GroupSummary, merge, percentile, summarize
 
 __all__ = ["HtmlExporter", "build_data", "render_html", "write_html"]
 
@@ -172,7 +172,12 @@ def build_data(
         ])
         details.append(_detail(s, data))
     prices = _prices(run)
-    groups = [_group(g, prices) for g in summarize(results)]
+    summaries = summarize(results)
+    groups = [_group(g, prices) for g in summaries]
+    total = _group(merge(summaries), prices) if len(summaries) > 1 else None
+    if total is not None:
+        costs = [g["cost"] for g in groups]
+        total["cost"] = sum(costs) if all(c is not None for c in costs) else None
     error_classes = Counter(r.error_class or "unknown" for r in results if r.status == ERROR)
     return {
         "version": 1,
@@ -183,6 +188,7 @@ def build_data(
         "items": items,
         "details": details,
         "groups": groups,
+        "total": total,
         "error_classes": sorted(error_classes),
         "latency": _latency_histogram(results),
         "priced": bool(prices),

@@ -52,16 +52,16 @@
     if (D.priced) cols.push("cost");
     cols.push("errors by class");
     row(t, cols, true);
-    D.groups.forEach(function (g) {
+    D.groups.concat(D.total ? [D.total] : []).forEach(function (g, index) {
       var rate = g.rate === null ? "-" : pct(g.rate) + " [" + (100 * g.lo).toFixed(1) + "-" + (100 * g.hi).toFixed(1) + "]";
-      if (g.errors && g.errors === g.items) rate = "n/a: all " + g.items + " errored";
+      if (g.errors && g.errors === g.items) rate = "n/a (all " + g.items + " errored)";
       var cells = [g.suite, g.model, {text: g.items, num: 1}, {text: g.passed, num: 1}, {text: g.failed, num: 1},
         {text: g.errors, num: 1}, {text: rate, num: 1},
         {text: g.mean_score === null ? "-" : g.mean_score.toFixed(3), num: 1},
         {text: secs(g.p50), num: 1}, {text: secs(g.p95), num: 1}, {text: g.tin + "/" + g.tout, num: 1}];
       if (D.priced) cells.push({text: usd(g.cost), num: 1});
       cells.push(Object.keys(g.errors_by_class).map(function (k) { return k + ":" + g.errors_by_class[k]; }).join(" ") || "-");
-      row(t, cells, false);
+      row(t, cells, false, index === D.groups.length ? "total" : "");
     });
   }
 
