@@ -35,7 +35,6 @@ else:  # pragma: no cover - exercised on 3.10 only
 #: The built-in simulated model, used when nothing else is configured.
 SIM_MODEL = ModelSpec(name="sim", model="sim-1", base_url="sim")
 
-DEFAULT_DEADLINES = Deadlines()
 DEFAULT_CONCURRENCY = 16
 #: Without a configured concurrency, the items in flight of a whole ``-n W`` run: each
 #: worker gets ``max(2, DEFAULT_RUN_CONCURRENCY // W)``. Measured (bench/run.py, xdist):
@@ -54,6 +53,10 @@ def default_concurrency() -> int:
         return DEFAULT_CONCURRENCY
     return max(2, DEFAULT_RUN_CONCURRENCY // workers)
 DEFAULT_STORE = ".llmbench"
+MAX_API_RETRIES = 20
+"""More retries than this is a usage error: a failing endpoint is not fixed by retrying."""
+DEFAULT_BREAKER_THRESHOLD = 5
+DEFAULT_BREAKER_COOLDOWN = 30.0
 
 #: setting -> (CLI dest, ini name, env vars, help). One help text serves CLI and ini.
 DEADLINE_SOURCES: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -99,18 +102,14 @@ class Settings:
     sim_options: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     """Values from the rootdir's ``.env`` file (secrets included: never printed)."""
+    breaker_threshold: int = DEFAULT_BREAKER_THRESHOLD
+    breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN
 
     def api_key(self, model: ModelSpec) -> str | None:
         """The model's key from the environment or ``.env``; never stored anywhere."""
         if not model.api_key_env:
             return None
         return os.environ.get(model.api_key_env) or self.env.get(model.api_key_env) or None
-
-    def with_sim_url(self, url: str) -> Settings:
-        models = tuple(
-            dataclasses.replace(m, base_url=url) if m.simulated else m for m in self.models
-        )
-        return dataclasses.replace(self, models=models)
 
 
 # --- parsing helpers ---------------------------------------------------------------------
@@ -129,8 +128,9 @@ def parse_seconds(value: object, where: str, *, allow_zero: bool = False) -> flo
     return number
 
 
-def parse_count(value: object, where: str, *, minimum: int = 0) -> int:
-    """A whole number >= ``minimum``."""
+def parse_count(value: object, where: str, *, minimum: int = 0,
+                maximum: int | None = None) -> int:
+    """A whole number in ``minimum..maximum``."""
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected a whole number, got {value!r}")
     try:
@@ -139,6 +139,8 @@ def parse_count(value: object, where: str, *, minimum: int = 0) -> int:
         raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
     if number < minimum:
         raise ConfigError(f"{where}: must be at least {minimum}, got {value!r}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{where}: must be at most {maximum}, got {value!r}")
     return number
 
 
@@ -204,7 +206,7 @@ def _load_toml(path: Path) -> dict[str, Any]:
 
 _MODEL_KEYS = {
     "model", "base_url", "api_key_env", "params", "stream", "rpm", "tpm",
-    "max_connections", "headers", "price_input", "price_output",
+    "max_connections", "headers", "fallbacks", "price_input", "price_output",
 }
 
 
@@ -343,7 +345,7 @@ def resolve_deadlines(
             continue
         raw, where = candidates[0]
         if key == "api_retries":
-            values[key] = parse_count(raw, where)
+            values[key] = parse_count(raw, where, maximum=MAX_API_RETRIES)
         else:
             values[key] = parse_seconds(raw, where)
         sources[key] = where
@@ -356,7 +358,7 @@ def deadline_overrides(raw: Mapping[str, Any], where: str) -> dict[str, float]:
     for key, value in raw.items():
         if key not in DEADLINE_SOURCES:
             raise ConfigError(f"{where}: unknown deadline {key!r}; allowed: {sorted(DEADLINE_SOURCES)}")
-        out[key] = parse_count(value, f"{where}.{key}") if key == "api_retries" else parse_seconds(
+        out[key] = parse_count(value, f"{where}.{key}", maximum=MAX_API_RETRIES) if key == "api_retries" else parse_seconds(
             value, f"{where}.{key}"
         )
     return out
@@ -366,7 +368,39 @@ def declared_models(file_config: Mapping[str, Any], where: str) -> dict[str, Mod
     models = file_config.get("models", {})
     if not isinstance(models, dict):
         raise ConfigError(f"{where}: models must be a table of tables")
-    return {name: parse_model_table(name, table, where) for name, table in models.items()}
+    declared = {name: parse_model_table(name, table, where) for name, table in models.items()}
+    return {name: _with_fallbacks(spec, models[name], declared, where)
+            for name, spec in declared.items()}
+
+
+def _with_fallbacks(spec: ModelSpec, table: Mapping[str, Any], declared: Mapping[str, ModelSpec],
+                    where: str) -> ModelSpec:
+    """Resolve ``fallbacks = ["other", ...]`` to the declared models (one level deep)."""
+    names = table.get("fallbacks", [])
+    key = f"{where}: models.{spec.name}.fallbacks"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{key}: expected a list of declared model names")
+    unknown = [n for n in names if n not in declared or n == spec.name]
+    if unknown:
+        raise ConfigError(f"{key}: {unknown} not declared under [tool.llmbench.models] "
+                          f"(or the model itself); declared: {sorted(declared)}")
+    return dataclasses.replace(spec, fallbacks=tuple(declared[n] for n in names))
+
+
+def parse_breaker(file_config: Mapping[str, Any], where: str) -> tuple[int, float]:
+    """``[tool.llmbench.breaker]``: ``threshold`` (consecutive failures) and ``cooldown`` (s)."""
+    table = file_config.get("breaker", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: breaker must be a table (threshold, cooldown)")
+    unknown = set(table) - {"threshold", "cooldown"}
+    if unknown:
+        raise ConfigError(f"{where}: breaker: unknown key(s) {sorted(unknown)}; "
+                          "allowed: cooldown, threshold")
+    threshold = parse_count(table.get("threshold", DEFAULT_BREAKER_THRESHOLD),
+                            f"{where}: breaker.threshold", minimum=1)
+    cooldown = parse_seconds(table.get("cooldown", DEFAULT_BREAKER_COOLDOWN),
+                             f"{where}: breaker.cooldown")
+    return threshold, cooldown
 
 
 def select_models(
@@ -399,11 +433,12 @@ def load_settings(config: Any) -> Settings:
     where = str(file_path) if file_path else "[tool.llmbench]"
     unknown = set(file_config) - {
         "models", "default_models", "deadlines", "resources", "store", "concurrency", "sim",
+        "breaker",
     }
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {sorted(unknown)}; allowed: models, default_models, "
-            "deadlines, resources, store, concurrency, sim"
+            "deadlines, resources, store, concurrency, sim, breaker"
         )
     dotenv = read_dotenv(rootdir / ".env")
 
@@ -453,6 +488,7 @@ def load_settings(config: Any) -> Settings:
         if not jsonl.is_absolute():
             jsonl = Path(config.invocation_params.dir) / jsonl
 
+    breaker_threshold, breaker_cooldown = parse_breaker(file_config, where)
     fresh = cli("llmbench_fresh")
     rescore = cli("llmbench_rescore")
     settings = Settings(
@@ -467,7 +503,52 @@ def load_settings(config: Any) -> Settings:
         resources=resources,
         sim_options=sim_options,
         env=dotenv,
+        breaker_threshold=breaker_threshold,
+        breaker_cooldown=breaker_cooldown,
     )
     if settings.fresh and settings.rescore:
         raise ConfigError("--llmbench-fresh and --llmbench-rescore exclude each other; pick one")
+    check_output_paths(settings)
     return settings
+
+
+def check_output_paths(settings: Settings) -> None:
+    """The store and the JSONL file must be usable *before* the run spends anything.
+
+    (An unusable ``--llmbench-jsonl`` used to fail with a traceback after the whole run; a
+    store path that is a file gave one traceback per suite.)"""
+    store = settings.store_dir
+    if store.exists() and not store.is_dir():
+        raise ConfigError(f"store {store}: exists and is not a directory; point "
+                          "--llmbench-store (ini llmbench_store) at a directory")
+    _check_creatable(store, f"store {store}", "--llmbench-store (ini llmbench_store)")
+    if settings.jsonl is not None:
+        check_output_file(settings.jsonl, "--llmbench-jsonl")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """An output file (``--llmbench-jsonl``, ``--llmbench-html``) can be written."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{option} {path}: not writable; fix its permissions "
+                          "or choose another file")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {path}: directory {path.parent} does not "
+                          "exist; create it or choose another file")
+    _check_creatable(path, f"{option} {path}", option)
+
+
+def _check_creatable(path: Path, what: str, option: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory."""
+    if path.exists():
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what}: {parent} is not a directory; choose another path with "
+                          f"{option}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: cannot be created ({parent} is not writable); choose "
+                          f"another path with {option}")

@@ -9,7 +9,8 @@
     ├── StoreError             result store unusable (version mismatch, corrupt index)
     ├── LeaseTimeout           a lease could not be acquired in time
     └── APIError               a chat call failed for good (after the retry policy)
-        └── APITimeoutError    ... because its attempts timed out
+        ├── APITimeoutError    ... because its attempts timed out
+        └── EndpointDown       ... because the endpoint's circuit breaker is open
 
 Every error that ends an item maps to exactly one *error class*, the string stored in the
 result and counted in the summary (``ERROR_CLASSES``).
@@ -33,6 +34,7 @@ ERROR_CLASSES: dict[str, str] = {
     "scorer_error": "the scorer raised or is unknown",
     "sandbox_error": "the code sandbox failed",
     "test_error": "a plain test using the llm fixture failed in its setup",
+    "endpoint_down": "the endpoint's circuit breaker was open (and no fallback answered)",
     "internal": "a bug in pytest-llmbench",
 }
 
@@ -92,6 +94,18 @@ class APIError(LLMBenchError):
 class APITimeoutError(APIError):
     def __init__(self, message: str, error_class: str = "api_timeout", status: int | None = None) -> None:
         super().__init__(message, error_class, status)
+
+
+class EndpointDown(APIError):
+    """The endpoint's circuit breaker is open: no request was sent (``coord/breaker.py``)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = url, reason
+        super().__init__(f"endpoint {url} is down (circuit breaker open: {reason})",
+                         "endpoint_down")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.url, self.reason))
 
 
 # --- HTTP classification (the single place that decides what is retried) -----------------

@@ -28,6 +28,11 @@ HTML_HELP = "Write a self-contained HTML report (plots, items, transcripts) to t
 PROGRESS_HELP = (
     "Live progress line on a terminal: auto (on a terminal, not with -q), on or off (default auto)"
 )
+SUITE_FILES_HELP = (
+    "Glob patterns of the .toml file names that may be suites (default *.toml); a matching"
+    " file with a prompts or suite table is a suite, and one that mentions them but does not"
+    " parse is a collection error"
+)
 
 
 def _positive_int(value: str) -> int:
@@ -70,6 +75,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llmbench-progress", dest="llmbench_progress", default=None,
                     choices=("auto", "on", "off"), help=PROGRESS_HELP)
     parser.addini("llmbench_progress", PROGRESS_HELP, default="auto")
+    parser.addini("llmbench_suite_files", SUITE_FILES_HELP, type="linelist", default=[])
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -85,6 +91,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if config.option.help or getattr(config.option, "version", False):
         return
+    from pytest_llmbench.collect.items import SERVICES_KEY
     from pytest_llmbench.config import load_settings
     from pytest_llmbench.errors import ConfigError
     from pytest_llmbench.session.run import SESSION_KEY, LLMBenchSession
@@ -95,6 +102,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     session = LLMBenchSession(config, settings)
     config.stash[SESSION_KEY] = session
+    config.stash[SERVICES_KEY] = session
     config.pluginmanager.register(session, "llmbench-session")
     from pytest_llmbench.session.export import EXPORT_KEY, ExportHub
 
@@ -104,17 +112,24 @@ def pytest_configure(config: pytest.Config) -> None:
     from pytest_llmbench.session import progress
 
     try:
+        hub.check()
         progress.install(config, session)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
-    from pytest_llmbench.collect.items import SuiteFile, looks_like_suite
+    if file_path.suffix != ".toml":
+        return None
+    from pytest_llmbench.collect.items import DEFAULT_SUITE_FILES, SuiteFile, suite_source
 
-    if file_path.suffix == ".toml" and looks_like_suite(file_path):
-        return SuiteFile.from_parent(parent, path=file_path)
-    return None
+    patterns = parent.config.getini("llmbench_suite_files") or DEFAULT_SUITE_FILES
+    source = suite_source(file_path, parent.config.rootpath, patterns)
+    if source is None:
+        return None
+    node: SuiteFile = SuiteFile.from_parent(parent, path=file_path)
+    node.source = source
+    return node
 
 
 @pytest.fixture

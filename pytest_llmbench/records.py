@@ -64,6 +64,9 @@ class ModelSpec:
     """USD per 1M prompt tokens, for the cost shown in progress and reports (optional)."""
     price_output: float | None = None
     """USD per 1M completion tokens (optional)."""
+    fallbacks: tuple[ModelSpec, ...] = ()
+    """Other endpoints serving the same model, tried in order when this endpoint's circuit
+    breaker is open (their own fallbacks are not followed)."""
 
     @property
     def simulated(self) -> bool:

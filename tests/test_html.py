@@ -182,3 +182,14 @@ def test_hostile_output_is_shown_as_text_and_never_runs(browser: Any, tmp_path: 
     assert page.evaluate("!!Chart.getChart('chart-compare')")
     assert "significant regression" in page.locator("#cmp-table").inner_text()
     assert problems == []
+
+
+def test_an_unwritable_html_path_is_one_usage_error_before_the_run(
+    pytester: pytest.Pytester, sim_env: str
+) -> None:
+    pytester.makefile(".toml", math='[[prompts]]\nid = "a"\ntemplate = "1 + 1?"\n'
+                      '[[prompts.instances]]\nexpected = "2"\n')
+    result = pytester.runpytest("-p", "no:cacheprovider", "--llmbench-html=missing/r.html")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--llmbench-html *missing/r.html: directory * does not exist;"
+                                 " create it or choose another file*"])

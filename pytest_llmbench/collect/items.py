@@ -2,48 +2,88 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import fnmatch
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
 from pytest_llmbench.errors import LLMBenchError, SuiteError
-from pytest_llmbench.records import ERROR, FAILED, Case, ItemResult, ModelSpec
+from pytest_llmbench.records import ERROR, FAILED, Case, ItemResult, ModelSpec, ScorerSpec
 
 if TYPE_CHECKING:
-    from pytest_llmbench.session.run import LLMBenchSession
+    from pytest_llmbench.config import Settings
 
-SUITE_MARKER = b"[[prompts]]"
 NOT_SUITES = frozenset({"pyproject.toml", "llmbench.toml"})
+DEFAULT_SUITE_FILES = ("*.toml",)
+#: Top-level keys that make a parsed ``.toml`` file a suite (any letter case; ``prompt`` so
+#: that a misspelt suite is reported by the schema instead of skipped).
+SUITE_TOP_KEYS = frozenset({"prompts", "prompt", "suite"})
+#: What a file that does not parse must mention to be reported rather than ignored.
+SUITE_HINT_RE = re.compile(rb"prompts?|\[\s*suite\s*\]", re.IGNORECASE)
 
 
-def looks_like_suite(path: Path) -> bool:
-    """A ``.toml`` file is a suite when it has ``[[prompts]]`` tables; others are ignored."""
+@dataclass(frozen=True)
+class SuiteSource:
+    """A file collection decided is a suite: its parsed text, or why it cannot be read."""
+
+    parsed: tuple[str, dict[str, Any]] | None
+    error: SuiteError | None = None
+
+
+def suite_source(path: Path, rootdir: Path, patterns: Sequence[str]) -> SuiteSource | None:
+    """Is ``path`` a suite? Parsed once here; ``None`` for any other file.
+
+    A ``.toml`` file whose name matches ``patterns`` (ini ``llmbench_suite_files``) is a
+    suite when its top level has a ``prompts`` or ``suite`` key, however the TOML spells it
+    (``[[prompts]]``, ``[[ prompts ]]``, ``prompts = [...]``). One that does not parse is a
+    collection error when it mentions prompts or a ``[suite]`` table: a broken suite is never
+    skipped in silence. ``pyproject.toml`` and ``llmbench.toml`` are never suites.
+    """
     if path.suffix != ".toml" or path.name in NOT_SUITES:
-        return False
+        return None
+    if not any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns):
+        return None
+    from pytest_llmbench.collect.tomlcheck import display_path, read_toml
+
     try:
-        with path.open("rb") as fh:
-            return SUITE_MARKER in fh.read()
-    except OSError:
-        return False
+        parsed = read_toml(path, display_path(path, rootdir))
+    except SuiteError as exc:
+        try:
+            head = path.read_bytes()
+        except OSError:
+            return SuiteSource(None, exc)
+        return SuiteSource(None, exc) if SUITE_HINT_RE.search(head) else None
+    if not {key.lower() for key in parsed[1]} & SUITE_TOP_KEYS:
+        return None
+    return SuiteSource(parsed)
 
 
 class SuiteFile(pytest.File):
     """One TOML suite; a schema violation is one collection error for this file only."""
+
+    source: SuiteSource | None = None
+    """Set by the collection hook: the file parsed once (or why it could not be)."""
 
     def collect(self) -> Iterator[LLMItem]:
         from pytest_llmbench.collect.suite import load_suite
 
         session = _session(self.config)
         session.warm()  # the fork server starts beside the parsing
+        source = self.source or SuiteSource(None)
         try:
+            if source.error is not None:
+                raise source.error
             suite = load_suite(
                 self.path,
                 rootdir=self.config.rootpath,
                 scorer_check=session.check_scorer,
                 expected_check=session.check_expected,
+                parsed=source.parsed,
             )
         except SuiteError as exc:
             raise self.CollectError(str(exc)) from None
@@ -110,10 +150,29 @@ class LLMItem(pytest.Item):
         return self.path, (self.case.line - 1 if self.case.line else None), self.name
 
 
-def _session(config: pytest.Config) -> LLMBenchSession:
-    from pytest_llmbench.session.run import SESSION_KEY
+class ItemServices(Protocol):
+    """What collection and items need from the run (``session.run.LLMBenchSession``).
 
-    return config.stash[SESSION_KEY]
+    Declared here, on the consuming side, so ``collect`` never imports ``session``: the
+    session registers itself under ``SERVICES_KEY`` at configure time."""
+
+    settings: Settings
+
+    def warm(self) -> None: ...
+    def check_scorer(self, spec: ScorerSpec) -> None: ...
+    def check_expected(self, spec: ScorerSpec, expected: Any) -> None: ...
+    def register_marker(self, tag: str) -> None: ...
+    def key_for(self, item: LLMItem) -> str: ...
+    def result_for(self, item: LLMItem) -> ItemResult: ...
+    def properties(self, result: ItemResult) -> list[tuple[str, object]]: ...
+    def describe(self, item: LLMItem, result: ItemResult) -> str: ...
 
 
-__all__ = ["LLMItem", "SuiteFile", "looks_like_suite"]
+SERVICES_KEY = pytest.StashKey[ItemServices]()
+
+
+def _session(config: pytest.Config) -> ItemServices:
+    return config.stash[SERVICES_KEY]
+
+
+__all__ = ["SERVICES_KEY", "ItemServices", "LLMItem", "SuiteFile", "SuiteSource", "suite_source"]

@@ -20,28 +20,20 @@ stays one way (suite -> item -> engine -> scoring).
 
 from __future__ import annotations
 
-import datetime
-import difflib
 import json
 import logging
 import math
-import os
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeGuard
+from typing import Any, TypeGuard
 
 from pytest_llmbench.collect.template import find_placeholders, render
-from pytest_llmbench.errors import ScorerError, SuiteError
+from pytest_llmbench.collect.tomlcheck import Checker, display_path, read_toml, sub
+from pytest_llmbench.config import MAX_API_RETRIES
+from pytest_llmbench.errors import ScorerError
 from pytest_llmbench.records import Case, Message, ScorerSpec
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    # mypy checks this branch (python_version = 3.10) where tomli may not be installed.
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 __all__ = ["DEFAULT_SCORER", "ExpectedCheck", "ScorerCheck", "Suite", "load_suite"]
 
@@ -54,12 +46,16 @@ ExpectedCheck = Callable[[ScorerSpec, Any], None]
 """Raises ``ScorerError`` when the scorer cannot use an instance's ``expected`` value
 (``None`` when the instance has none), e.g. ``scoring.validate_options(spec, expected)``."""
 
+MAX_REPEATS = 10_000
+"""``repeats`` above this is refused: 10**8 repeats used to hang collection."""
+MAX_INSTANCES = 1_000_000
+"""Instances of one prompt above this are refused (split the prompt or the suite)."""
+
 DEFAULT_SCORER = "exact"
 """The scorer of a case when no level sets one."""
 
 ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
 TAG_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 PROMPTS_HEADER_RE = re.compile(r"^[ \t]*\[\[[ \t]*prompts[ \t]*\]\]", re.MULTILINE)
 
 ROLES = ("system", "user", "assistant")
@@ -113,77 +109,21 @@ def load_suite(
     rootdir: Path,
     scorer_check: ScorerCheck | None = None,
     expected_check: ExpectedCheck | None = None,
+    parsed: tuple[str, dict[str, Any]] | None = None,
 ) -> Suite:
     """Read, validate and render one suite file.
 
     Raises ``SuiteError`` for the first violation (unreadable file, TOML syntax, schema,
     scorer rejected by ``scorer_check``, expected value rejected by ``expected_check``), with
     the file, the key path and the fix. ``scorer_check`` runs once per distinct spec,
-    ``expected_check`` once per instance.
+    ``expected_check`` once per instance. ``parsed`` is the file's text and data when the
+    caller has read it already (``tomlcheck.read_toml``; collection does, to tell a suite).
     """
-    shown = _relative(path, rootdir)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise SuiteError(shown, "", f"cannot read the file: {exc.strerror or exc}",
-                         "check the path and its permissions") from exc
-    except UnicodeDecodeError as exc:
-        raise SuiteError(shown, "", f"not UTF-8 text (bad byte at offset {exc.start})",
-                         "save the file as UTF-8") from exc
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SuiteError(shown, "", f"invalid TOML: {exc}",
-                         "fix the syntax at that line and column") from exc
+    shown = display_path(path, rootdir)
+    text, data = parsed if parsed is not None else read_toml(path, shown)
     suite = _Loader(shown, path.stem, text, scorer_check, expected_check).load(data)
     log.debug("loaded suite %s (%s): %d cases", suite.name, suite.path, len(suite.cases))
     return suite
-
-
-def _relative(path: Path, rootdir: Path) -> str:
-    """``path`` relative to ``rootdir`` in posix form (``..`` when outside, like pytest)."""
-    absolute, root = os.path.abspath(path), os.path.abspath(rootdir)
-    try:
-        return Path(os.path.relpath(absolute, root)).as_posix()
-    except ValueError:  # another drive on Windows: no relative form exists
-        return Path(absolute).as_posix()
-
-
-# --- value descriptions and key paths ----------------------------------------------------
-
-
-_TYPE_NAMES = (
-    (bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"), (list, "array"),
-    (dict, "table"), (datetime.datetime, "datetime"), (datetime.date, "date"),
-    (datetime.time, "time"),
-)  # bool before int, datetime before date: the first match wins
-
-
-def _type_name(value: object) -> str:
-    """The TOML name of a parsed value's type."""
-    return next((name for kind, name in _TYPE_NAMES if isinstance(value, kind)),
-                type(value).__name__)
-
-
-def _describe(value: object) -> str:
-    """``string '1o'``, ``integer 3``, ``boolean true``, ``array``... for error messages."""
-    kind = _type_name(value)
-    if isinstance(value, bool):
-        return f"boolean {'true' if value else 'false'}"
-    if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f"string {shown!r}"
-    if isinstance(value, (int, float)):
-        return f"{kind} {value!r}"
-    if isinstance(value, (datetime.date, datetime.time)):
-        return f"{kind} {value.isoformat()}"
-    return kind
-
-
-def _sub(prefix: str, key: str) -> str:
-    """The dotted path of ``key`` inside ``prefix``, quoting keys that are not bare."""
-    part = key if BARE_KEY_RE.fullmatch(key) else json.dumps(key, ensure_ascii=False)
-    return f"{prefix}.{part}" if prefix else part
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
@@ -230,57 +170,16 @@ class _Body:
     sources: dict[str, str]
 
 
-class _Loader:
-    """Validates one parsed file, front to back, raising at the first violation."""
+class _Loader(Checker):
+    """Validates one parsed suite, front to back, raising at the first violation."""
 
     def __init__(self, shown: str, stem: str, text: str, scorer_check: ScorerCheck | None,
                  expected_check: ExpectedCheck | None = None) -> None:
-        self.shown, self.stem, self.text = shown, stem, text
+        super().__init__(shown, hints=_HINTS)
+        self.stem, self.text = stem, text
         self.scorer_check, self.expected_check = scorer_check, expected_check
         self.checked: set[tuple[str, str, float]] = set()
         self.default_scorer = _Scorer(DEFAULT_SCORER, {}, "suite.scorer", default=True)
-
-    # -- errors ----------------------------------------------------------------------------
-
-    def fail(self, key: str, problem: str, fix: str = "") -> NoReturn:
-        raise SuiteError(self.shown, key, problem, fix)
-
-    def type_error(self, key: str, expected: str, value: object, fix: str) -> NoReturn:
-        self.fail(key, f"expected {expected}, got {_describe(value)}", fix)
-
-    def known_keys(self, table: Mapping[str, Any], prefix: str, allowed: tuple[str, ...]) -> None:
-        for key in table:
-            if key in allowed:
-                continue
-            fix = "allowed keys: " + ", ".join(allowed)
-            if key in _HINTS:
-                fix = f"{_HINTS[key]}; {fix}"
-            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-            if close:
-                fix = f"did you mean '{close[0]}'? {fix}"
-            self.fail(_sub(prefix, key), f"unknown key {key!r}", fix)
-
-    def table(self, value: object, key: str, fix: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.type_error(key, "a table", value, fix)
-        return value
-
-    def string(self, value: object, key: str, fix: str) -> str:
-        if not isinstance(value, str):
-            self.type_error(key, "a string", value, fix)
-        return value
-
-    def plain(self, value: object, key: str) -> None:
-        """Reject TOML dates/times anywhere inside ``value``: records must be JSON."""
-        if isinstance(value, dict):
-            for k, v in value.items():
-                self.plain(v, _sub(key, k))
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                self.plain(v, f"{key}[{i}]")
-        elif isinstance(value, (datetime.date, datetime.time)):
-            self.fail(key, f"TOML {_type_name(value)} values are not supported here",
-                      f'quote it as a string: "{value.isoformat()}"')
 
     def ident(self, value: object, key: str, what: str) -> str:
         text = self.string(value, key, f'write {what} ids as strings, e.g. id = "small"')
@@ -349,28 +248,31 @@ class _Loader:
         scorer check sees."""
         own = _Level()
         if "threshold" in table:
-            own.threshold = self.threshold(table["threshold"], _sub(prefix, "threshold"))
+            own.threshold = self.threshold(table["threshold"], sub(prefix, "threshold"))
         if "scorer" in table:
-            own.scorer = self.scorer(table["scorer"], _sub(prefix, "scorer"), own)
+            own.scorer = self.scorer(table["scorer"], sub(prefix, "scorer"), own)
             threshold = own.threshold if own.threshold is not None else parent.threshold
             self.check_scorer(own.scorer, 1.0 if threshold is None else threshold)
         if "repeats" in table:
-            key = _sub(prefix, "repeats")
+            key = sub(prefix, "repeats")
             repeats = table["repeats"]
             if not isinstance(repeats, int) or isinstance(repeats, bool):
                 self.type_error(key, "an integer", repeats, "e.g. repeats = 3")
             if repeats < 1:
                 self.fail(key, f"repeats must be >= 1, got {repeats}",
                           "use repeats = 1 to run each item once")
+            if repeats > MAX_REPEATS:
+                self.fail(key, f"repeats = {repeats:,} is over the limit of {MAX_REPEATS:,}",
+                          "run fewer repeats (each repeat is an item and an API call)")
             own.repeats = repeats
         if "tags" in table:
-            own.tags = self.tags(table["tags"], _sub(prefix, "tags"))
+            own.tags = self.tags(table["tags"], sub(prefix, "tags"))
         if "params" in table:
-            own.params = self.params(table["params"], _sub(prefix, "params"))
+            own.params = self.params(table["params"], sub(prefix, "params"))
         if "deadlines" in table:
-            own.deadlines = self.deadlines(table["deadlines"], _sub(prefix, "deadlines"))
+            own.deadlines = self.deadlines(table["deadlines"], sub(prefix, "deadlines"))
         if "extra" in table:
-            key = _sub(prefix, "extra")
+            key = sub(prefix, "extra")
             own.extra = self.table(table["extra"], key, "e.g. extra = { tests = [...] }")
             self.plain(own.extra, key)
         return own
@@ -436,7 +338,7 @@ class _Loader:
         params = self.table(value, key, "e.g. params = { temperature = 0.0, max_tokens = 64 }")
         for name, fix in FORBIDDEN_PARAMS.items():
             if name in params:
-                self.fail(_sub(key, name), f"'{name}' cannot be set in params", fix)
+                self.fail(sub(key, name), f"'{name}' cannot be set in params", fix)
         self.plain(params, key)
         return params
 
@@ -445,19 +347,23 @@ class _Loader:
         self.known_keys(table, key, DEADLINE_KEYS)
         result: dict[str, float] = {}
         for name, seconds in table.items():
-            sub = _sub(key, name)
+            where = sub(key, name)
             if name == "api_retries":
                 if not isinstance(seconds, int) or isinstance(seconds, bool):
-                    self.type_error(sub, "an integer >= 0", seconds, "e.g. api_retries = 2")
+                    self.type_error(where, "an integer >= 0", seconds, "e.g. api_retries = 2")
                 if seconds < 0:
-                    self.fail(sub, f"api_retries must be >= 0, got {seconds}",
+                    self.fail(where, f"api_retries must be >= 0, got {seconds}",
                               "use api_retries = 0 for no retries")
+                if seconds > MAX_API_RETRIES:
+                    self.fail(where, f"api_retries = {seconds:,} is over the limit of "
+                              f"{MAX_API_RETRIES}", "a failing endpoint is not fixed by "
+                              "retrying: use at most 20")
                 result[name] = seconds
                 continue
             if not _is_number(seconds):
-                self.type_error(sub, "a number of seconds", seconds, f"e.g. {name} = 60")
+                self.type_error(where, "a number of seconds", seconds, f"e.g. {name} = 60")
             if not (math.isfinite(seconds) and seconds > 0):
-                self.fail(sub, f"{name} must be a positive number of seconds, got {seconds!r}",
+                self.fail(where, f"{name} must be a positive number of seconds, got {seconds!r}",
                           f"e.g. {name} = 60")
             result[name] = float(seconds)
         return result
@@ -488,6 +394,9 @@ class _Loader:
         if not isinstance(instances, list) or not all(isinstance(x, dict) for x in instances):
             self.type_error(f"{key}.instances", "an array of tables", instances,
                             "write [[prompts.instances]] (double brackets) before each instance")
+        if len(instances) > MAX_INSTANCES:
+            self.fail(f"{key}.instances", f"{len(instances):,} instances, over the limit of "
+                      f"{MAX_INSTANCES:,} per prompt", "split them over several prompts or suites")
         if not instances:
             self.fail(f"{key}.instances", "the instances list is empty",
                       "add at least one [[prompts.instances]] table")
@@ -601,7 +510,7 @@ class _Loader:
             variables = self.table(raw["vars"], f"{key}.vars", "e.g. vars = { a = 2, b = 3 }")
             for name, value in variables.items():
                 if not isinstance(value, (str, int, float)):  # bool is an int
-                    self.type_error(_sub(f"{key}.vars", name), "a string, number or boolean",
+                    self.type_error(sub(f"{key}.vars", name), "a string, number or boolean",
                                     value, "write the value as a string to insert it verbatim")
         for name, where in body.sources.items():
             if name not in variables:

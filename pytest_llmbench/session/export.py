@@ -114,6 +114,15 @@ class ExportHub:
             self._remember(item)
         return report
 
+    def check(self) -> None:
+        """The HTML file can be written: a bad path is one usage error now, not a traceback
+        after the run (raises ``ConfigError``)."""
+        html = output_path(self.config, "llmbench_html")
+        if html is not None and not self.is_worker:
+            from pytest_llmbench.config import check_output_file
+
+            check_output_file(html, "--llmbench-html")
+
     def _remember(self, item: pytest.Item) -> None:
         if not self.is_worker:  # a worker's reports are handled by the controller
             self._items[item.nodeid] = item

@@ -1,0 +1,187 @@
+"""A circuit breaker per endpoint, shared by every process of a run and by concurrent runs.
+
+When an endpoint is down, every item would otherwise pay its full retries against it (the
+user's runner had no breaker: seed ``001_...``). The breaker counts *consecutive* failures
+that say "the endpoint is not serving" (connection errors, attempt timeouts, 5xx, and a
+Retry-After beyond the configured maximum); after ``threshold`` of them it **opens**: callers
+are refused at once (``EndpointDown``) and go to a fallback endpoint or end as
+``endpoint_down``. After ``cooldown`` seconds one caller is granted a **probe** (half-open);
+its success closes the breaker, its failure opens it for another cool-down. A probe whose
+holder never reports (killed item) expires after ``probe_timeout`` and another caller probes.
+
+State lives beside the rate limiter's (``<root>/breakers/<key>.json``, key: a hash of the
+base URL), read-modify-written under an exclusive ``flock`` held for microseconds, the same
+pattern as :mod:`pytest_llmbench.coord.ratelimit`. Times are ``time.monotonic()`` (one clock
+for every process of the machine); state from another boot is discarded.
+
+Log lines (WARNING): ``[CircuitOpen] <url>: <n> consecutive failures (last: ...)``,
+``[CircuitClosed] <url>: probe succeeded after <s> s open, <k> calls refused``.
+
+Raises ``errors.EndpointDown`` (error class ``endpoint_down``) when the breaker refuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_llmbench.errors import EndpointDown
+
+__all__ = ["BreakerPolicy", "BreakerState", "CircuitBreaker", "EndpointDown", "breaker_key"]
+
+log = logging.getLogger("pytest_llmbench.coord.breaker")
+
+CLOSED = "closed"
+OPEN = "open"
+HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    threshold: int = 5
+    """Consecutive failures that open the breaker."""
+    cooldown: float = 30.0
+    """Seconds the breaker stays open before one probe is let through."""
+    probe_timeout: float = 120.0
+    """Seconds after which an unanswered probe (its item killed) is given to another caller."""
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    state: str
+    failures: int
+    opens: int
+    refused: int
+    last_error: str
+
+
+def breaker_key(url: str) -> str:
+    return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # pragma: no cover - not Linux
+        return ""
+
+
+def _fresh() -> dict[str, Any]:
+    return {"state": CLOSED, "failures": 0, "opened_at": 0.0, "probe_until": 0.0,
+            "opens": 0, "refused": 0, "last_error": "", "boot": _boot_id()}
+
+
+class CircuitBreaker:
+    """Shared breakers under ``root``; picklable (item hosts get it with their job)."""
+
+    def __init__(self, root: Path, policy: BreakerPolicy | None = None) -> None:
+        self.root = Path(root)
+        self.policy = policy or BreakerPolicy()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.root, self.policy))
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({str(self.root)!r}, {self.policy!r})"
+
+    # -- the two calls around an attempt -----------------------------------------------
+
+    def allow(self, url: str) -> bool:
+        """May a request go to ``url`` now? Raises ``EndpointDown`` when it may not.
+
+        Returns True when this caller holds the probe of a half-open breaker (its outcome
+        decides), False for an ordinary grant."""
+        now = time.monotonic()
+        with self._locked(url) as st:
+            if st["state"] == CLOSED:
+                return False
+            if now - st["opened_at"] < self.policy.cooldown or (
+                st["state"] == HALF_OPEN and now < st["probe_until"]
+            ):
+                st["refused"] += 1
+                raise EndpointDown(url, f"{st['failures']} consecutive failures, "
+                                   f"last: {st['last_error']}")
+            st["state"] = HALF_OPEN
+            st["probe_until"] = now + self.policy.probe_timeout
+            return True
+
+    def record(self, url: str, *, ok: bool, error: str = "") -> None:
+        """The outcome of an attempt to ``url`` that ``allow`` let through.
+
+        ``ok=False`` only for failures that say the endpoint is not serving (the caller
+        decides: connection errors, timeouts, 5xx, Retry-After past the maximum)."""
+        now = time.monotonic()
+        with self._locked(url) as st:
+            if ok:
+                if st["state"] != CLOSED:
+                    log.warning("[CircuitClosed] %s: probe succeeded after %.1f s open, %d "
+                                "call(s) refused", url, now - st["opened_at"], st["refused"])
+                st.update(state=CLOSED, failures=0, refused=0, probe_until=0.0)
+                return
+            st["failures"] += 1
+            st["last_error"] = error[:200]
+            reopen = st["state"] == HALF_OPEN
+            if reopen or (st["state"] == CLOSED and st["failures"] >= self.policy.threshold):
+                if st["state"] == CLOSED:
+                    st["opens"] += 1
+                    log.warning("[CircuitOpen] %s: %d consecutive failures (last: %s); "
+                                "requests refused for %g s", url, st["failures"],
+                                st["last_error"], self.policy.cooldown)
+                st.update(state=OPEN, opened_at=now, probe_until=0.0)
+
+    def release_probe(self, url: str) -> None:
+        """The probe holder ended without an outcome (e.g. a 4xx): let another caller probe."""
+        with self._locked(url) as st:
+            if st["state"] == HALF_OPEN:
+                st["probe_until"] = 0.0
+
+    def state(self, url: str) -> BreakerState:
+        with self._locked(url) as st:
+            return BreakerState(st["state"], st["failures"], st["opens"], st["refused"],
+                                st["last_error"])
+
+    # -- shared state -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, url: str) -> Iterator[dict[str, Any]]:
+        directory = self.root / "breakers"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{breaker_key(url)}.json"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            st = self._read(fd)
+            before = dict(st)
+            try:
+                yield st
+            finally:  # a refusal raises inside the block and still counts
+                if st != before:
+                    data = json.dumps(st).encode()
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    os.ftruncate(fd, 0)
+                    os.write(fd, data)
+        finally:
+            os.close(fd)  # closing the descriptor drops the flock
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
+        raw = b""
+        while chunk := os.read(fd, 65536):
+            raw += chunk
+        try:
+            st = json.loads(raw) if raw else None
+        except ValueError:  # a torn file from a crash mid-write: start over
+            st = None
+        fresh = _fresh()
+        if not isinstance(st, dict) or st.get("boot") != fresh["boot"] or set(st) != set(fresh):
+            return fresh
+        return st
