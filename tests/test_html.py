@@ -193,3 +193,31 @@ def test_an_unwritable_html_path_is_one_usage_error_before_the_run(
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--llmbench-html *missing/r.html: directory * does not exist;"
                                  " create it or choose another file*"])
+
+
+def test_comparison_rows_become_the_pages_comparison() -> None:
+    from dataclasses import dataclass
+
+    from pytest_llmbench.report.html import comparison_data
+
+    @dataclass
+    class Row:  # the fields of report/compare.py's SuiteComparison
+        suite: str
+        n_a: int
+        passed_a: int
+        n_b: int
+        passed_b: int
+        paired: int
+        regressed: tuple[str, ...]
+        improved: tuple[str, ...]
+        p_value: float
+
+    rows = [Row("math", 200, 190, 200, 180, 200, tuple(f"m[{i}]" for i in range(10)), (), 0.002),
+            Row("words", 10, 5, 10, 6, 10, (), ("w[1]",), 1.0)]
+    data = comparison_data(rows, "run A", "run B")
+    math, words = data["suites"]
+    assert math["a"]["rate"] == pytest.approx(0.95) and math["diff"] == pytest.approx(-0.05)
+    assert math["significant"] and len(math["regressed"]) == 10
+    assert not words["significant"] and words["improved"] == ["w[1]"]
+    page = render_html([], {"run_id": "x"}, comparison=data)
+    assert _data_of(page)["comparison"]["b"]["label"] == "run B"

@@ -27,13 +27,13 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pytest_llmbench.records import ERROR, ItemResult
 from pytest_llmbench.report.exporters import RunEnd, RunInfo, record_of
 from pytest_llmbench.report.summary import GroupSummary, merge, percentile, summarize
 
-__all__ = ["HtmlExporter", "build_data", "render_html", "write_html"]
+__all__ = ["HtmlExporter", "SuiteRow", "build_data", "comparison_data", "render_html", "write_html"]
 
 #: Longest text kept per message/answer in the page (the store keeps all of it).
 MAX_TEXT = 20_000
@@ -194,6 +194,43 @@ def build_data(
         "priced": bool(prices),
         "comparison": dict(comparison) if comparison else None,
     }
+
+
+class SuiteRow(Protocol):
+    """One suite of a comparison (what ``report/compare.py``'s ``SuiteComparison`` holds)."""
+
+    suite: str
+    n_a: int
+    passed_a: int
+    n_b: int
+    passed_b: int
+    paired: int
+    regressed: Sequence[str]
+    improved: Sequence[str]
+    p_value: float
+
+
+def comparison_data(rows: Iterable[SuiteRow], label_a: str, label_b: str, *,
+                    alpha: float = 0.05) -> dict[str, Any]:
+    """The page's comparison section from per-suite rows (intervals: Wilson, as the CLI)."""
+    from pytest_llmbench.report.summary import wilson_interval
+
+    def side(k: int, n: int) -> dict[str, Any]:
+        low, high = wilson_interval(k, n)
+        return {"items": n, "passed": k, "rate": k / n if n else None,
+                "ci_low": low, "ci_high": high}
+
+    suites = []
+    for r in rows:
+        a, b = side(r.passed_a, r.n_a), side(r.passed_b, r.n_b)
+        diff = b["rate"] - a["rate"] if a["rate"] is not None and b["rate"] is not None else None
+        suites.append({
+            "suite": r.suite, "a": a, "b": b, "both": r.paired, "diff": diff,
+            "p_value": r.p_value, "significant": r.p_value < alpha and (
+                len(r.regressed) != len(r.improved)),
+            "regressed": list(r.regressed), "improved": list(r.improved),
+        })
+    return {"a": {"label": label_a}, "b": {"label": label_b}, "alpha": alpha, "suites": suites}
 
 
 def _asset(name: str) -> str:
