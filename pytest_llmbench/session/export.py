@@ -239,6 +239,37 @@ def _dumps(result: ItemResult) -> str:
     return json.dumps(record_of(result), ensure_ascii=False, default=str)
 
 
+def _test_status(outcomes: dict[str, Any]) -> tuple[str, str | None, str]:
+    """(status, error class, error) of a plain test from its phases' outcomes: an API error
+    is an error with its class; another failure in setup ``test_error``; in the test, a
+    failure (the model's answer did not pass the test's assertions)."""
+    from pytest_llmbench.errors import APIError
+
+    for when in ("setup", "call"):
+        outcome, exc = outcomes.get(when, ("passed", None))
+        if outcome != "failed":
+            continue
+        if isinstance(exc, APIError):
+            return ERROR, exc.error_class, str(exc)
+        if when == "setup":
+            return ERROR, "test_error", f"{type(exc).__name__}: {exc}"
+        return FAILED, None, f"{type(exc).__name__}: {exc}"
+    return PASSED, None, ""
+
+
+def _transcript(calls: list[Call]) -> tuple[list[Message], list[dict[str, Any]]]:
+    from pytest_llmbench.records import to_jsonable
+
+    messages: list[Message] = []
+    completions: list[dict[str, Any]] = []
+    for c in calls:
+        messages.extend(c.messages)
+        if c.completion is not None:
+            messages.append(c.completion.assistant_message())
+            completions.append(to_jsonable(c.completion))
+    return messages, completions
+
+
 def plain_test_result(
     nodeid: str, calls: list[Call], outcomes: dict[str, Any], run_id: str
 ) -> ItemResult | None:
@@ -246,41 +277,19 @@ def plain_test_result(
     tokens and latency. ``None`` for a test that made no call or was skipped."""
     if not calls or any(o == "skipped" for o, _ in outcomes.values()):
         return None
-    status, error_class, error = PASSED, None, ""
-    for when in ("setup", "call"):
-        outcome, exc = outcomes.get(when, ("passed", None))
-        if outcome != "failed":
-            continue
-        from pytest_llmbench.errors import APIError
-
-        if isinstance(exc, APIError):
-            status, error_class, error = ERROR, exc.error_class, str(exc)
-        elif when == "setup":
-            status, error_class, error = ERROR, "test_error", f"{type(exc).__name__}: {exc}"
-        else:
-            status, error = FAILED, f"{type(exc).__name__}: {exc}"
-        break
-    models = sorted({c.model for c in calls})
-    messages: list[Message] = []
-    completions: list[dict[str, Any]] = []
-    for c in calls:
-        messages.extend(c.messages)
-        if c.completion is not None:
-            messages.append(c.completion.assistant_message())
-            from pytest_llmbench.records import to_jsonable
-
-            completions.append(to_jsonable(c.completion))
+    status, error_class, error = _test_status(outcomes)
+    messages, completions = _transcript(calls)
     done = [c.completion for c in calls if c.completion is not None]
     module, _, name = nodeid.partition("::")
     return ItemResult(
         key="test-" + hashlib.sha256(nodeid.encode()).hexdigest()[:32],
         identity={"suite": module, "suite_path": module, "prompt": name, "instance": "",
-                  "model": "+".join(models), "repeat": 0, "nodeid": nodeid, "kind": "test",
-                  "run_id": run_id},
+                  "model": "+".join(sorted({c.model for c in calls})), "repeat": 0,
+                  "nodeid": nodeid, "kind": "test", "run_id": run_id},
         status=status, error_class=error_class, error=error,
         messages=messages, completions=completions,
         answer=done[-1].text if done else None,
-        score=1.0 if status == PASSED else (0.0 if status == FAILED else None),
+        score={PASSED: 1.0, FAILED: 0.0}.get(status),
         explanation=error if status == FAILED else "",
         started_at=calls[0].started,
         latency=sum(c.latency for c in done),
