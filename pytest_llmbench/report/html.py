@@ -50,11 +50,11 @@ class _Strings:
         self.table: list[str] = []
         self._index: dict[str, int] = {}
 
-    def __call__(self, value: object) -> int:
+    def __call__(self, value: object, *, indent: int | None = None) -> int:
         if value is None:
             return -1
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
-                                                                default=str)
+        text = value if isinstance(value, str) else json.dumps(
+            value, ensure_ascii=False, default=str, indent=indent)
         if len(text) > MAX_TEXT:
             text = text[:MAX_TEXT] + f"\n... [{len(text)} chars; the full text is in the store]"
         index = self._index.get(text)
@@ -90,7 +90,7 @@ def _detail(s: _Strings, r: Mapping[str, Any]) -> dict[str, Any]:
         if r.get(field):
             out[key] = s(r.get(field))
     if details:
-        out["d"] = s(details)  # program verdicts, test results, scorer details
+        out["d"] = s(details, indent=1)  # program verdicts, test results, scorer details
     attempts = r.get("attempts") or []
     if attempts:
         out["t"] = s(", ".join(str(a.get("outcome")) for a in attempts if isinstance(a, Mapping)))
@@ -274,9 +274,10 @@ def render_html(
 
 
 def write_html(path: Path, records: Iterable[Mapping[str, Any]], run: Mapping[str, Any], *,
-               comparison: Mapping[str, Any] | None = None) -> None:
+               comparison: Mapping[str, Any] | None = None,
+               title: str = "pytest-llmbench report") -> None:
     """Write the page atomically (temp file + rename)."""
-    page = render_html(records, run, comparison=comparison)
+    page = render_html(records, run, comparison=comparison, title=title)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
@@ -33,7 +33,7 @@ from pytest_llmbench.records import ERROR, FAILED, PASSED, Completion, ItemResul
 from pytest_llmbench.report.exporters import Exporter, JsonlExporter, RunEnd, RunInfo
 
 if TYPE_CHECKING:
-    from pytest_llmbench.session.run import LLMBenchSession
+    from pytest_llmbench.config import Settings
 
 log = logging.getLogger("pytest_llmbench.export")
 
@@ -41,6 +41,17 @@ RECORD_ATTR = "llmbench_record"
 EXPORT_KEY = pytest.StashKey["ExportHub"]()
 CALLS_KEY = pytest.StashKey[list["Call"]]()
 _OUTCOMES_KEY = pytest.StashKey[dict[str, Any]]()
+
+
+class RunServices(Protocol):
+    """What the hub needs of the run (``LLMBenchSession``; a protocol, so this module does
+    not import ``session/run.py``, which reads the hub's results for its summary)."""
+
+    is_worker: bool
+    run_id: str
+    settings: Settings
+
+    def properties(self, result: ItemResult) -> list[tuple[str, object]]: ...
 
 
 class Call:
@@ -69,7 +80,7 @@ def plugin_version() -> str:
 class ExportHub:
     """Registered on every pytest process; feeds hooks and exporters on the reporting one."""
 
-    def __init__(self, config: pytest.Config, session: LLMBenchSession) -> None:
+    def __init__(self, config: pytest.Config, session: RunServices) -> None:
         self.config = config
         self.session = session
         self.is_worker = session.is_worker
