@@ -146,3 +146,9 @@ def test_a_log_line_names_an_item_past_half_its_task_deadline(
         "*WARNING*math.toml::late[[]slow-sim[]]: still running after 4.* s, half of its task"
         " deadline of 8 s*"])
     assert "add[f1-sim]: still running" not in result.stdout.str()
+
+
+def test_a_bad_progress_setting_is_one_usage_error(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("-p", "no:cacheprovider", "-o", "llmbench_progress=maybe")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*llmbench_progress: expected one of auto, on, off; got 'maybe'*"])
