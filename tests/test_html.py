@@ -159,6 +159,8 @@ def test_report_of_the_example_suites_opens_in_chromium_with_plots(
     assert 0 < count < 50 and page.locator("#f-count").inner_text().startswith(f"{count} of ")
     page.locator("#items tbody tr").first.click()
     assert "USER" in page.locator("#transcript").inner_text().upper()
+    assert "Program verdicts" in page.locator("#detail-extra").inner_text()  # a code item
+    assert page.locator("#detail-extra table tr").count() >= 2
     assert problems == []
 
 

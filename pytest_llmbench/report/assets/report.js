@@ -185,6 +185,30 @@
     dl.appendChild(el("dd", value));
   }
 
+  /* A code item's program verdicts as a table; every scorer's details as JSON, folded. */
+  function extra(text) {
+    var box = document.getElementById("detail-extra");
+    box.textContent = "";
+    if (!text) return;
+    var details = null;
+    try { details = JSON.parse(text); } catch (e) { details = null; }
+    if (details && Array.isArray(details.tests) && details.tests.length) {
+      box.appendChild(el("h4", "Program verdicts" + (details.verdict ? ": " + details.verdict : "")));
+      var t = el("table", undefined, "grid");
+      row(t, ["test", "verdict", "wall", "cpu", "limit", "exit", "stdout (head)", "error"], true);
+      details.tests.forEach(function (v) {
+        row(t, [v.test, v.verdict, {text: secs(v.wall), num: 1}, {text: secs(v.cpu), num: 1},
+          {text: secs(v.limit), num: 1}, {text: v.exit_code === null || v.exit_code === undefined ? "-" : v.exit_code, num: 1},
+          v.stdout_head || "", v.error || v.stderr_tail || ""], false);
+      });
+      box.appendChild(t);
+    }
+    var fold = el("details");
+    fold.appendChild(el("summary", "scorer details (JSON)"));
+    fold.appendChild(el("pre", text));
+    box.appendChild(fold);
+  }
+
   function show(i, tr) {
     var prev = document.querySelector("#items tr.selected");
     if (prev) prev.classList.remove("selected");
@@ -204,7 +228,7 @@
     fact(dl, "answer", str(d.a));
     fact(dl, "why", str(d.x));
     fact(dl, "attempts", str(d.t));
-    fact(dl, "details", str(d.d));
+    extra(str(d.d));
     var tx = document.getElementById("transcript");
     tx.textContent = "";
     (d.m || []).forEach(function (m) {
