@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from pytest_llmbench.errors import StoreError
 from pytest_llmbench.records import ItemResult
+from pytest_llmbench.report.exporters import record_of
 from pytest_llmbench.report.summary import Summarizer, render_table
 from pytest_llmbench.store.filestore import Store
 
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("store", type=Path, metavar="STORE_DIR", help="The --llmbench-store directory")
     rep.add_argument("--jsonl", type=Path, metavar="FILE", help="Write every result as one JSON line")
     rep.add_argument("--csv", type=Path, metavar="FILE", help="Write one flat CSV row per result")
+    rep.add_argument("--html", type=Path, metavar="FILE",
+                     help="Write the self-contained HTML report of these results")
     rep.add_argument("--suite", action="append", metavar="S", help="Only this suite (repeatable)")
     rep.add_argument("--model", action="append", metavar="M", help="Only this model (repeatable)")
     return parser
@@ -66,6 +69,7 @@ def report(args: argparse.Namespace) -> int:
         print(f"corrupt result file {path}: {why} (skipped)", file=sys.stderr)
 
     summary = Summarizer()
+    records: list[dict[str, Any]] | None = [] if args.html else None
     jsonl: IO[str] | None = None
     csv_file: IO[str] | None = None
     try:
@@ -84,6 +88,8 @@ def report(args: argparse.Namespace) -> int:
             if models and result.identity.get("model") not in models:
                 continue
             summary.add(result)
+            if records is not None:
+                records.append(record_of(result))
             if jsonl:
                 jsonl.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
             if writer:
@@ -95,6 +101,16 @@ def report(args: argparse.Namespace) -> int:
         for fh in (jsonl, csv_file):
             if fh:
                 fh.close()
+    if records is not None:
+        from pytest_llmbench.report.html import write_html
+
+        try:
+            write_html(args.html, records, {"store": str(store.root)},
+                       title=f"pytest-llmbench report of {store.root}")
+        except OSError as exc:
+            print(f"error: --html {args.html}: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote the HTML report of {len(records)} results to {args.html}", file=sys.stderr)
     groups = summary.groups()
     if groups:
         # Clip to the terminal only: a pipe or file gets the whole table.

@@ -223,3 +223,24 @@ def test_comparison_rows_become_the_pages_comparison() -> None:
     assert not words["significant"] and words["improved"] == ["w[1]"]
     page = render_html([], {"run_id": "x"}, comparison=data)
     assert _data_of(page)["comparison"]["b"]["label"] == "run B"
+
+
+def test_report_cli_writes_the_html_report_of_a_store(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from pytest_llmbench.store.filestore import Store
+
+    store = Store.open(tmp_path / "st")
+    for i in range(4):
+        store.put(ItemResult.from_dict({k: v for k, v in record(i, status="failed" if i == 3
+                                                                     else "passed").items()
+                                        if k != "cached"}))
+    out = subprocess.run([sys.executable, "-m", "pytest_llmbench", "report", str(store.root),
+                          "--html", str(tmp_path / "r.html")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "wrote the HTML report of 4 results" in out.stderr
+    data = _data_of((tmp_path / "r.html").read_text())
+    (group,) = data["groups"]
+    assert (group["items"], group["passed"], group["failed"]) == (4, 3, 1)
