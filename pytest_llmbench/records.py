@@ -262,3 +262,6 @@ class ScoreRequest:
     """Scorer-specific instance data (``Case.extra``), e.g. code tests."""
     identity: Mapping[str, Any] = field(default_factory=dict)
     """suite / prompt / instance / model / repeat / nodeid of the item being scored."""
+    deadline: float | None = None
+    """The item's task deadline (absolute ``time.monotonic()``), or None; a scorer that runs
+    programs (the ``code`` scorer) keeps its runs inside it."""

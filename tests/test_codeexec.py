@@ -256,7 +256,7 @@ def test_cpp_ok_compile_error_and_line_buffered_output() -> None:
     assert ok.details["verdict"] == "OK", ok.explanation
     assert ok.details["compile"]["exit_code"] == 0
     bad = score("```cpp\nint main() { return x; }\n```", SUM, compile_time_limit=60)
-    assert bad.details["verdict"] == "RE" and bad.explanation.startswith("RE: compile error")
+    assert bad.details["verdict"] == "CE" and bad.explanation.startswith("CE: compile error")
     # printf without fflush, then a hang: the injected setvbuf keeps the lines.
     hang = score("```c\n#include <stdio.h>\nint main(){for(int i=1;i<=3;i++)printf(\"%d\\n\",i);"
                  "for(;;){}}\n```", [{"stdin": "", "stdout": "1\n2\n3\n4\n"}],
@@ -406,3 +406,70 @@ def test_waiting_for_a_cpu_is_not_counted_as_run_time() -> None:
     assert t["wall"] > 0.5 and t["cpu_wait"] > 0.2 and t["wall"] - t["cpu_wait"] < 0.5
     assert strict.details["verdict"] == "TLE"
     assert strict.details["tests"][0]["wall"] < 1.0
+
+
+# --- the heuristic within the item's task deadline (issue 13, point 6) -----------------------
+
+COUNT_SLOW = py("import time\nfor i in range(1, int(input()) + 1):\n    print(i)\n    time.sleep(0.1)")
+COUNT_30 = [{"stdin": "30\n", "stdout": "".join(f"{i}\n" for i in range(1, 31))}]
+
+
+def score_by(deadline_in: float, answer: str, tests: list[dict[str, str]], **options: Any) -> Score:
+    options.setdefault("time_limit", 0.5)
+    req = ScoreRequest(answer=answer, expected=None, options=options, extra={"tests": tests},
+                       deadline=time.monotonic() + deadline_in)
+    return judge(req, lease=None)
+
+
+def test_a_raise_that_does_not_fit_the_task_deadline_ends_as_tle_with_the_reason() -> None:
+    started = time.monotonic()
+    s = score_by(4.0, COUNT_SLOW, COUNT_30)  # needs ~3 s: a x8 raise from 0.5 s cannot fit
+    assert s.details["verdict"] == "TLE", s.explanation
+    last = s.details["raises"][-1]
+    assert last["multiplier"] is not None and last["new_limit"] is None
+    assert last["reason"].startswith("no time left to raise"), last
+    assert "no time left to raise" in s.explanation
+    assert time.monotonic() - started < 4.0  # returned before the deadline, with a verdict
+
+
+def test_a_run_never_outlasts_the_task_deadline() -> None:
+    s = score_by(2.5, py("while True: pass"), [{"stdin": "", "stdout": "x"}], time_limit=10)
+    assert s.details["verdict"] == "TLE"
+    assert s.details["tests"][0]["wall"] <= 1.5 + 0.3  # 2.5 s minus the 1 s margin
+    assert s.details["task_time_left"] > 0
+
+
+def test_a_raise_that_fits_is_still_made() -> None:
+    s = score_by(30.0, COUNT_SLOW, [{"stdin": "8\n", "stdout": "".join(f"{i}\n" for i in range(1, 9))}])
+    assert s.details["verdict"] == "OK_EXTENDED", s.explanation
+
+
+@pytest.mark.slow
+def test_item_reports_the_tle_verdict_instead_of_a_task_timeout(
+        pytester: pytest.Pytester, sim_env: str) -> None:
+    import json
+
+    # 120 lines at 0.1 s: ~8 % printed at the 1 s limit, so the heuristic wants x9 (9 s);
+    # the 10 s task leaves at most ~7.5 s after the API call, the first run and the margin.
+    # A generous task deadline, so that a loaded machine's slow start-up does not eat it.
+    expected = "".join(f"{i}\\n" for i in range(1, 121))
+    pytester.makefile(".toml", code="""
+[suite]
+scorer = { name = "code", time_limit = 1.0 }
+deadlines = { task_timeout = 10 }
+
+[[prompts]]
+id = "count"
+template = "Print 1..n. [[sim:program=count_slow]]"
+extra = { tests = [{ stdin = "120\\n", stdout = "EXPECTED" }] }
+
+[[prompts.instances]]
+id = "slow"
+""".replace("EXPECTED", expected))
+    out = pytester.path / "r.jsonl"
+    result = pytester.runpytest("-p", "no:cacheprovider", f"--llmbench-jsonl={out}")
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["status"] == "failed" and not record.get("error_class"), record
+    result.assert_outcomes(failed=1)
+    assert record["details"]["verdict"] == "TLE"
+    assert "no time left to raise" in record["explanation"]

@@ -57,7 +57,7 @@ class Job:
     """With --llmbench-rescore: score these stored completions instead of calling the API."""
 
 
-def score_answer(job: Job, answer: str) -> tuple[Score, bool]:
+def score_answer(job: Job, answer: str, deadline: float | None = None) -> tuple[Score, bool]:
     from pytest_llmbench.scoring.resolve import run_scorer
 
     if job.scorer is None:
@@ -68,6 +68,7 @@ def score_answer(job: Job, answer: str) -> tuple[Score, bool]:
         options=job.case.scorer.options,
         extra=job.case.extra,
         identity=job.identity,
+        deadline=deadline,
     )
     return run_scorer(job.scorer, req, job.case.scorer.threshold)
 
@@ -141,7 +142,7 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
                 messages.append({"role": "assistant", "content": answer})
             result.messages = messages
         result.answer = answer
-        score, passed = score_answer(job, answer)
+        score, passed = score_answer(job, answer, task_deadline)
         result.score = score.value
         result.explanation = score.explanation
         result.details = dict(to_jsonable(score.details))

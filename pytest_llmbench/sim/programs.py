@@ -50,6 +50,21 @@ int main() {
 """,
         lang="cpp",
     ),
+    # C++ that does not compile (an undeclared name): verdict CE.
+    "sum_cpp_broken": _answer(
+        "A C++ solution:",
+        """
+#include <iostream>
+
+int main() {
+    long long a, b;
+    std::cin >> a >> b;
+    std::cout << a + c << "\\n";
+    return 0;
+}
+""",
+        lang="cpp",
+    ),
     # Counting 1..n, one line every 0.1 s: correct, but slower than a 0.5 s limit.
     "count_slow": _answer(
         "This prints the numbers one by one (slowly, but correctly):",

@@ -11,11 +11,16 @@ heuristic would then see too little. So:
   loses its unflushed tail when killed: that is the documented limit. (``stdbuf -oL`` does
   the same through ``LD_PRELOAD`` but not for static binaries, hence the header.)
 
-Compilation runs in the sandbox too, with its own limits (``compile_time_limit``).
+Compilation runs in the sandbox too, with its own limits (``compile_time_limit``); a compile
+error is the verdict ``CE``.
+
+HumanEval-style problems run ``HARNESS_SOURCE`` as ``main.py``: the program and the tests are
+not in any file the program can read, and the pass needs a nonce it never sees in a file.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import sysconfig
@@ -39,6 +44,7 @@ __attribute__((constructor)) static void llmbench_line_buffered_stdout(void) {
 
 COMPILE_MEMORY_MB = 2048
 COMPILE_OUTPUT_KB = 64 * 1024
+COMPILE_DISK_MB = 256
 SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 
 Runner = Callable[..., tuple[RunResult, dict[str, bytes]]]
@@ -55,7 +61,7 @@ class Built:
     interpreter: str = ""
     compile: dict[str, Any] = field(default_factory=dict)
     failure: str = ""
-    """Verdict when building failed: ``RE`` (compile error), ``TLE``, ``SANDBOX_ERROR``."""
+    """Verdict when building failed: ``CE`` (compile error), ``TLE``, ``SANDBOX_ERROR``."""
     message: str = ""
 
 
@@ -84,8 +90,12 @@ def choose_python(option: str, isolation: Isolation) -> str | None:
 
 
 def build(language: str, source: str, *, python: str, isolation: Isolation,
-          compile_time_limit: float, max_processes: int, runner: Runner) -> Built:
-    """Prepare ``source`` to run: pick the interpreter, or compile it in the sandbox."""
+          compile_time_limit: float, max_processes: int, runner: Runner,
+          wall_cap: float | None = None) -> Built:
+    """Prepare ``source`` to run: pick the interpreter, or compile it in the sandbox.
+
+    ``wall_cap``: the most the compilation may take (the time left in the item's task).
+    """
     if language == "python":
         interpreter = choose_python(python, isolation)
         if interpreter is None:
@@ -100,7 +110,8 @@ def build(language: str, source: str, *, python: str, isolation: Isolation,
         return Built([], {}, failure="SANDBOX_ERROR", message=f"{compiler} not found")
     argv = [path, "-O2", std, "-pipe", "-include", "llmbench_flush.h", "-o", "prog", suffix, *libs]
     limits = Limits(time=compile_time_limit, memory_mb=COMPILE_MEMORY_MB,
-                    output_kb=COMPILE_OUTPUT_KB, processes=max(max_processes, 32))
+                    output_kb=COMPILE_OUTPUT_KB, processes=max(max_processes, 32),
+                    disk_mb=COMPILE_DISK_MB, wall_cap=wall_cap)
     result, kept = runner(argv, limits=limits, files={suffix: source.encode(),
                           "llmbench_flush.h": FLUSH_HEADER}, keep_files=["prog"], label="compile")
     info: dict[str, Any] = {"argv": argv, "wall": result.wall, "cpu": result.cpu,
@@ -109,24 +120,50 @@ def build(language: str, source: str, *, python: str, isolation: Isolation,
     if result.error:
         return Built([], {}, compile=info, failure="SANDBOX_ERROR", message=result.error)
     if result.timed_out:
+        took = min(compile_time_limit, limits.max_wall)
+        why = "" if took >= compile_time_limit else " (all the task deadline left)"
         return Built([], {}, compile=info, failure="TLE",
-                     message=f"compilation exceeded {compile_time_limit:g} s")
+                     message=f"compilation exceeded {took:g} s{why}")
     if result.exit_code != 0 or "prog" not in kept:
         first = next((ln for ln in result.stderr.splitlines() if "error" in ln),
                      result.stderr.strip()[:200])
-        return Built([], {}, compile=info, failure="RE", message=f"compile error: {first}")
+        return Built([], {}, compile=info, failure="CE", message=f"compile error: {first}")
     return Built(["./prog"], {"prog": kept["prog"]}, path, compile=info)
 
 
-def humaneval_source(program: str, test: str, entry_point: str, prompt: str,
-                     markers: Mapping[str, str]) -> str:
-    """One script: the program, the test code, then ``check(entry_point)`` with markers.
+HARNESS_SOURCE = b"""# pytest-llmbench HumanEval harness: nothing secret is in this file.
+# The program, the tests and a per-run nonce arrive in a memfd (fd numbers in
+# LLMBENCH_HARNESS_FDS), read and closed before the program runs; the result goes to a
+# write-only pipe as a line "ok <nonce>" or "wa <nonce>". See docs/code-execution.md for what this does and does
+# not stop.
+def _llmbench_harness():
+    import json, os, sys, traceback
+    secret_fd, report_fd = (int(x) for x in os.environ.pop("LLMBENCH_HARNESS_FDS").split(","))
+    with os.fdopen(secret_fd, "rb") as f:
+        spec = json.loads(f.read())
+    nonce = spec.pop("nonce")
+    scope = {"__name__": "__main__", "__file__": __file__, "__builtins__": __builtins__}
+    exec(compile(spec.pop("program"), "main.py", "exec"), scope)
+    exec(compile(spec.pop("test"), "test.py", "exec"), scope)
+    try:
+        scope["check"](scope[spec["entry_point"]])
+    except AssertionError:
+        traceback.print_exc()
+        os.write(report_fd, ("\\nwa " + nonce + "\\n").encode())
+        sys.exit(1)
+    os.write(report_fd, ("\\nok " + nonce + "\\n").encode())
+
+
+_llmbench_harness()
+"""
+
+
+def humaneval_program(program: str, test: str, entry_point: str, prompt: str) -> dict[str, str]:
+    """The harness's input without its nonce: the program, the test code, the entry point.
 
     When the program does not define ``entry_point`` it is taken as a completion of the
     prompt (the function body), so the prompt goes first; otherwise only the prompt's import
-    lines go first (a model that rewrote the whole function often drops them). The harness
-    writes ``markers["ok"]`` to stderr after ``check`` returns and ``markers["wa"]`` when an
-    assertion fails; markers are random per run, so the program cannot forge them.
+    lines go first (a model that rewrote the whole function often drops them).
     """
     if f"def {entry_point}(" in program:
         head = "\n".join(ln for ln in prompt.splitlines()
@@ -134,18 +171,9 @@ def humaneval_source(program: str, test: str, entry_point: str, prompt: str,
         body = f"{head}\n{program}" if head else program
     else:
         body = prompt + program
-    return (
-        f"{body}\n\n{test}\n\n"
-        "def __llmbench_run_check():\n"
-        "    import sys, traceback\n"
-        "    try:\n"
-        f"        check({entry_point})\n"
-        "    except AssertionError:\n"
-        "        traceback.print_exc()\n"
-        f"        sys.stderr.write('\\n{markers['wa']}\\n')\n"
-        "        sys.stderr.flush()\n"
-        "        sys.exit(1)\n"
-        f"    sys.stderr.write('\\n{markers['ok']}\\n')\n"
-        "    sys.stderr.flush()\n\n"
-        "__llmbench_run_check()\n"
-    )
+    return {"program": body, "test": test, "entry_point": entry_point}
+
+
+def humaneval_secret(spec: Mapping[str, str], nonce: str) -> bytes:
+    """The bytes of the harness's memfd for one run."""
+    return json.dumps({**spec, "nonce": nonce}).encode()
