@@ -8,9 +8,10 @@
     ├── ScorerError            unknown scorer or a scorer that raised
     ├── StoreError             result store unusable (version mismatch, corrupt index)
     ├── LeaseTimeout           a lease could not be acquired in time
-    └── APIError               a chat call failed for good (after the retry policy)
-        ├── APITimeoutError    ... because its attempts timed out
-        └── EndpointDown       ... because the endpoint's circuit breaker is open
+    ├── APIError               a chat call failed for good (after the retry policy)
+    │   ├── APITimeoutError    ... because its attempts timed out
+    │   └── EndpointDown       ... because the endpoint's circuit breaker is open
+    └── AgentStop              an agent loop hit a limit (max_turns, budget, loop...)
 
 Every error that ends an item maps to exactly one *error class*, the string stored in the
 result and counted in the summary (``ERROR_CLASSES``).
@@ -31,6 +32,10 @@ ERROR_CLASSES: dict[str, str] = {
     "task_timeout": "the item reached its task deadline (its process was killed, or its last API attempt was cut short by it)",
     "lease_timeout": "a shared resource could not be leased in time, or was held too long",
     "crashed": "the item's process died without a result",
+    "max_turns": "the agent loop used its max_turns model calls and still called tools",
+    "max_tool_calls": "the agent loop reached its max_tool_calls",
+    "budget_exceeded": "the agent loop spent more tokens than its token_budget",
+    "loop": "the agent repeated the same tool call (or answer) loop_repeats times",
     "scorer_error": "the scorer raised or is unknown",
     "sandbox_error": "the code sandbox failed",
     "test_error": "a plain test using the llm fixture failed in its setup",
@@ -106,6 +111,19 @@ class EndpointDown(APIError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.url, self.reason))
+
+
+class AgentStop(LLMBenchError):
+    """A limit ended an item's agent loop; ``error_class`` is ``max_turns``,
+    ``max_tool_calls``, ``budget_exceeded`` or ``loop``; ``detail`` names what repeated or
+    what was counted (for the report)."""
+
+    def __init__(self, error_class: str, message: str, detail: str = "") -> None:
+        self.error_class, self.detail = error_class, detail
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.error_class, str(self), self.detail))
 
 
 # --- HTTP classification (the single place that decides what is retried) -----------------

@@ -83,6 +83,53 @@ class ScorerSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ToolSpec:
+    """One tool a suite offers the model (docs/agents.md): what the model is told, and how
+    the item process runs it: a ``module:function`` callable or a ``command``."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    """The JSON schema of the arguments (an ``object`` schema)."""
+    function: str | None = None
+    """``module:function`` called in the item process with the arguments as keywords."""
+    command: tuple[str, ...] = ()
+    """argv of a subprocess of the item: the arguments as JSON on stdin, the result on stdout
+    (``{python}`` is this interpreter, ``{suite_dir}`` the suite file's directory)."""
+    timeout: float = 10.0
+    """Seconds one call may take (also capped by the task deadline)."""
+    base_dir: str = ""
+    """Absolute directory of the suite file: the command's working directory, and where a
+    ``module:function`` is looked for when it is not importable as it is."""
+
+    def openai_tool(self) -> dict[str, Any]:
+        """The tool as the chat API takes it (``tools=[...]``)."""
+        return {"type": "function", "function": {
+            "name": self.name, "description": self.description,
+            "parameters": to_jsonable(self.parameters) or {"type": "object", "properties": {}}}}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentLimits:
+    """Limits of an item's agent loop (``agent`` table of a suite; docs/agents.md)."""
+
+    max_turns: int = 10
+    """Model calls in the item, at most; one more is error class ``max_turns``."""
+    max_tool_calls: int = 50
+    """Tool calls executed in the item, at most (error class ``max_tool_calls``)."""
+    token_budget: int | None = None
+    """Prompt + completion tokens over all calls; exceeding it is ``budget_exceeded``."""
+    loop_repeats: int = 3
+    """The same call (name + canonical arguments), or the same assistant message with tool
+    calls, seen this many times ends the item with error class ``loop``."""
+    result_chars: int = 4000
+    """A tool result longer than this is cut (for the model and in the transcript)."""
+    expect_error: str | None = None
+    """An error class this item is meant to end with (a demonstration, e.g. ``loop``): it
+    then passes, and fails when it ends any other way."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Case:
     """One prompt x instance of a suite, rendered and validated; model-independent."""
 
@@ -107,6 +154,10 @@ class Case:
     """Best-effort line of the prompt in the suite file, for reports."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Scorer-specific data of the instance (e.g. code tests), passed to the scorer."""
+    tools: tuple[ToolSpec, ...] = ()
+    """Tools the model may call; with tools (or ``agent``) the item runs the agent loop."""
+    agent: AgentLimits | None = None
+    """Limits of the agent loop; ``None`` without tools and without an ``agent`` table."""
 
     @property
     def case_id(self) -> str:
@@ -232,7 +283,11 @@ class ItemResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     turn: int = 0
-    """Turn reached (0-based) when the item ended."""
+    """Turn reached (0-based) when the item ended; for an agent item, its model call."""
+    transcript: list[dict[str, Any]] = field(default_factory=list)
+    """Agent items: what happened, in order: messages sent, answers (with tool calls, timing
+    and tokens), tool results (cut to ``AgentLimits.result_chars``) and why the loop stopped.
+    Empty for plain items (``messages`` and ``completions`` hold theirs)."""
     cached: bool = False
     """Set when reported from the store rather than run now (not part of the record)."""
 

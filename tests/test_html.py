@@ -161,6 +161,9 @@ def test_report_of_the_example_suites_opens_in_chromium_with_plots(
     assert "USER" in page.locator("#transcript").inner_text().upper()
     assert "Program verdicts" in page.locator("#detail-extra").inner_text()  # a code item
     assert page.locator("#detail-extra table tr").count() >= 2
+    page.select_option("#f-suite", "agent")  # an agent item: its tool calls, timed
+    page.locator("#items tbody tr").first.click()
+    assert "Agent transcript" in page.locator("#transcript").inner_text()
     assert problems == []
 
 

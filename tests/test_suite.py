@@ -377,16 +377,17 @@ P = '[[prompts]]\nid = "p"\ntemplate = "hi"\n[[prompts.instances]]\n'
 ERRORS = [
     ("unknown-prompt-key", '[[prompts]]\nid = "p"\ntempalte = "x"\n', "prompts[0].tempalte",
      "unknown key 'tempalte' (did you mean 'template'? allowed keys: id, template, messages, "
-     "turns, system, scorer, threshold, repeats, tags, params, deadlines, extra, instances)"),
+     "turns, system, scorer, threshold, repeats, tags, params, deadlines, extra, agent, tools, "
+     "instances)"),
     ("unknown-instance-key", P + 'expect = "1"\n', "prompts[0].instances[0].expect",
      "unknown key 'expect' (did you mean 'expected'? allowed keys: id, vars, expected, scorer, "
-     "threshold, repeats, tags, params, deadlines, extra)"),
+     "threshold, repeats, tags, params, deadlines, extra, agent)"),
     ("unknown-top-key", 'prompt = 1\n' + P, "prompt",
      "unknown key 'prompt' (did you mean 'prompts'? allowed keys: suite, prompts)"),
     ("models-in-suite", '[suite]\nmodels = ["gpt"]\n' + P, "suite.models",
      "unknown key 'models' (models are chosen by the project config ([tool.llmbench]) or "
      "--llmbench-model; allowed keys: name, description, system, scorer, threshold, repeats, "
-     "tags, params, deadlines, extra)"),
+     "tags, params, deadlines, extra, agent, tools)"),
     ("unknown-message-key",
      '[[prompts]]\nid = "p"\nmessages = [{ role = "user", content = "x", name = "n" }]\n'
      '[[prompts.instances]]\n', "prompts[0].messages[0].name",

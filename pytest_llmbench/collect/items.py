@@ -16,6 +16,7 @@ from pytest_llmbench.errors import LLMBenchError, SuiteError
 from pytest_llmbench.records import ERROR, FAILED, Case, ItemResult, ModelSpec, ScorerSpec
 
 if TYPE_CHECKING:
+    from pytest_llmbench.collect.suite import Suite
     from pytest_llmbench.config import Settings
 
 NOT_SUITES = frozenset({"pyproject.toml", "llmbench.toml"})
@@ -89,6 +90,7 @@ class SuiteFile(pytest.File):
             raise self.CollectError(str(exc)) from None
         except LLMBenchError as exc:
             raise self.CollectError(f"{self.path}: {exc}") from None
+        session.check_suite_hierarchy(suite)
         for tag in suite.tags:
             session.register_marker(tag)
         for case in suite.cases:
@@ -162,6 +164,7 @@ class ItemServices(Protocol):
     def check_scorer(self, spec: ScorerSpec) -> None: ...
     def check_expected(self, spec: ScorerSpec, expected: Any) -> None: ...
     def register_marker(self, tag: str) -> None: ...
+    def check_suite_hierarchy(self, suite: Suite) -> None: ...
     def key_for(self, item: LLMItem) -> str: ...
     def result_for(self, item: LLMItem) -> ItemResult: ...
     def properties(self, result: ItemResult) -> list[tuple[str, object]]: ...

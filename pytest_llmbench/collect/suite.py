@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,9 +32,10 @@ from typing import Any, TypeGuard
 
 from pytest_llmbench.collect.template import find_placeholders, render
 from pytest_llmbench.collect.tomlcheck import Checker, display_path, read_toml, sub
+from pytest_llmbench.collect.tools import agent_table, merge_agent, tool_list
 from pytest_llmbench.config import MAX_API_RETRIES
 from pytest_llmbench.errors import ScorerError
-from pytest_llmbench.records import Case, Message, ScorerSpec
+from pytest_llmbench.records import AgentLimits, Case, Message, ScorerSpec, ToolSpec
 
 __all__ = ["DEFAULT_SCORER", "ExpectedCheck", "ScorerCheck", "Suite", "load_suite"]
 
@@ -75,9 +77,11 @@ FORBIDDEN_PARAMS = {
     "stream": "streaming is a property of the model config ([tool.llmbench])",
 }
 
-_COMMON_KEYS = ("scorer", "threshold", "repeats", "tags", "params", "deadlines", "extra")
-SUITE_KEYS = ("name", "description", "system", *_COMMON_KEYS)
-PROMPT_KEYS = ("id", "template", "messages", "turns", "system", *_COMMON_KEYS, "instances")
+_COMMON_KEYS = ("scorer", "threshold", "repeats", "tags", "params", "deadlines", "extra",
+                "agent")
+SUITE_KEYS = ("name", "description", "system", *_COMMON_KEYS, "tools")
+PROMPT_KEYS = ("id", "template", "messages", "turns", "system", *_COMMON_KEYS, "tools",
+               "instances")
 INSTANCE_KEYS = ("id", "vars", "expected", *_COMMON_KEYS)
 MESSAGE_KEYS = ("role", "content")
 TOP_KEYS = ("suite", "prompts")
@@ -121,7 +125,8 @@ def load_suite(
     """
     shown = display_path(path, rootdir)
     text, data = parsed if parsed is not None else read_toml(path, shown)
-    suite = _Loader(shown, path.stem, text, scorer_check, expected_check).load(data)
+    suite = _Loader(shown, path.stem, text, scorer_check, expected_check,
+                    base_dir=os.path.dirname(os.path.abspath(path))).load(data)
     log.debug("loaded suite %s (%s): %d cases", suite.name, suite.path, len(suite.cases))
     return suite
 
@@ -158,6 +163,9 @@ class _Level:
     params: dict[str, Any] = field(default_factory=dict)
     deadlines: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    agent: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, ToolSpec] | None = None
+    """``None``: not set at this level (a prompt then gets every suite tool)."""
 
 
 @dataclass
@@ -174,9 +182,10 @@ class _Loader(Checker):
     """Validates one parsed suite, front to back, raising at the first violation."""
 
     def __init__(self, shown: str, stem: str, text: str, scorer_check: ScorerCheck | None,
-                 expected_check: ExpectedCheck | None = None) -> None:
+                 expected_check: ExpectedCheck | None = None, *, base_dir: str = "") -> None:
         super().__init__(shown, hints=_HINTS)
         self.stem, self.text = stem, text
+        self.base_dir = base_dir
         self.scorer_check, self.expected_check = scorer_check, expected_check
         self.checked: set[tuple[str, str, float]] = set()
         self.default_scorer = _Scorer(DEFAULT_SCORER, {}, "suite.scorer", default=True)
@@ -275,6 +284,12 @@ class _Loader(Checker):
             key = sub(prefix, "extra")
             own.extra = self.table(table["extra"], key, "e.g. extra = { tests = [...] }")
             self.plain(own.extra, key)
+        if "agent" in table:
+            own.agent = agent_table(table["agent"], sub(prefix, "agent"), self.fail)
+        if "tools" in table:
+            suite_tools = None if prefix == "suite" else (parent.tools or {})
+            own.tools = tool_list(table["tools"], sub(prefix, "tools"), self.base_dir,
+                                  self.fail, suite_tools)
         return own
 
     def threshold(self, value: object, key: str) -> float:
@@ -488,6 +503,18 @@ class _Loader(Checker):
                       "end the list with the user message the model answers")
         return result
 
+    def check_expected(self, spec: ScorerSpec, raw: Mapping[str, Any], key: str,
+                       agent: AgentLimits | None) -> None:
+        if self.expected_check is None:
+            return
+        if agent is not None and agent.expect_error is not None and "expected" not in raw:
+            return  # an item meant to end with an error class (a demonstration) needs none
+        try:
+            self.expected_check(spec, raw.get("expected"))
+        except ScorerError as exc:
+            self.fail(f"{key}.expected" if "expected" in raw else key, str(exc),
+                      "give an expected value this scorer accepts, or another scorer")
+
     def instance(self, raw: dict[str, Any], j: int, prompt_key: str,
                  ids: dict[str, tuple[int, bool]], body: _Body, chain: _Level,
                  *, suite_name: str, prompt_id: str, line: int) -> Case:
@@ -530,12 +557,8 @@ class _Loader(Checker):
         # definitions were checked where they stand, so this is a set lookup for most cases.
         self.check_scorer(scorer, threshold)
         spec = ScorerSpec(name=scorer.name, options=dict(scorer.options), threshold=threshold)
-        if self.expected_check is not None:
-            try:
-                self.expected_check(spec, expected)
-            except ScorerError as exc:
-                self.fail(f"{key}.expected" if "expected" in raw else key, str(exc),
-                          "give an expected value this scorer accepts, or another scorer")
+        agent = merge_agent([chain.agent, own.agent], bool(chain.tools))
+        self.check_expected(spec, raw, key, agent)
         repeats = own.repeats or chain.repeats or 1
 
         turns = [tuple(_render_first(body, variables))]
@@ -555,6 +578,8 @@ class _Loader(Checker):
             tags=tuple(dict.fromkeys(chain.tags + own.tags)),
             line=line,
             extra={**chain.extra, **own.extra},
+            tools=tuple((chain.tools or {}).values()),
+            agent=agent,
         )
 
 
@@ -568,6 +593,8 @@ def _merge_levels(outer: _Level, inner: _Level) -> _Level:
         params={**outer.params, **inner.params},
         deadlines={**outer.deadlines, **inner.deadlines},
         extra={**outer.extra, **inner.extra},
+        agent={**outer.agent, **inner.agent},
+        tools=inner.tools if inner.tools is not None else outer.tools,
     )
 
 

@@ -47,6 +47,8 @@ class Child:
     buffer: bytearray = field(default_factory=bytearray)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     completions: list[dict[str, Any]] = field(default_factory=list)
+    transcript: list[dict[str, Any]] = field(default_factory=list)
+    """What the item's conversation did so far (``emit("transcript", ...)``)."""
     turn: int = 0
     result: ItemResult | None = None
     crash: str = ""
@@ -123,6 +125,7 @@ def error_result(child: Child, error_class: str, message: str) -> ItemResult:
         started_at=time.time() - (time.monotonic() - child.started),
         elapsed=time.monotonic() - child.started,
         turn=child.turn,
+        transcript=list(child.transcript),
     )
 
 

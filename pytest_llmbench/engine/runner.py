@@ -12,12 +12,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_llmbench.errors import APIError, ScorerError
+from pytest_llmbench.agent.loop import Conversation
+from pytest_llmbench.agent.tools import ToolRunner
+from pytest_llmbench.errors import AgentStop, APIError, ScorerError
 from pytest_llmbench.providers import api
 from pytest_llmbench.records import (
     ERROR,
     FAILED,
     PASSED,
+    AgentLimits,
     Attempt,
     Case,
     Completion,
@@ -73,10 +76,43 @@ def score_answer(job: Job, answer: str, deadline: float | None = None) -> tuple[
     return run_scorer(job.scorer, req, job.case.scorer.threshold)
 
 
-def _completion_dict(completion: Completion, turn: int) -> dict[str, Any]:
-    data: dict[str, Any] = to_jsonable(completion)
-    data["turn"] = turn
-    return data
+def _conversation(job: Job, emit: Emit, result: ItemResult, task_deadline: float, t0: float,
+                  on_attempt: Callable[[Attempt], None]) -> Conversation:
+    """The item's conversation, its model calls bound to the item's deadlines and limiter."""
+    case = job.case
+    runner = None
+    if case.tools:
+        limits = case.agent or AgentLimits()
+        secrets = {job.model.api_key_env or "": job.api_key or ""}
+        runner = ToolRunner(case.tools, task_deadline=task_deadline,
+                            result_chars=limits.result_chars, secrets=secrets)
+
+    def chat(messages: list[Message], *, turn: int,
+             tools: list[dict[str, Any]] | None) -> Completion:
+        return api.chat(job.model, messages, params=case.params, tools=tools,
+                        deadlines=job.deadlines, task_deadline=task_deadline,
+                        api_key=job.api_key, turn=turn, item_started=t0,
+                        on_attempt=on_attempt, label=job.nodeid, limiter=job.limiter)
+
+    return Conversation(turns=case.turns, chat=chat, emit=emit, result=result, started=t0,
+                        limits=case.agent, runner=runner)
+
+
+def _expected_error(job: Job, result: ItemResult) -> None:
+    """``agent.expect_error``: an item meant to show a limit passes when it ends with that
+    error class (kept in ``details``), and fails when it ends any other way."""
+    expected = job.case.agent.expect_error if job.case.agent is not None else None
+    if expected is None:
+        return
+    if result.status == ERROR and result.error_class == expected:
+        result.status, result.score = PASSED, 1.0
+        result.explanation = f"ended with the expected error class {expected!r}: {result.error}"
+        result.details = {**result.details, "expected_error": expected}
+        result.error_class, result.error = None, ""
+    elif result.status != ERROR or result.error_class in ("scorer_error",):
+        got = result.error_class if result.status == ERROR else f"an answer ({result.status})"
+        result.status, result.score = FAILED, 0.0
+        result.explanation = f"expected the item to end with error class {expected!r}, got {got}"
 
 
 def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
@@ -112,34 +148,16 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
             result.latency = stored.latency
             result.prompt_tokens = stored.prompt_tokens
             result.completion_tokens = stored.completion_tokens
+            result.transcript = list(stored.transcript)
             answer = stored.answer or ""
         else:
-            answer = ""
-            for turn, turn_messages in enumerate(case.turns):
-                result.turn = turn
-                messages.extend(dict(m) for m in turn_messages)
-                emit("turn", {"turn": turn})
-                completion = api.chat(
-                    job.model,
-                    messages,
-                    params=case.params,
-                    deadlines=job.deadlines,
-                    task_deadline=task_deadline,
-                    api_key=job.api_key,
-                    turn=turn,
-                    item_started=t0,
-                    on_attempt=on_attempt,
-                    label=job.nodeid,
-                    limiter=job.limiter,
-                )
-                data = _completion_dict(completion, turn)
-                result.completions.append(data)
-                emit("completion", data)
-                result.latency += completion.latency
-                result.prompt_tokens += completion.prompt_tokens
-                result.completion_tokens += completion.completion_tokens
-                answer = completion.text
-                messages.append({"role": "assistant", "content": answer})
+            conversation = _conversation(job, emit, result, task_deadline, t0, on_attempt)
+            messages = conversation.messages
+            try:
+                answer = conversation.run()
+            except AgentStop as exc:
+                conversation.stopped(exc.error_class, exc.detail)
+                raise
             result.messages = messages
         result.answer = answer
         score, passed = score_answer(job, answer, task_deadline)
@@ -157,10 +175,17 @@ def execute(job: Job, emit: Emit, *, task_deadline: float) -> ItemResult:
         result.error_class = exc.error_class
         result.error = str(exc)
         result.deadline_layer = DEADLINE_LAYERS.get(exc.error_class)
+    except AgentStop as exc:
+        result.messages = messages
+        result.error_class = exc.error_class
+        result.error = str(exc)
+        result.details = {"stop": exc.error_class, "repeated" if exc.error_class == "loop"
+                          else "counted": exc.detail}
     except ScorerError as exc:
         result.messages = messages
         result.error_class = "scorer_error"
         result.error = str(exc)
+    _expected_error(job, result)
     result.elapsed = time.monotonic() - t0
     if result.deadline_layer == "task":
         # Measured like the engine's kill path, from the task's start (before the fork), so

@@ -662,6 +662,8 @@ class Engine:
             child.completions.append(data)
         elif kind == "turn":
             child.turn = int(data["turn"])
+        elif kind == "transcript":
+            child.transcript.append(data)
         elif kind == "log":
             record = logging.makeLogRecord(data)
             logging.getLogger(record.name).handle(record)

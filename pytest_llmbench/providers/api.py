@@ -315,6 +315,8 @@ def chat(
     messages: Sequence[Message],
     *,
     params: Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: Any = None,
     deadlines: Deadlines,
     task_deadline: float | None = None,
     api_key: str | None = None,
@@ -335,11 +337,13 @@ def chat(
     expires; every attempt's timeout is capped by it (``deadlines.task_timeout`` only names
     the limit in messages). ``item_started`` (monotonic) is the
     origin of ``Attempt.started``. ``on_attempt`` receives every attempt, after the wait that
-    follows it is decided. ``env`` is where proxy variables are read (default ``os.environ``).
+    follows it is decided. ``tools`` (OpenAI tool dicts) and ``tool_choice`` are sent when
+    given; the answer's ``tool_calls`` hold the calls. ``env`` is where proxy variables are read (default ``os.environ``).
     Raises ``APIError`` (``error_class`` set) or ``APITimeoutError`` (``api_timeout``, or
     ``task_timeout`` when the task deadline ended the call) when the call fails for good.
     """
-    req = build_request(model, messages, params, api_key, extra_headers)
+    req = build_request(model, messages, params, api_key, extra_headers,
+                        tools=tools, tool_choice=tool_choice)
     ep = req.endpoint
     proxy = proxy_for(ep, os.environ if env is None else env)
     total = max(0, deadlines.api_retries) + 1

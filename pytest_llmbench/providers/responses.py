@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from pytest_llmbench.providers.transport import _READ_SIZE
-from pytest_llmbench.records import Completion, ModelSpec
+from pytest_llmbench.records import Completion, ModelSpec, ToolCall
+
+_MAX_TOOL_CALLS = 128  # per answer; more is not an answer we act on
 
 
 class _Failure(Exception):
@@ -55,6 +57,30 @@ def _usage(data: Mapping[str, Any]) -> tuple[int, int]:
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
+def _text(content: Any) -> str:
+    """A message's content as text: a string, or the text parts of a list of parts."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content
+                       if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return content if isinstance(content, str) else ""
+
+
+def _tool_calls(raw: Any) -> tuple[ToolCall, ...]:
+    """``message.tool_calls`` of a JSON answer; malformed entries are skipped (the model's
+    output is not trusted to be well formed, and a call without a name cannot be run)."""
+    calls = []
+    for i, entry in enumerate(raw[:_MAX_TOOL_CALLS] if isinstance(raw, list) else ()):
+        function = entry.get("function") if isinstance(entry, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            continue
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments) if arguments is not None else ""
+        calls.append(ToolCall(id=str(entry.get("id") or f"call_{i}"), name=function["name"],
+                              arguments=arguments))
+    return tuple(calls)
+
+
 def _parse_json(raw: bytes, model: ModelSpec, api_key: str | None) -> Completion:
     try:
         data = json.loads(raw)
@@ -72,12 +98,43 @@ def _parse_json(raw: bytes, model: ModelSpec, api_key: str | None) -> Completion
     message = choice.get("message") or {}
     prompt_tokens, completion_tokens = _usage(data)
     return Completion(
-        text=message.get("content") or "",
+        text=_text(message.get("content")),
         finish_reason=choice.get("finish_reason"),
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         model=str(data.get("model") or model.model),
+        tool_calls=_tool_calls(message.get("tool_calls")),
     )
+
+
+class _StreamedCalls:
+    """Tool-call deltas of a stream, joined by their ``index`` (id and name come first,
+    the arguments in pieces)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: Any) -> None:
+        for delta in deltas if isinstance(deltas, list) else ():
+            if not isinstance(delta, dict):
+                continue
+            index = delta.get("index", len(self.calls))
+            if not isinstance(index, int) or (index not in self.calls
+                                              and len(self.calls) >= _MAX_TOOL_CALLS):
+                continue
+            call = self.calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            if isinstance(delta.get("id"), str):
+                call["id"] = delta["id"]
+            function = delta.get("function")
+            if isinstance(function, dict):
+                if isinstance(function.get("name"), str):
+                    call["name"] += function["name"]
+                if isinstance(function.get("arguments"), str):
+                    call["arguments"] += function["arguments"]
+
+    def result(self) -> tuple[ToolCall, ...]:
+        return tuple(ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"])
+                     for i, c in sorted(self.calls.items()) if c["name"])
 
 
 def _read_stream(resp: http.client.HTTPResponse, model: ModelSpec, api_key: str | None,
@@ -87,6 +144,7 @@ def _read_stream(resp: http.client.HTTPResponse, model: ModelSpec, api_key: str 
     finish: str | None = None
     usage = (0, 0)
     answered_model = model.model
+    calls = _StreamedCalls()
     pending: list[bytes] = []  # data lines of the event being read
     buf = b""
     done = False
@@ -113,9 +171,12 @@ def _read_stream(resp: http.client.HTTPResponse, model: ModelSpec, api_key: str 
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            content = (choice.get("delta") or {}).get("content")
-            if content:
+            delta = choice.get("delta") or {}
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str) and content:
                 parts.append(content)
+            if isinstance(delta, dict) and delta.get("tool_calls"):
+                calls.add(delta["tool_calls"])
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
         return False
@@ -144,4 +205,5 @@ def _read_stream(resp: http.client.HTTPResponse, model: ModelSpec, api_key: str 
         raise _Failure("truncated",
                        f"stream ended without a finish reason after {len(text)} chars", True)
     return Completion(text="".join(parts), finish_reason=finish, prompt_tokens=usage[0],
-                      completion_tokens=usage[1], model=answered_model)
+                      completion_tokens=usage[1], model=answered_model,
+                      tool_calls=calls.result())

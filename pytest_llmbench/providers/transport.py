@@ -96,9 +96,17 @@ def build_request(
     params: Mapping[str, Any] | None = None,
     api_key: str | None = None,
     extra_headers: Mapping[str, str] | None = None,
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: Any = None,
 ) -> Request:
-    """Body and headers of the call; params override the model's defaults, None drops a key."""
+    """Body and headers of the call; params override the model's defaults, None drops a key.
+    ``tools``/``tool_choice`` are sent when given (an agent item's tools)."""
     merged = {**model.params, **(params or {})}
+    if tools:
+        merged["tools"] = list(tools)
+    if tool_choice is not None:
+        merged["tool_choice"] = tool_choice
     body_obj = {"model": model.model, "messages": list(messages), **merged, "stream": model.stream}
     body_obj = {k: v for k, v in body_obj.items() if v is not None}
     body = json.dumps(body_obj, ensure_ascii=False, separators=(",", ":")).encode()

@@ -91,10 +91,34 @@ def _detail(s: _Strings, r: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = s(r.get(field))
     if details:
         out["d"] = s(details, indent=1)  # program verdicts, test results, scorer details
+    transcript = r.get("transcript") or []
+    if any(isinstance(e, Mapping) and e.get("kind") in ("tool", "stop") for e in transcript):
+        out["tr"] = [_entry(s, e) for e in transcript if isinstance(e, Mapping)]
     attempts = r.get("attempts") or []
     if attempts:
         out["t"] = s(", ".join(str(a.get("outcome")) for a in attempts if isinstance(a, Mapping)))
     return out
+
+
+def _entry(s: _Strings, e: Mapping[str, Any]) -> list[int]:
+    """One agent transcript entry (``ItemResult.transcript``) as [label, text]."""
+    kind = e.get("kind")
+    if kind == "answer":
+        calls = ", ".join(f"{c.get('name')}({c.get('arguments')})"
+                          for c in e.get("tool_calls") or () if isinstance(c, Mapping))
+        label = f"model call {e.get('call', '')}"
+        text = f"calls {calls}" if calls else str(e.get("text", ""))
+        text += (f"\n[{e.get('prompt_tokens')}+{e.get('completion_tokens')} tokens,"
+                 f" {float(e.get('latency') or 0):.2f} s]")
+    elif kind == "tool":
+        label = f"tool {e.get('name')}" + ("" if e.get("ok") else " (failed)")
+        text = (f"arguments: {e.get('arguments')}\n{e.get('content')}"
+                f"\n[{float(e.get('duration') or 0):.2f} s]")
+    elif kind == "message":
+        label, text = str(e.get("role", "message")), str(e.get("content", ""))
+    else:
+        label, text = "stopped", f"{e.get('error_class')}: {e.get('detail')}"
+    return [s(f"{float(e.get('t') or 0):.2f}s {label}"), s(text)]
 
 
 def _prices(run: Mapping[str, Any]) -> dict[str, tuple[float, float]]:

@@ -283,16 +283,27 @@ def render_table(groups: Sequence[GroupSummary], *, width: int | None = None) ->
 
 def detail_lines(results: Iterable[ItemResult], groups: Sequence[GroupSummary]) -> list[str]:
     """Lines under the table: code-judge verdicts per group (``OK_EXTENDED`` apart from
-    ``OK``) and the deadline layers that fired."""
+    ``OK``), the expected errors of agent items that passed by showing them, and the
+    deadline layers that fired."""
     verdicts: dict[tuple[str, str], Counter[str]] = {}
+    expected: dict[tuple[str, str], Counter[str]] = {}
     for r in results:
-        verdict = r.details.get("verdict") if isinstance(r.details, dict) else None
+        details = r.details if isinstance(r.details, dict) else {}
+        group = (str(r.identity.get("suite", "?")), str(r.identity.get("model", "?")))
+        verdict = details.get("verdict")
         if isinstance(verdict, str):
-            group = (str(r.identity.get("suite", "?")), str(r.identity.get("model", "?")))
             verdicts.setdefault(group, Counter())[verdict] += 1
+        error = details.get("expected_error")
+        if isinstance(error, str) and r.status == PASSED:
+            expected.setdefault(group, Counter())[error] += 1
     lines = [
         f"verdicts {suite} x {model}: " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
         for (suite, model), counts in sorted(verdicts.items())
+    ]
+    lines += [  # agent items that demonstrate a limit (agent.expect_error) and showed it
+        f"expected errors {suite} x {model} (passed): "
+        + ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
+        for (suite, model), counts in sorted(expected.items())
     ]
     layers: Counter[str] = Counter()
     for g in groups:

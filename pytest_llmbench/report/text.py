@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from pytest_llmbench.records import ERROR, ItemResult
 
 #: Longest prompt/answer excerpt shown in a failure report.
 EXCERPT = 400
+#: Transcript entries shown in a failure report (the first and the last ones), and the
+#: length of each line: the whole transcript is in the store and the JSONL export.
+TRANSCRIPT_LINES = 12
+TRANSCRIPT_WIDTH = 160
 
 
 def _excerpt(text: object, limit: int = EXCERPT) -> str:
@@ -57,7 +62,49 @@ def describe(result: ItemResult, *, prompt: str = "", model: str = "") -> str:
     if result.attempts:
         outcomes = ", ".join(str(a.get("outcome")) for a in result.attempts)
         lines.append(f"  attempts: {len(result.attempts)} ({outcomes})")
+    if any(e.get("kind") in ("tool", "stop") for e in result.transcript):
+        lines.extend(transcript_lines(result.transcript))
     return "\n".join(lines)
+
+
+def _entry_line(entry: Mapping[str, Any]) -> str:
+    kind = entry.get("kind")
+    if kind == "message":
+        text = f"{entry.get('role')}: {entry.get('content')}"
+    elif kind == "answer":
+        calls = ", ".join(f"{c.get('name')}({c.get('arguments')})"
+                          for c in entry.get("tool_calls") or ())
+        text = (f"model #{entry.get('call')}: " + (f"calls {calls}" if calls else
+                                                   repr(entry.get("text")))
+                + f"  [{entry.get('prompt_tokens')}+{entry.get('completion_tokens')} tokens,"
+                  f" {entry.get('latency', 0):.2f} s]")
+    elif kind == "tool":
+        mark = "->" if entry.get("ok") else "-> FAILED"
+        text = (f"tool {entry.get('name')}({entry.get('arguments')}) {mark} "
+                f"{entry.get('content')}  [{entry.get('duration', 0):.2f} s]")
+    else:
+        text = f"stopped: {entry.get('error_class')}: {entry.get('detail')}"
+    text = " ".join(str(text).split())
+    if len(text) > TRANSCRIPT_WIDTH:
+        text = text[:TRANSCRIPT_WIDTH - 3] + "..."
+    return f"    {entry.get('t', 0):7.2f}s {text}"
+
+
+def transcript_lines(transcript: list[dict[str, Any]]) -> list[str]:
+    """The transcript, shortened for a failure report: the first and last entries, each on
+    one line."""
+    lines = [f"  transcript: {len(transcript)} entries"
+             + (" (shortened; the full one is in the store and --llmbench-jsonl)"
+                if len(transcript) > TRANSCRIPT_LINES else "")]
+    if len(transcript) <= TRANSCRIPT_LINES:
+        shown = [_entry_line(e) for e in transcript]
+    else:
+        head, tail = TRANSCRIPT_LINES // 3, TRANSCRIPT_LINES - TRANSCRIPT_LINES // 3
+        shown = [_entry_line(e) for e in transcript[:head]]
+        shown.append(f"    ... {len(transcript) - head - tail} entries ...")
+        shown.extend(_entry_line(e) for e in transcript[-tail:])
+    lines.extend(shown)
+    return lines
 
 
 def junit_properties(result: ItemResult) -> list[tuple[str, object]]:
@@ -76,6 +123,9 @@ def junit_properties(result: ItemResult) -> list[tuple[str, object]]:
     ]
     if result.deadline_layer:
         props.append(("deadline_layer", result.deadline_layer))
+    tool_calls = sum(1 for e in result.transcript if e.get("kind") == "tool")
+    if tool_calls:
+        props.append(("tool_calls", tool_calls))
     verdict = result.details.get("verdict") if isinstance(result.details, dict) else None
     if verdict:
         props.append(("verdict", verdict))

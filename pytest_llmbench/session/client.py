@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 class LLMClient:
-    """``llm.chat(...)``: the same API layer (timeouts, retries, Retry-After) as suite items."""
+    """``llm.chat(...)``: the same API layer (timeouts, retries, Retry-After) and the same
+    machine-wide rate limits (the session's shared limiter) as suite items."""
 
     def __init__(
         self, session: LLMBenchSession, label: str, overrides: Mapping[str, Any],
@@ -54,8 +55,14 @@ class LLMClient:
 
     def chat(
         self, prompt: str | Sequence[Message], *, model: str | None = None, system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: Any = None,
         **params: Any,
     ) -> Completion:
+        """One chat call. ``prompt``: a user message or a whole conversation (which may hold
+        assistant ``tool_calls`` and ``tool`` messages); ``tools``: OpenAI tool dicts
+        (``{"type": "function", "function": {"name", "description", "parameters"}}``);
+        the answer's ``tool_calls`` are the calls the model made, and
+        ``answer.assistant_message()`` is what to append before the tool results."""
         from pytest_llmbench.providers import api
 
         spec = self.model(model)
@@ -79,9 +86,12 @@ class LLMClient:
                 self._session.resolved_model(spec),
                 messages,
                 params=params,
+                tools=tools,
+                tool_choice=tool_choice,
                 deadlines=self.deadlines,
                 api_key=self._session.settings.api_key(spec),
                 label=self._label,
+                limiter=self._session.limiter,
             )
         except APIError as exc:
             if record is not None:

@@ -14,11 +14,12 @@ import pytest
 
 from pytest_llmbench.config import Settings, check_hierarchy, deadline_overrides
 from pytest_llmbench.errors import ConfigError, ScorerError
-from pytest_llmbench.records import ERROR, Case, ItemResult, ModelSpec, ScorerSpec
+from pytest_llmbench.records import ERROR, Case, ItemResult, ModelSpec, ScorerSpec, to_jsonable
 from pytest_llmbench.report import text as report
 
 if TYPE_CHECKING:
     from pytest_llmbench.collect.items import LLMItem
+    from pytest_llmbench.collect.suite import Suite
     from pytest_llmbench.coord.lease import LeaseManager
     from pytest_llmbench.coord.ratelimit import SharedLimiter
     from pytest_llmbench.engine.forkserver import SharedForkServer
@@ -60,6 +61,8 @@ class LLMBenchSession:
         self._markers: set[str] = set()
         self.suite_errors = 0
         self.other_collect_errors = 0
+        self.hierarchy_problems: dict[str, str] = {}
+        """suite path -> why its deadlines break the hierarchy for its max_turns."""
         self.reported: dict[str, bool] = {}
         """llmbench key -> cached, from every item report this process saw."""
 
@@ -154,6 +157,24 @@ class LLMBenchSession:
             self._scorers[cache_key] = scorer
         return scorer
 
+    def check_suite_hierarchy(self, suite: Suite) -> None:
+        """The start-up hierarchy check with each suite's own deadlines and ``max_turns``
+        (an agent item makes up to ``max_turns`` calls, each with its retries)."""
+        for case in suite.cases:
+            if case.agent is None or suite.path in self.hierarchy_problems:
+                continue
+            overrides = dict(case.deadlines)
+            if "api_retries" in overrides:
+                overrides["api_retries"] = int(overrides["api_retries"])
+            problem = check_hierarchy(self.settings.deadlines.replace(**overrides),
+                                      case.agent.max_turns)
+            if problem:
+                self.hierarchy_problems[suite.path] = f"{case.prompt_id}: {problem}"
+                log.warning("deadline hierarchy violated in %s: %s", suite.path, problem)
+                workeroutput = getattr(self.config, "workeroutput", None)
+                if workeroutput is not None:  # for the controller's summary (testnodedown)
+                    workeroutput["llmbench_hierarchy"] = dict(self.hierarchy_problems)
+
     def register_marker(self, tag: str) -> None:
         if tag not in self._markers:
             self._markers.add(tag)
@@ -171,7 +192,7 @@ class LLMBenchSession:
             scorer={"name": case.scorer.name, "options": dict(case.scorer.options),
                     "threshold": case.scorer.threshold},
             repeat=item.repeat,
-            extra={"expected": case.expected, "extra": dict(case.extra)},
+            extra={"expected": case.expected, "extra": dict(case.extra), **_agent_key(case)},
         )
 
     def request_key_for(self, item: LLMItem) -> str:
@@ -183,7 +204,7 @@ class LLMBenchSession:
         return item_key(
             messages=[list(turn) for turn in case.turns], model=model.model,
             base_url=model.base_url, params={**model.params, **case.params},
-            scorer={}, repeat=item.repeat,
+            scorer={}, repeat=item.repeat, extra=_agent_key(case),
         )
 
     def stored_completions(self, item: LLMItem) -> ItemResult | None:
@@ -297,6 +318,14 @@ class LLMBenchSession:
         return lines
 
     @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist controller: the suites whose deadlines a worker found out of hierarchy
+        (only workers collect), for the summary."""
+        problems = (getattr(node, "workeroutput", None) or {}).get("llmbench_hierarchy")
+        if isinstance(problems, dict):
+            self.hierarchy_problems.update(problems)
+
+    @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         """xdist controller: hand the run id, the simulator URL and the run's fork server
         to every worker."""
@@ -399,6 +428,9 @@ class LLMBenchSession:
 
         groups = summarize(results)
         terminalreporter.section("llmbench summary")
+        for path, problem in self.hierarchy_problems.items():
+            terminalreporter.write_line(
+                f"llmbench WARNING: deadline hierarchy violated in {path}: {problem}")
         terminalreporter.write_line(render_table(groups))
         for line in detail_lines(results, groups):
             terminalreporter.write_line(line)
@@ -465,3 +497,13 @@ def dump_settings(settings: Settings) -> str:
 
 
 __all__ = ["LLMBenchSession", "SESSION_KEY", "Path"]
+
+
+def _agent_key(case: Case) -> dict[str, Any]:
+    """What of an agent item changes its result: its tools (with their implementation) and
+    limits; nothing for a plain item, so plain items keep their keys."""
+    if not case.tools and case.agent is None:
+        return {}
+    tools = [{k: v for k, v in to_jsonable(t).items() if k != "base_dir"}  # where the
+             for t in case.tools]  # checkout lives must not change a key
+    return {"tools": tools, "agent": to_jsonable(case.agent)}

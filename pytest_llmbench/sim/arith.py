@@ -15,7 +15,8 @@ import operator
 import re
 from collections.abc import Callable
 
-__all__ = ["ArithError", "compute", "evaluate", "format_number", "last_number"]
+__all__ = ["ArithError", "compute", "evaluate", "find_expression", "format_number",
+           "last_number"]
 
 Number = int | float
 
@@ -185,15 +186,23 @@ def compute(question: str, previous: str | None = None) -> Number | None:
     value = _verbal(text, prev)
     if value is not None:
         return value
+    expression = find_expression(text, prev)
+    return None if expression is None else evaluate(expression)
+
+
+def find_expression(question: str, previous: Number | None = None) -> str | None:
+    """The symbolic expression a question asks for (word operators replaced, references to
+    ``previous`` filled in), e.g. ``12 * 7`` for ``What is 12 times 7?``; ``None`` if none."""
+    text = question.lower()
     for pattern, symbol in _WORD_OPS:
         text = pattern.sub(symbol, text)
-    if prev is not None:
-        text = _REFERENCE_RE.sub(f"({format_number(prev)})", text)
+    if previous is not None:
+        text = _REFERENCE_RE.sub(f"({format_number(previous)})", text)
     candidates = [m.group(1) for m in _TRIGGER_RE.finditer(text)]
     candidates.append(text.strip().rstrip("?=.! "))
     for candidate in candidates:
         candidate = candidate.strip()
         if (candidate and _EXPR_CHARS_RE.fullmatch(candidate)
                 and any(c.isdigit() for c in candidate)):
-            return evaluate(candidate)
+            return candidate
     return None

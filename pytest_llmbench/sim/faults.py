@@ -38,7 +38,7 @@ DIRECTIVE_RE = re.compile(r"[ \t]*\[\[sim:([^\]]*)\]\]")
 _FLOAT_KEYS = ("latency", "slow_first_token", "stall", "retry_after", "retry_after_date")
 _INT_KEYS = ("fail", "times", "retry_after_ms")
 _FLAG_KEYS = ("reset", "hang", "no_finish", "wrong")
-_TEXT_KEYS = ("answer", "program")
+_TEXT_KEYS = ("answer", "program", "agent")
 KNOWN_KEYS = _FLOAT_KEYS + _INT_KEYS + _FLAG_KEYS + _TEXT_KEYS
 
 
@@ -65,6 +65,8 @@ class Directive:
     wrong: bool = False
     answer: str | None = None
     program: str | None = None
+    agent: str | None = None
+    """Agent misbehaviour when the request offers tools (``sim/agent.py``)."""
 
     @property
     def empty(self) -> bool:

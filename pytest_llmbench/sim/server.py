@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_llmbench.sim.agent import AGENT_MODES, Reply, agent_reply
 from pytest_llmbench.sim.faults import (
     Directive,
     DirectiveError,
@@ -115,6 +116,39 @@ def http_date(timestamp: float) -> str:
     t = time.gmtime(math.ceil(timestamp))
     return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
             f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+def _directive_plan(now: float, d: Directive) -> _Plan:
+    """The faults a directive asks for (it applies to this request)."""
+    plan = _Plan()
+    if d.fail is not None:
+        plan.faults.append(f"fail={d.fail}")
+        plan.status, plan.message = d.fail, f"simulated failure (fail={d.fail})"
+        if d.retry_after is not None:
+            plan.headers["Retry-After"] = f"{d.retry_after:g}"
+        if d.retry_after_ms is not None:
+            plan.headers["retry-after-ms"] = str(d.retry_after_ms)
+        if d.retry_after_date is not None:
+            plan.headers["Retry-After"] = http_date(now + d.retry_after_date)
+    elif d.reset:
+        plan.faults.append("reset")
+        plan.reset = True
+    elif d.hang:
+        plan.faults.append("hang")
+        plan.hang = True
+    if d.latency is not None:
+        plan.faults.append(f"latency={d.latency:g}")
+    for name in ("slow_first_token", "stall"):
+        value = getattr(d, name)
+        if value is not None:
+            plan.faults.append(f"{name}={value:g}")
+    plan.stall = d.stall or 0.0
+    plan.no_finish, plan.wrong = d.no_finish, d.wrong
+    if d.no_finish:
+        plan.faults.append("no_finish")
+    if d.wrong:
+        plan.faults.append("wrong")
+    return plan
 
 
 def _truncate(text: str, max_words: int) -> str | None:
@@ -218,6 +252,9 @@ class SimApp:
             if directive.program is not None and directive.program not in PROGRAMS:
                 raise DirectiveError(f"unknown sim program {directive.program!r}; known: "
                                      + ", ".join(sorted(PROGRAMS)))
+            if directive.agent is not None and directive.agent not in AGENT_MODES:
+                raise DirectiveError(f"unknown sim agent mode {directive.agent!r}; known: "
+                                     + ", ".join(AGENT_MODES))
         except DirectiveError as exc:
             self._log(now, key, model, stream, n, "bad_directive")
             conn.respond(400, error_body(400, str(exc), "invalid_sim_directive"))
@@ -239,6 +276,8 @@ class SimApp:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             return "'messages' must be a non-empty array of {role, content} objects"
+        if body.get("tools") is not None and not _valid_tools(body["tools"]):
+            return "'tools' must be an array of {type: function, function: {name, parameters}}"
         for name in ("max_tokens", "max_completion_tokens"):
             value = body.get(name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -246,68 +285,54 @@ class SimApp:
         return ""
 
     def _plan(self, now: float, d: Directive, n: int, cleaned: list[dict[str, Any]]) -> _Plan:
-        plan = _Plan()
-        opts = self.options
-        if self.window is not None:
-            wait = self.window.admit(now)
-            if wait:
-                plan.faults.append("rate_limit")
-                plan.status, plan.message = 429, "rate limit reached (simulated --rpm)"
-                plan.headers = {"Retry-After": str(math.ceil(wait)),
-                                "retry-after-ms": str(math.ceil(wait * 1000))}
-                return plan
+        """The request's fate, in the documented order: ``--rpm``, directive faults (within
+        ``times``), server-wide hang/fail/error rates, then the latency."""
+        limited = self._rate_limited(now)
+        if limited is not None:
+            return limited
         applies = not d.empty and (d.times is None or n <= d.times)
-        if applies:
-            if d.fail is not None:
-                plan.faults.append(f"fail={d.fail}")
-                plan.status, plan.message = d.fail, f"simulated failure (fail={d.fail})"
-                if d.retry_after is not None:
-                    plan.headers["Retry-After"] = f"{d.retry_after:g}"
-                if d.retry_after_ms is not None:
-                    plan.headers["retry-after-ms"] = str(d.retry_after_ms)
-                if d.retry_after_date is not None:
-                    plan.headers["Retry-After"] = http_date(now + d.retry_after_date)
-            elif d.reset:
-                plan.faults.append("reset")
-                plan.reset = True
-            elif d.hang:
-                plan.faults.append("hang")
-                plan.hang = True
-            if d.latency is not None:
-                plan.faults.append(f"latency={d.latency:g}")
-            for name in ("slow_first_token", "stall"):
-                value = getattr(d, name)
-                if value is not None:
-                    plan.faults.append(f"{name}={value:g}")
-            plan.stall = d.stall or 0.0
-            plan.no_finish, plan.wrong = d.no_finish, d.wrong
-            if d.no_finish:
-                plan.faults.append("no_finish")
-            if d.wrong:
-                plan.faults.append("wrong")
+        plan = _directive_plan(now, d) if applies else _Plan()
         if plan.status != 200 or plan.reset or plan.hang:
             plan.delay = d.latency or 0.0  # errors come at once unless latency= is given
             return plan
-        if opts.hang_rate and fraction("hang", opts.seed, cleaned) < opts.hang_rate:
-            plan.faults.append("hang_rate")
-            plan.hang = True
+        if self._server_faults(plan, cleaned):
             return plan
-        if opts.fail_rate and self._fail_rng.random() < opts.fail_rate:
-            plan.faults.append("fail_rate")
-            plan.status, plan.message = 500, "simulated server error (--fail-rate)"
-            return plan
-        if (not plan.wrong and opts.error_rate
-                and fraction("error", opts.seed, cleaned) < opts.error_rate):
-            plan.faults.append("error_rate")
-            plan.wrong = True
         if applies and d.latency is not None:
             plan.delay = d.latency
         else:
+            opts = self.options
             plan.delay = opts.latency + (self._jitter_rng.uniform(0, opts.jitter)
                                          if opts.jitter else 0.0)
         if applies:
             plan.delay += d.slow_first_token or 0.0
         return plan
+
+    def _rate_limited(self, now: float) -> _Plan | None:
+        """A 429 plan when ``--rpm`` refuses the request, else None."""
+        wait = self.window.admit(now) if self.window is not None else 0.0
+        if not wait:
+            return None
+        return _Plan(faults=["rate_limit"], status=429,
+                     message="rate limit reached (simulated --rpm)",
+                     headers={"Retry-After": str(math.ceil(wait)),
+                              "retry-after-ms": str(math.ceil(wait * 1000))})
+
+    def _server_faults(self, plan: _Plan, cleaned: list[dict[str, Any]]) -> bool:
+        """``--hang-rate``, ``--fail-rate`` (True: the plan is final), ``--error-rate``."""
+        opts = self.options
+        if opts.hang_rate and fraction("hang", opts.seed, cleaned) < opts.hang_rate:
+            plan.faults.append("hang_rate")
+            plan.hang = True
+            return True
+        if opts.fail_rate and self._fail_rng.random() < opts.fail_rate:
+            plan.faults.append("fail_rate")
+            plan.status, plan.message = 500, "simulated server error (--fail-rate)"
+            return True
+        if (not plan.wrong and opts.error_rate
+                and fraction("error", opts.seed, cleaned) < opts.error_rate):
+            plan.faults.append("error_rate")
+            plan.wrong = True
+        return False
 
     async def _execute(self, plan: _Plan, conn: Connection, body: dict[str, Any],
                        d: Directive, cleaned: list[dict[str, Any]], stream: bool) -> None:
@@ -325,13 +350,9 @@ class SimApp:
             conn.respond(plan.status, error_body(plan.status, plan.message),
                          headers=self._rate_headers(plan.headers))
             return
-        if d.answer is not None:
-            answer = d.answer
-        elif d.program is not None:
-            answer = PROGRAMS[d.program]
-        else:
-            answer = respond(cleaned, wrong=plan.wrong)
-        finish: str | None = "stop"
+        reply = _reply(body, d, cleaned, plan.wrong)
+        answer = reply.text
+        finish: str | None = "tool_calls" if reply.tool_calls else "stop"
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         if limit:
             cut = _truncate(answer, limit)
@@ -341,22 +362,32 @@ class SimApp:
             finish = None
         prompt_tokens = sum(len(message_text(m.get("content")).split())
                             for m in body["messages"])
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(answer.split()),
-                 "total_tokens": prompt_tokens + len(answer.split())}
+        completion_tokens = len(answer.split()) + sum(
+            len(c["arguments"].split()) + 1 for c in reply.tool_calls)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
         self._ids += 1
         head = {"id": f"chatcmpl-sim{os.getpid():x}{self._ids:08x}", "created": int(time.time()),
                 "model": body["model"], "system_fingerprint": "sim"}
+        calls = [{"id": f"call_{self._ids:x}_{i}", "type": "function",
+                  "function": {"name": c["name"], "arguments": c["arguments"]}}
+                 for i, c in enumerate(reply.tool_calls)]
         if stream:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
             await self._stream(conn, head, answer, finish, usage if include_usage else None,
-                               plan.stall)
+                               plan.stall, calls)
             return
         if plan.stall:
             await asyncio.sleep(plan.stall)
+        message: dict[str, Any] = {"role": "assistant", "content": answer or None}
+        if calls:
+            message["tool_calls"] = calls
+        else:
+            message["content"] = answer
         data = {**head, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": answer},
-            "finish_reason": finish, "logprobs": None}], "usage": usage}
+            "index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "usage": usage}
         conn.respond(200, json.dumps(data, ensure_ascii=False).encode(),
                      headers=self._rate_headers({}))
 
@@ -366,10 +397,11 @@ class SimApp:
         return headers
 
     async def _stream(self, conn: Connection, head: dict[str, Any], answer: str,
-                      finish: str | None, usage: dict[str, int] | None, stall: float) -> None:
+                      finish: str | None, usage: dict[str, int] | None, stall: float,
+                      calls: list[dict[str, Any]]) -> None:
         base = {**head, "object": "chat.completion.chunk"}
 
-        def event(delta: dict[str, str], reason: str | None) -> bytes:
+        def event(delta: dict[str, Any], reason: str | None) -> bytes:
             data = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason,
                                          "logprobs": None}]}
             return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
@@ -380,6 +412,7 @@ class SimApp:
             pieces = ["".join(pieces[i:i + size]) for i in range(0, len(pieces), size)]
         events = [event({"role": "assistant", "content": ""}, None)]
         events.extend(event({"content": p}, None) for p in pieces)
+        events.extend(_tool_call_events(calls, event))
         if finish is not None:
             events.append(event({}, finish))
         if usage is not None:
@@ -433,3 +466,44 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.5)
     log.warning("parent process %d is gone: stopping", parent_pid)
     stop.set()
+
+
+def _valid_tools(tools: Any) -> bool:
+    """An array of OpenAI function tools (what the agent reads of them is there)."""
+    return isinstance(tools, list) and all(
+        isinstance(t, dict) and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str)
+        and isinstance(t["function"].get("parameters", {}), dict) for t in tools)
+
+
+def _reply(body: dict[str, Any], d: Directive, cleaned: list[dict[str, Any]],
+           wrong: bool) -> Reply:
+    """What the simulated model says: a literal answer, a program, the agent's next step
+    (when the request offers tools), or the rule-based model's answer."""
+    if d.answer is not None:
+        return Reply(text=d.answer)
+    if d.program is not None:
+        return Reply(text=PROGRAMS[d.program])
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        reply = agent_reply(body["messages"], tools, d.agent)
+        if reply is not None:
+            return reply
+    return Reply(text=respond(cleaned, wrong=wrong))
+
+
+def _tool_call_events(calls: list[dict[str, Any]],
+                      event: Callable[[dict[str, Any], str | None], bytes]) -> list[bytes]:
+    """Tool calls as streamed deltas: id and name first, then the arguments in two pieces
+    (clients must join them by ``index``)."""
+    events = []
+    for i, call in enumerate(calls):
+        args = call["function"]["arguments"]
+        half = len(args) // 2
+        events.append(event({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                             "function": {"name": call["function"]["name"],
+                                                          "arguments": ""}}]}, None))
+        for piece in (args[:half], args[half:]):
+            events.append(event({"tool_calls": [{"index": i, "function": {"arguments": piece}}]},
+                                None))
+    return events

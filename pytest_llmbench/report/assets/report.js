@@ -240,6 +240,15 @@
       tx.appendChild(div);
     });
     if (!(d.m || []).length) tx.appendChild(el("p", "No messages recorded.", "muted"));
+    if (d.tr && d.tr.length) {  /* an agent item: every model call, tool call and stop, timed */
+      tx.appendChild(el("h4", "Agent transcript"));
+      d.tr.forEach(function (e) {
+        var div = el("div", undefined, "msg tool");
+        div.appendChild(el("div", str(e[0]), "role"));
+        div.appendChild(el("pre", str(e[1])));
+        tx.appendChild(div);
+      });
+    }
     if (tr) box.scrollIntoView({block: "nearest"});
   }
 
