@@ -8,6 +8,7 @@
     ├── ScorerError            unknown scorer or a scorer that raised
     ├── StoreError             result store unusable (version mismatch, corrupt index)
     ├── LeaseTimeout           a lease could not be acquired in time
+    ├── LeaseExpired           a lease was held past its maximum and reclaimed
     ├── APIError               a chat call failed for good (after the retry policy)
     │   ├── APITimeoutError    ... because its attempts timed out
     │   └── EndpointDown       ... because the endpoint's circuit breaker is open
@@ -83,6 +84,23 @@ class LeaseTimeout(LLMBenchError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.pool, self.timeout))
+
+
+class LeaseExpired(LLMBenchError):
+    """A lease was held past its maximum occupation: reclaimed, and the test holding it
+    interrupted (error class ``lease_timeout``)."""
+
+    error_class = "lease_timeout"
+
+    def __init__(self, pool: str, slot: int, held: float, limit: float) -> None:
+        self.pool, self.slot, self.held, self.limit = pool, slot, held, limit
+        super().__init__(
+            f"[lease_timeout] held resource {pool!r} (slot {slot}) for {held:.1f} s, over its"
+            f" limit of {limit:g} s (lease_max): the lease was reclaimed"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.pool, self.slot, self.held, self.limit))
 
 
 class APIError(LLMBenchError):

@@ -152,9 +152,17 @@ def llm(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 @pytest.fixture
-def llm_lease(request: pytest.FixtureRequest) -> Any:
-    """Acquire a lease on a named resource pool: ``with llm_lease("sandbox"): ...``."""
+def llm_lease(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Acquire a lease on a named resource pool: ``with llm_lease("sandbox"): ...``.
+
+    Held past ``lease_max``, the lease is reclaimed and the test interrupted (``LeaseExpired``);
+    the test's report then carries the property ``llmbench_error_class=lease_timeout``."""
     from pytest_llmbench.session.client import lease_factory
     from pytest_llmbench.session.run import SESSION_KEY
 
-    return lease_factory(request.config.stash[SESSION_KEY])
+    held: list[Any] = []
+    yield lease_factory(request.config.stash[SESSION_KEY], held)
+    if any(lease.expired is not None for lease in held):
+        request.node.user_properties.append(("llmbench_error_class", "lease_timeout"))
+    for lease in held:
+        lease.release()  # a lease the test forgot: not held into the next test

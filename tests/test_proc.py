@@ -448,3 +448,26 @@ def test_nothing_to_kill_is_cheap() -> None:
     t0 = time.monotonic()
     assert proc.kill_tree(p.pid) == []
     assert time.monotonic() - t0 < 2  # no grace wait when nothing is alive
+
+
+HEADLESS = """
+import ctypes, threading, time
+threading.Thread(target=time.sleep, args=(1000,)).start()
+print("ready", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_process_whose_main_thread_exited_is_alive_and_is_killed() -> None:
+    """Its leader shows ``Z`` while a thread runs on: alive, and killed with its tree."""
+    p = subprocess.Popen([sys.executable, "-c", HEADLESS], stdout=subprocess.PIPE,
+                         start_new_session=True)
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    deadline = time.monotonic() + 10
+    while (info := proc.read_stat(p.pid)) is not None and info.state != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert info is not None and info.alive and proc.pid_alive(p.pid)
+    assert p.pid in proc.kill_tree(p.pid, grace=0.1)
+    assert p.wait(timeout=10) in (-signal.SIGTERM, -signal.SIGKILL)
+    p.stdout.close()

@@ -13,10 +13,21 @@ clean release) says who holds the slot: pid, process start time (guards pid reus
 * a free lock with a sidecar left behind means the holder never released cleanly (it died):
   the next acquirer or :meth:`LeasePool.monitor_tick` logs ``[ForcedRelease] ... reason=dead``;
 * a held lock whose live holder is past its ``max_occupation`` (DESIGN.md's lease layer,
-  900 s by default): the holder's whole process tree (group, descendants, token holders) is
-  killed with :func:`proc.kill_tree`, ``[ResourceTimeout]`` and ``[ForcedRelease] ...
-  reason=over_time`` are logged, and a record is left for :func:`find_reclaim` so the engine
-  can report the item as ``lease_timeout`` rather than ``crashed``.
+  900 s by default) is reclaimed, in every mode (plain run or xdist), by whichever comes
+  first: the holder's own *guard* (a timer thread started with the lease) or a monitor in
+  another process (the engine's tick, a waiting acquirer). ``[ResourceTimeout]`` and
+  ``[ForcedRelease] ... reason=over_time`` are logged, and a record is left for
+  :func:`find_reclaim` so the engine reports the item as ``lease_timeout``, not ``crashed``.
+  What is killed is the holding *item*, never a pytest process:
+
+  - held in an item process (suite items: the code judge's ``sandbox`` pool): the item's
+    process tree (its guard kills its own process group; a monitor kills the holder's
+    tree by pid and token; the item's cgroup goes with its host);
+  - held by a plain test (the ``llm_lease`` fixture) in a pytest process or xdist worker:
+    the holder is marked ``in_process`` and is never signalled from outside; its guard
+    releases the slot and interrupts the test (a signal to the main thread raises
+    :class:`LeaseExpired` there, as pytest-timeout's ``signal`` method does). The
+    subprocesses such a test started are its own to end (``with Popen(...)`` does).
 
 Limits, by design:
 
@@ -41,7 +52,8 @@ import logging
 import os
 import random
 import re
-import socket
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -50,7 +62,8 @@ from types import TracebackType
 from typing import Any
 
 from pytest_llmbench.coord import proc
-from pytest_llmbench.errors import LeaseTimeout
+from pytest_llmbench.coord.identity import ProcessIdentity
+from pytest_llmbench.errors import LeaseExpired, LeaseTimeout
 
 log = logging.getLogger("pytest_llmbench.coord.lease")
 
@@ -59,37 +72,51 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _POLL = (0.02, 0.05)  # jittered sleep between acquisition rounds (seconds)
 _CHECK_INTERVAL = 0.5  # how often a waiting acquirer looks for over-time holders
 _RECLAIMED_DIR = ".reclaimed"
+#: Seconds past its limit before an item process's own guard kills it (see ``_Guard``).
+GUARD_SLACK = 1.0
+#: The signal a plain test's lease guard sends its main thread (a real-time signal: not one
+#: that pytest-timeout (SIGALRM) or a test is likely to use).
+_INTERRUPT = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+
+
+def default_state_dir() -> Path:
+    """Where pools that are not the run's own live (the code judge's ``sandbox`` pool):
+    ``LLMBENCH_STATE_DIR``, or a directory per user in the temp dir."""
+    env = os.environ.get("LLMBENCH_STATE_DIR")
+    if env:
+        return Path(env)
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"pytest-llmbench-{os.getuid()}"
 
 
 @dataclass(frozen=True, kw_only=True)
-class Holder:
-    """A slot's sidecar: who holds it since when, and for how long it may."""
+class Holder(ProcessIdentity):
+    """A slot's sidecar: who holds it (``coord.identity``) since when, for how long it may."""
 
-    pid: int
-    start_time: int | None
-    host: str
     acquired_at: float
     """Unix time of acquisition (comparable across processes)."""
     max_occupation: float
     label: str = ""
     token: str | None = None
     """The holder's ``LLMBENCH_ITEM_TOKEN``: lets a reclaim kill the whole item."""
+    in_process: bool = False
+    """Held by a pytest process for a plain test: never signalled by another process (that
+    would kill a worker); its own guard interrupts the test at the limit."""
 
     def held(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.acquired_at)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Holder:
-        start = data.get("start_time")
         token = data.get("token")
         return cls(
-            pid=int(data["pid"]),
-            start_time=None if start is None else int(start),
-            host=str(data["host"]),
+            **ProcessIdentity.fields_from(data),
             acquired_at=float(data["acquired_at"]),
             max_occupation=float(data["max_occupation"]),
             label=str(data.get("label", "")),
             token=None if token is None else str(token),
+            in_process=bool(data.get("in_process", False)),
         )
 
 
@@ -189,6 +216,11 @@ class Lease:
         self._fd: int | None = fd
         self._owner = os.getpid()
         self._t0 = time.monotonic()
+        self.expired: ReclaimEvent | None = None
+        """Set when the guard reclaimed this lease."""
+        self._guard: _Guard | None = None
+        self._swap = threading.Lock()
+        self._guard = _Guard.start(self)
 
     @property
     def acquired_at(self) -> float:
@@ -209,16 +241,52 @@ class Lease:
 
     def release(self) -> None:
         """Free the slot (idempotent). Sidecar first, lock second: see the module docstring."""
-        fd, self._fd = self._fd, None
+        with self._swap:  # the guard's thread may be reclaiming it at this very moment
+            fd, self._fd = self._fd, None
         if fd is None:
             return
         try:
             if os.getpid() == self._owner:
+                if self._guard is not None:
+                    self._guard.stop()
                 self.pool._remove_sidecar(self.slot, self.holder)
                 fcntl.flock(fd, fcntl.LOCK_UN)
             # in a forked copy, unlocking would free the owner's lease: only close ours
         finally:
             os.close(fd)
+
+    def _expire(self) -> None:
+        """The guard's timer fired: reclaim this lease from its own holder."""
+        with self._swap:
+            fd, self._fd = self._fd, None
+        if fd is None:  # released meanwhile
+            return
+        holder, held = self.holder, self.held_for()
+        log.warning(
+            "[ResourceTimeout] resource=%s slot=%d holder=%d held=%.1fs limit=%gs%s",
+            self.pool.name, self.slot, holder.pid, held, holder.max_occupation,
+            f" label={holder.label}" if holder.label else "",
+        )
+        self.expired = ReclaimEvent(
+            resource=self.pool.name, slot=self.slot, holder=holder.pid, held=held,
+            reason="over_time", limit=holder.max_occupation, label=holder.label,
+            token=holder.token, killed=() if holder.in_process else (os.getpid(),),
+        )
+        record_reclaim(self.pool.root, self.expired, pid=holder.pid, start_time=holder.start_time)
+        self.pool._remove_sidecar(self.slot, holder)
+        self.pool._unlock(fd)
+        log.warning(
+            "[ForcedRelease] resource=%s slot=%d holder=%d held=%.1fs reason=over_time",
+            self.pool.name, self.slot, holder.pid, held,
+        )
+        if not holder.in_process:
+            # An item process: the item goes, its whole group with it; the engine finds the
+            # record above and reports ``lease_timeout`` (its host's cgroup is killed too).
+            with contextlib.suppress(OSError):
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._guard is not None:
+            self._guard.interrupt()
 
     def __enter__(self) -> Lease:
         return self
@@ -233,12 +301,83 @@ class Lease:
 
     def __del__(self) -> None:
         # A forgotten lease must not pin the slot until the process exits.
+        # (The guard's timer holds only a weak reference: a forgotten lease is collected.)
         with contextlib.suppress(Exception):
             self.release()
 
     def __repr__(self) -> str:
         state = "released" if self.released else f"held {self.held_for():.1f}s"
         return f"<Lease {self.pool.name}[{self.slot}] {state}>"
+
+
+class _Guard:
+    """A lease's own enforcement of its maximum: a timer thread in the holding process.
+
+    For a plain test (``in_process``), acquired on the main thread, a signal handler is
+    installed for the lease's lifetime: at the limit the timer releases the slot and sends
+    the main thread a signal whose handler raises :class:`LeaseExpired`, which ends the
+    test (also out of a blocking ``sleep`` or ``read``). In an item process (it carries the
+    item token and leads its process group) the timer fires ``GUARD_SLACK`` later, leaving
+    the first move to monitors in other processes (a thread cannot run while the item holds
+    the GIL in C code; a monitor's signal always lands), and then kills the item."""
+
+    @classmethod
+    def start(cls, lease: Lease) -> _Guard | None:
+        holder = lease.holder
+        if holder.in_process:
+            return cls(lease, 0.0)
+        if (holder.token and holder.token == os.environ.get(proc.TOKEN_ENV)
+                and os.getpgrp() == os.getpid()):
+            return cls(lease, GUARD_SLACK)
+        return None  # a process of no item (a script, a test of this module): monitors only
+
+    def __init__(self, lease: Lease, slack: float) -> None:
+        import weakref
+
+        self.handler_installed = False
+        self.previous: Any = None
+        self.target = threading.get_ident()
+        holder = lease.holder
+        if holder.in_process and threading.current_thread() is threading.main_thread():
+            ref = weakref.ref(lease)
+
+            def raise_expired(_signum: int, _frame: object) -> None:
+                __tracebackhide__ = True  # noqa: F841 - read by pytest
+                found = ref()
+                event = found.expired if found is not None else None
+                if event is not None:
+                    raise LeaseExpired(event.resource, event.slot, event.held, event.limit)
+
+            self.previous = signal.signal(_INTERRUPT, raise_expired)
+            self.handler_installed = True
+        delay = max(0.0, holder.max_occupation - holder.held()) + slack
+        lease_ref = weakref.ref(lease)
+
+        def fire() -> None:
+            found = lease_ref()
+            if found is not None:
+                found._expire()
+
+        self.timer = threading.Timer(delay, fire)
+        self.timer.daemon = True
+        self.timer.name = f"llmbench-lease-guard-{lease.pool.name}-{lease.slot}"
+        self.timer.start()
+
+    def interrupt(self) -> None:
+        if self.handler_installed:
+            signal.pthread_kill(self.target, _INTERRUPT)
+        else:
+            log.warning("lease reclaimed from a thread that is not the main thread: the test"
+                        " holding it is not interrupted")
+
+    def stop(self) -> None:
+        """The lease is released: no timer left behind (an item host counts its threads)."""
+        self.timer.cancel()
+        if self.timer is not threading.current_thread():
+            self.timer.join()
+        if self.handler_installed and threading.current_thread() is threading.main_thread():
+            signal.signal(_INTERRUPT, self.previous)
+            self.handler_installed = False
 
 
 class LeasePool:
@@ -264,7 +403,6 @@ class LeasePool:
         self.max_occupation = float(max_occupation)
         self.dir = self.root / "leases" / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._host = socket.gethostname()
         self._noted_self: set[tuple[int, float]] = set()
 
     def __repr__(self) -> str:
@@ -318,8 +456,13 @@ class LeasePool:
 
     # --- acquisition -------------------------------------------------------------------
 
-    def acquire(self, timeout: float | None = None, *, label: str = "") -> Lease:
+    def acquire(
+        self, timeout: float | None = None, *, label: str = "", in_process: bool = False
+    ) -> Lease:
         """Take a free slot, waiting up to ``timeout`` seconds (None: forever).
+
+        ``in_process``: the caller is a pytest process holding the lease for a plain test
+        (never to be killed from outside; see the module docstring).
 
         Every slot is tried without blocking, then again every 20-50 ms (jittered so that
         waiters in many processes do not poll in step). While waiting, over-time holders are
@@ -332,7 +475,7 @@ class LeasePool:
             for slot in range(self.slots):
                 fd = self._try_lock(slot)
                 if fd is not None:
-                    return self._take(slot, fd, label)
+                    return self._take(slot, fd, label, in_process)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + _CHECK_INTERVAL
@@ -351,20 +494,21 @@ class LeasePool:
         )
         raise LeaseTimeout(self.name, float(timeout if timeout is not None else 0.0))
 
-    def _take(self, slot: int, fd: int, label: str) -> Lease:
+    def _take(self, slot: int, fd: int, label: str, in_process: bool = False) -> Lease:
         try:
             stale = self.read_holder(slot)
             if stale is not None:
                 self._report_stale(slot, stale)
-            me = os.getpid()
+            me = ProcessIdentity.of()
             holder = Holder(
-                pid=me,
-                start_time=proc.process_start_time(me),
-                host=self._host,
+                pid=me.pid,
+                start_time=me.start_time,
+                host=me.host,
                 acquired_at=time.time(),
                 max_occupation=self.max_occupation,
                 label=label,
                 token=os.environ.get(proc.TOKEN_ENV) or None,
+                in_process=in_process,
             )
             _write_json(self.sidecar_path(slot), asdict(holder))
         except BaseException:
@@ -421,8 +565,8 @@ class LeasePool:
         return reclaimed
 
     def _report_stale(self, slot: int, holder: Holder) -> ReclaimEvent:
-        local = holder.host == self._host
-        dead = not local or not proc.pid_alive(holder.pid, holder.start_time)
+        local = holder.is_local()
+        dead = not local or not holder.is_alive()
         # alive but not holding: it closed the lock fd without release() (or lost it)
         reason = "dead" if dead else "abandoned"
         held = holder.held()
@@ -448,9 +592,9 @@ class LeasePool:
 
     def _check_over_time(self, slot: int, holder: Holder) -> ReclaimEvent | None:
         held = holder.held()
-        if held <= holder.max_occupation or holder.host != self._host:
+        if held <= holder.max_occupation or not holder.is_local():
             return None
-        if not proc.pid_alive(holder.pid, holder.start_time):
+        if not holder.is_alive():
             return None  # just died (or the sidecar is being replaced): a later pass cleans it
         fd = self._try_lock(slot)
         if fd is not None:  # released meanwhile: nothing over time here
@@ -458,13 +602,14 @@ class LeasePool:
             return None
         if self.read_holder(slot) != holder:
             return None  # the slot changed hands since ``holder`` was read
-        if holder.pid == os.getpid() or holder.pid in proc.ancestors():
+        if holder.in_process or holder.pid == os.getpid() or holder.pid in proc.ancestors():
             key = (slot, holder.acquired_at)
             if key not in self._noted_self:
                 self._noted_self.add(key)
                 log.warning(
                     "[ResourceTimeout] resource=%s slot=%d holder=%d held=%.1fs limit=%gs "
-                    "(holder is this process or its ancestor: not killed)",
+                    "(a pytest process, this one or its ancestor: not killed; the holder's"
+                    " own guard reclaims it)",
                     self.name,
                     slot,
                     holder.pid,
@@ -550,11 +695,32 @@ class LeaseManager:
             known = ", ".join(self.names) or "none declared"
             raise KeyError(f"unknown resource pool {name!r} (known: {known})") from None
 
-    def acquire(self, name: str, timeout: float | None = None, *, label: str = "") -> Lease:
-        return self.pool(name).acquire(timeout, label=label)
+    def acquire(
+        self, name: str, timeout: float | None = None, *, label: str = "", in_process: bool = False
+    ) -> Lease:
+        return self.pool(name).acquire(timeout, label=label, in_process=in_process)
 
     def monitor_tick(self) -> list[ReclaimEvent]:
+        """Reclaim over-time and dead holders of the run's pools and of the pools items use
+        on their own (the code judge's ``sandbox`` pool in :func:`default_state_dir`)."""
         events: list[ReclaimEvent] = []
-        for pool in self._pools.values():
+        for pool in [*self._pools.values(), *self._found_pools()]:
             events.extend(pool.monitor_tick())
         return events
+
+    def _found_pools(self) -> list[LeasePool]:
+        """Pools under :func:`default_state_dir`, sized by their lock files (a few ``stat``
+        calls a second; re-read so that a pool made after the run started is seen)."""
+        root = default_state_dir()
+        if root == self.root:
+            return []
+        found: list[LeasePool] = []
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(root / "leases"):
+                if not entry.is_dir() or not _NAME.match(entry.name):
+                    continue
+                slots = sum(1 for f in os.scandir(entry.path) if f.name.endswith(".lock"))
+                if slots:
+                    found.append(LeasePool(root, entry.name, slots,
+                                           max_occupation=self.max_occupation))
+        return found

@@ -68,8 +68,21 @@ class ProcInfo:
 
     @property
     def alive(self) -> bool:
-        """Running or sleeping: not a zombie (``Z``) or dead (``X``) entry awaiting reaping."""
-        return self.state not in ("Z", "X", "x")
+        """Running or sleeping: not a zombie (``Z``) or dead (``X``) entry awaiting reaping.
+
+        A thread-group leader whose main thread exited shows ``Z`` while its other threads
+        still run: that process is alive (and must be killed with the rest)."""
+        if self.state in ("X", "x"):
+            return False
+        return self.state != "Z" or _has_live_threads(self.pid)
+
+
+def _has_live_threads(pid: int) -> bool:
+    """Whether a zombie-looking leader still has threads running (``/proc/PID/task``)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def _parse_stat(pid: int, data: bytes) -> ProcInfo | None:
@@ -239,6 +252,21 @@ def set_child_subreaper() -> bool:
     if libc is None or not hasattr(libc, "prctl"):
         return False
     return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Have the kernel send ``sig`` to the caller when its parent *thread* exits.
+
+    Call it in a child right after ``fork``, then compare ``os.getppid()`` with the parent's
+    pid: a parent that died before the call is not noticed by the kernel. The parent must be
+    single-threaded or fork from a thread that lives as long as it does."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "prctl"):
+        return False
+    return int(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
 
 
 def tag_process(token: str) -> None:
@@ -428,20 +456,33 @@ def kill_trees(specs: Sequence[KillSpec], *, grace: float = 0.5) -> list[int]:
         return []
     procs = scan()
     protected, protected_groups = _protected(procs)
-    all_targets: list[_Targets] = []
-    for spec in specs:
-        pgid = spec.pgid
-        root = procs.get(spec.pid)
-        if root is not None and spec.start_time is not None and root.start_time != spec.start_time:
-            root = None  # pid recycled: only the group/token marks still apply
-        if pgid is None and root is not None and root.pgrp == spec.pid:
-            pgid = spec.pid
-        if pgid is not None and (pgid <= 1 or pgid in protected_groups):
-            log.warning("kill_tree: refusing to signal process group %d (ours or invalid)", pgid)
-            pgid = None
-        all_targets.append(_Targets(spec.pid, spec.start_time, pgid, spec.token))
-    signalled: set[int] = set()
+    all_targets = [_targets_of(spec, procs, protected_groups) for spec in specs]
+    signalled = _terminate(all_targets, procs, protected)
+    _wait_gone(all_targets, grace)
+    signalled |= _kill_rounds(all_targets, protected, specs)
+    log.debug("kill_trees(%s): signalled %d processes",
+              ", ".join(str(s.pid) for s in specs), len(signalled))
+    return sorted(signalled)
 
+
+def _targets_of(spec: KillSpec, procs: Mapping[int, ProcInfo], protected_groups: set[int],
+                ) -> _Targets:
+    pgid = spec.pgid
+    root = procs.get(spec.pid)
+    if root is not None and spec.start_time is not None and root.start_time != spec.start_time:
+        root = None  # pid recycled: only the group/token marks still apply
+    if pgid is None and root is not None and root.pgrp == spec.pid:
+        pgid = spec.pid
+    if pgid is not None and (pgid <= 1 or pgid in protected_groups):
+        log.warning("kill_tree: refusing to signal process group %d (ours or invalid)", pgid)
+        pgid = None
+    return _Targets(spec.pid, spec.start_time, pgid, spec.token)
+
+
+def _terminate(all_targets: list[_Targets], procs: Mapping[int, ProcInfo],
+               protected: set[int]) -> set[int]:
+    """SIGTERM (and SIGCONT) to every marked process: the group at once, the rest one by one."""
+    signalled: set[int] = set()
     for targets in all_targets:
         first = targets.select(procs, protected)
         pgid = targets.pgid
@@ -455,7 +496,11 @@ def kill_trees(specs: Sequence[KillSpec], *, grace: float = 0.5) -> list[int]:
             if _signal(p, st, signal.SIGTERM, protected):
                 signalled.add(p)
                 _signal(p, st, signal.SIGCONT, protected)
+    return signalled
 
+
+def _wait_gone(all_targets: list[_Targets], grace: float) -> None:
+    """Up to ``grace`` seconds for the signalled processes to exit by themselves."""
     deadline = time.monotonic() + grace
     delay = 0.001
     while any(t.any_alive() for t in all_targets):
@@ -463,12 +508,16 @@ def kill_trees(specs: Sequence[KillSpec], *, grace: float = 0.5) -> list[int]:
             targets.check_group()  # notice an emptied group before its number can be recycled
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            break
+            return
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, _POLL_MAX)
 
-    # SIGKILL rounds: a dead process cannot fork, so every round shrinks the set; stop after
-    # two clean scans (a child forked just before its parent died is listed by the second).
+
+def _kill_rounds(all_targets: list[_Targets], protected: set[int],
+                 specs: Sequence[KillSpec]) -> set[int]:
+    """SIGKILL rounds: a dead process cannot fork, so every round shrinks the set; stop after
+    two clean scans (a child forked just before its parent died is listed by the second)."""
+    signalled: set[int] = set()
     budget_end = time.monotonic() + _KILL_BUDGET
     clean, delay = 0, 0.0
     while clean < 2:
@@ -491,6 +540,25 @@ def kill_trees(specs: Sequence[KillSpec], *, grace: float = 0.5) -> list[int]:
                 signalled.add(p)
         time.sleep(delay)
         delay = min(max(delay * 2, 0.001), _POLL_MAX)
-    log.debug("kill_trees(%s): signalled %d processes",
-              ", ".join(str(s.pid) for s in specs), len(signalled))
-    return sorted(signalled)
+    return signalled
+
+
+def kill_leftovers(token: str | None = None) -> list[int]:
+    """In an item host after an item: SIGKILL what the item left, sparing the caller.
+
+    Without cgroups this is what can be found: the caller's descendants, the members of its
+    process group, and the holders of ``token``; a ``setsid`` daemon that also cleared its
+    environment and renamed itself is re-parented to the fork server (a subreaper) and
+    killed only when the server kills its hosts' trees (docs/deadlines.md).
+    """
+    procs = scan()
+    me = os.getpid()
+    group = os.getpgrp()
+    roots = {p for p, i in procs.items() if i.ppid == me or (i.pgrp == group and p != me)}
+    if token:
+        needle, comm = _token_matcher(token)
+        roots |= {p for p, i in procs.items() if i.alive and _has_token(i, needle, comm)}
+    roots.discard(me)
+    found = _subtree(roots, _children_map(procs)) - {me}
+    specs = [KillSpec(p, start_time=procs[p].start_time) for p in found if p in procs]
+    return kill_trees(specs, grace=0.0) if specs else []

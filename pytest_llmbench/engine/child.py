@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from pytest_llmbench.coord import proc
+from pytest_llmbench.coord.cgroup import Cgroup
 from pytest_llmbench.engine.runner import Job, execute
 from pytest_llmbench.store.filestore import ClaimHolder, Store
 
@@ -109,7 +110,13 @@ def child_main(
         send = _sender(fd)
         _become_item_process(send)
         proc.tag_process(token)
-        _run_item(job, send, deadline, store, holder)
+        proc.set_child_subreaper()  # what the item leaves stays our descendant, found below
+
+        def then() -> str:
+            _clean_up_after_item(None, token)  # before the result counts (no cgroup here:
+            return ""  # the engine kills this child's cgroup, if it has one, at its exit)
+
+        _run_item(job, send, deadline, store, holder, then=then)
     except BaseException:  # noqa: BLE001 - reported to the parent, which records a crash
         code = 1
         _report_crash(fd)
@@ -143,22 +150,42 @@ def _read_exact(fd: int, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _left_something_behind() -> bool:
-    """Whether the item started a process or a thread that is still around."""
+def _clean_up_after_item(group: Cgroup | None, token: str) -> bool:
+    """Kill whatever the item left running; whether it left anything (a process or a
+    thread: the host is then replaced, so no item inherits another's leftovers)."""
+    me = os.getpid()
+    if group is not None:
+        # The cgroup lists every process the item started, whatever it did to hide.
+        left = bool(group.pids() - {me})
+        if left:
+            group.kill(spare=me)
+    else:
+        # The host is a subreaper: whatever the item started and did not wait for is still
+        # our descendant (a live child: one ``waitpid`` tells), and is found from here.
+        left = _reap_children() is not None and bool(proc.kill_leftovers(token))
+    return _reap_children() is not None or left or threading.active_count() > 1
+
+
+def _reap_children() -> int | None:
+    """Reap exited children; how many live ones remain unreaped (0 or 1: "some"), or None
+    when there are no children at all."""
     try:
-        os.waitpid(-1, os.WNOHANG)
+        while True:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return 1
     except ChildProcessError:
-        return threading.active_count() > 1
-    return True
+        return None
 
 
 def host_main(
-    jobs_fd: int, fd: int, stores: Callable[[str, bool], Store]
+    jobs_fd: int, fd: int, stores: Callable[[str, bool], Store], group: Cgroup | None = None,
 ) -> NoReturn:  # pragma: no cover - runs in the host, measured by the tests' outcomes
     """Body of an item host: run the items the engine sends through ``jobs_fd``, one at a
     time, each as ``child_main`` would; say ``idle`` after each. Leaves (so that the engine
     starts a fresh host) at end of input, after ``HOST_MAX_ITEMS`` items, after an item that
-    left a process or a thread behind, and after any failure outside the item's own code."""
+    left a process or a thread behind (killed before its result is sent), and after any
+    failure outside the item's own code. ``group``: the host's own cgroup, if it has one."""
     import pickle
 
     code = 0
@@ -166,6 +193,7 @@ def host_main(
     base_env: dict[str, str] | None = None
     try:
         _become_item_process(send)
+        proc.set_child_subreaper()
         for served in range(1, HOST_MAX_ITEMS + 1):
             message = read_message(jobs_fd)
             if message is None:
@@ -191,9 +219,9 @@ def host_main(
             last = served == HOST_MAX_ITEMS
             leaving = False
 
-            def then(last: bool = last) -> str:
+            def then(last: bool = last, token: str = spawn.token) -> str:
                 nonlocal leaving
-                leaving = last or _left_something_behind()
+                leaving = _clean_up_after_item(group, token) or last
                 return "" if leaving else "idle"
 
             _run_item(spawn.job, send, spawn.deadline, store, spawn.holder, then=then)

@@ -34,10 +34,15 @@ exits. Another connection closing is just forgotten: its hosts leave by themselv
 of their job pipes, and are reaped as usual.
 
 The server is the hosts' parent and a child subreaper, so it reaps them and their orphaned
-descendants; killing stays the engine's job (process group, token, ``/proc``). When the
-pytest process that started it goes away (the primary socket closes), the server exits; a
-host then sees the end of its job pipe after its current item, which finishes and is stored,
-as after a crash of pytest.
+descendants. Killing an item at its deadline is the engine's job (process group, token,
+``/proc``); the server owns the hosts' *lifetime*: each host runs in a cgroup of its own
+(``coord/cgroup.py``, where cgroups are writable) and has a parent-death signal towards the
+server; when a host exits, whatever its items left (its cgroup, else its process group) is
+killed before the engine hears of the exit. The server runs in a session of its own, so a
+signal to pytest's process group does not reach it: when the pytest process that started
+it goes away, however it died (the primary socket closes; the parent-death signal), the
+server kills every host's tree and exits. A client connection that closes (an xdist worker
+that ended or died) has its hosts killed.
 """
 
 from __future__ import annotations
@@ -54,11 +59,13 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_llmbench.coord import cgroup, proc
 from pytest_llmbench.engine.runner import Job
 from pytest_llmbench.store.filestore import ClaimHolder, Store
 
@@ -99,6 +106,9 @@ _MAIN = "import sys; from pytest_llmbench.engine.forkserver import main; sys.exi
 
 #: Set in the server's environment when a model of the run is reached over HTTPS.
 _TLS_ENV = "LLMBENCH_FORK_SERVER_TLS"
+#: The starting pytest process's pid, when its main thread started the server (the kernel's
+#: parent-death signal follows the *thread* that forked: another thread's end would fire it).
+_PARENT_ENV = "LLMBENCH_FORK_SERVER_PARENT"
 
 
 def _start(fds: list[int], tls: bool) -> subprocess.Popen[bytes]:
@@ -107,6 +117,7 @@ def _start(fds: list[int], tls: bool) -> subprocess.Popen[bytes]:
     env.pop("PYTHONSTARTUP", None)
     if tls:
         env[_TLS_ENV] = "1"
+    env[_PARENT_ENV] = str(os.getpid()) if threading.current_thread() is threading.main_thread() else ""
     return subprocess.Popen(
         # ``-c``, not ``-m``: the module is imported under its own name, once (a host
         # unpickling a ``Spawn`` would otherwise import it again, as a module apart).
@@ -114,6 +125,9 @@ def _start(fds: list[int], tls: bool) -> subprocess.Popen[bytes]:
         pass_fds=tuple(fds),
         stdin=subprocess.DEVNULL,
         env=env,
+        # A session of its own: a signal to pytest's process group (Ctrl-C, ``kill -9 -PGID``)
+        # does not reach the server, which then kills every host's tree before it exits.
+        start_new_session=True,
     )
 
 
@@ -262,6 +276,10 @@ class _Server:
         self.conns: set[socket.socket] = {sock}
         self.children: dict[int, socket.socket | None] = {}
         """Live hosts, each with the connection that asked for it (None once it closed)."""
+        self.cgroup_base: cgroup.Cgroup | None = None
+        self.cgroups: dict[int, cgroup.Cgroup] = {}
+        """Each live host's cgroup: everything its items started, whatever they did."""
+        self.made = 0
         self.stores: dict[tuple[str, bool], Store] = {}
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector = selectors.DefaultSelector()
@@ -279,10 +297,16 @@ class _Server:
             conn.send(pickle.dumps(message))
 
     def run(self) -> None:
-        from pytest_llmbench.coord import proc
-
         proc.set_child_subreaper()
+        self.cgroup_base = cgroup.create_base()
+        try:
+            self.serve()
+        finally:
+            self.kill_all()
+
+    def serve(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the pytest process's to handle
+        signal.signal(signal.SIGTERM, _exit_on_signal)  # the parent-death signal: clean up
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         selector = self.selector
@@ -305,9 +329,8 @@ class _Server:
                     assert isinstance(conn, socket.socket)
                     if self.request(conn):
                         continue
-                    if conn is self.sock:
+                    if conn is self.sock:  # pytest ended (or died): its hosts go with it
                         self.shut()
-                        self.wait_for_hosts()
                         return
                     self.forget(conn)
             self.reap()
@@ -330,14 +353,43 @@ class _Server:
             self.selector.register(conn, selectors.EVENT_READ, "conn")
 
     def forget(self, conn: socket.socket) -> None:
-        """A client went away: its hosts leave by themselves at the end of their job pipes."""
+        """A client went away (ended, or died: an item may kill its xdist worker): nothing
+        is left to report its hosts' items to, so they are killed."""
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(conn)
         self.conns.discard(conn)
         conn.close()
-        for pid, owner in self.children.items():
+        for pid, owner in list(self.children.items()):
             if owner is conn:
                 self.children[pid] = None
+                self.kill_host(pid)
+
+    def kill_host(self, pid: int) -> None:
+        """Kill host ``pid`` and all its items started (its cgroup, else its marks)."""
+        group = self.cgroups.get(pid)
+        if group is not None:
+            group.kill()
+        else:
+            proc.kill_tree(pid, pgid=pid, grace=0.0)
+
+    def kill_all(self) -> None:
+        """At the end, however it comes: no host and nothing a host started survives."""
+        # The parent-death signal often lands just after the socket's end: it must not cut
+        # this short (its handler raises SystemExit).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for pid in list(self.children):
+            self.kill_host(pid)
+        for group in list(self.cgroups.values()):
+            group.remove()
+        self.cgroups.clear()
+        if self.cgroup_base is None:
+            # No cgroups: every orphan of an item was re-parented to us (subreaper).
+            me = os.getpid()
+            orphans = [p for p, i in proc.scan().items() if i.ppid == me]
+            proc.kill_trees([proc.KillSpec(p) for p in orphans], grace=0.0)
+        self.wait_for_hosts(timeout=1.0)
+        if self.cgroup_base is not None:
+            self.cgroup_base.remove()
 
     def shut(self) -> None:
         """The primary connection closed: take no more clients."""
@@ -351,8 +403,8 @@ class _Server:
             self.listener = None
 
     def wait_for_hosts(self, timeout: float = 5.0) -> None:
-        """At the end: reap the hosts (each leaves at the end of its job pipe), so their CPU
-        time and exit are accounted to this process and, through it, to pytest."""
+        """At the end: reap the killed hosts, so their CPU time and exit are accounted to
+        this process and, through it, to pytest."""
         deadline = time.monotonic() + timeout
         while self.children and time.monotonic() < deadline:
             self.reap()
@@ -367,7 +419,17 @@ class _Server:
             if pid == 0:
                 return
             if pid in self.children:
+                self.host_gone(pid)
                 self.send(self.children.pop(pid), ("exit", pid, status))
+
+    def host_gone(self, pid: int) -> None:
+        """A host exited: what its items left behind (a daemon that called ``setsid``, a
+        process whose main thread exited) goes too, before the engine hears of the exit."""
+        group = self.cgroups.pop(pid, None)
+        if group is not None:
+            group.remove()
+        elif proc.group_exists(pid):
+            proc.kill_tree(pid, pgid=pid, grace=0.0)
 
     def request(self, conn: socket.socket) -> bool:
         """Fork one item host for ``conn``; False when the client has closed the socket."""
@@ -387,10 +449,19 @@ class _Server:
                 os.close(fd)
             return False
         jobs_fd, results_fd = fds
+        self.made += 1
+        group = self.cgroup_base.child(f"h{self.made}") if self.cgroup_base else None
+        server = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the item host
             from pytest_llmbench.engine.child import host_main
 
+            if group is not None and not group.enter():
+                group = None
+            # A host dies with the server (a server killed by itself cannot kill it).
+            proc.set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != server:
+                os._exit(1)
             gc.disable()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -401,10 +472,12 @@ class _Server:
                 self.listener.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
-            host_main(jobs_fd, results_fd, self.store)
+            host_main(jobs_fd, results_fd, self.store, group)
         os.close(jobs_fd)
         os.close(results_fd)
         self.children[pid] = conn
+        if group is not None:
+            self.cgroups[pid] = group
         self.send(conn, ("forked", seq, pid))
         return True
 
@@ -433,7 +506,22 @@ def warm_up() -> None:
         api.default_ssl_context()
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _watch_parent() -> None:
+    """Die (cleaning up) when the pytest process does, by any signal: the primary socket's
+    end is one watchdog; the kernel's parent-death signal is the other, when it applies."""
+    parent = os.environ.pop(_PARENT_ENV, "")
+    if parent:
+        proc.set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != int(parent):
+            raise SystemExit(1)
+
+
 def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server process
+    _watch_parent()
     warm_up()
 
     sock = socket.socket(fileno=int(argv[0]))

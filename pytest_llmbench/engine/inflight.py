@@ -148,9 +148,12 @@ def timeout_result(child: Child) -> ItemResult:
 
 def crash_result(child: Child, status: int | None, store_root: Path) -> ItemResult:
     """The item process died without a result: a lease reclaim killed it, or it crashed."""
-    from pytest_llmbench.coord.lease import find_reclaim
+    from pytest_llmbench.coord.lease import default_state_dir, find_reclaim
 
-    reclaim = find_reclaim(store_root, token=child.token)
+    # The run's pools live in the store; the pools items use on their own (the judge's
+    # ``sandbox``) in the state directory.
+    reclaim = find_reclaim(store_root, token=child.token) or find_reclaim(
+        default_state_dir(), token=child.token)
     if reclaim is not None:
         what = (
             "its claim on the item" if reclaim.resource == "claim"
@@ -170,6 +173,23 @@ def crash_result(child: Child, status: int | None, store_root: Path) -> ItemResu
     return error_result(
         child, "crashed", f"item process exited with {how} without a result"
         + (f": {last}" if last else ""),
+    )
+
+
+def holder_died_result(job: Job, pid: int) -> ItemResult:
+    """``crashed``: the process of this run that held the item's claim died while it ran
+    the item. Not run again in this run: the item may well have killed it (an item that
+    kills its xdist worker would otherwise kill one worker after another)."""
+    return ItemResult(
+        key=job.key,
+        identity=dict(job.identity),
+        status=ERROR,
+        error_class="crashed",
+        error=f"the process running it (pid {pid}) died while it ran; not run again in"
+        " this run (the item may have killed it)",
+        expected=job.case.expected,
+        threshold=job.case.scorer.threshold,
+        started_at=time.time(),
     )
 
 

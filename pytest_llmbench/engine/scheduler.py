@@ -24,12 +24,11 @@ import logging
 import os
 import secrets
 import selectors
-import socket
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from pytest_llmbench.coord import proc
@@ -40,11 +39,12 @@ from pytest_llmbench.engine.inflight import (
     Host,
     Stragglers,
     crash_result,
-    kill_spec,
+    holder_died_result,
     read_lines,
     timeout_result,
 )
 from pytest_llmbench.engine.runner import Job
+from pytest_llmbench.engine.supervise import Supervisor
 from pytest_llmbench.records import ERROR, ItemResult
 from pytest_llmbench.store.filestore import ClaimHolder, Store
 
@@ -99,18 +99,11 @@ class Engine:
         self.elsewhere: set[str] = set()
         """Keys known to be claimed by another process (not retried during lookahead)."""
         self.selector = selectors.DefaultSelector()
-        self.holder = ClaimHolder(
-            pid=os.getpid(),
-            start_time=proc.process_start_time(os.getpid()) or 0,
-            host=socket.gethostname(),
-            run_id=run_id,
-            claimed_at=0.0,
-            deadline=0.0,
-        )
+        self.holder = ClaimHolder.current(run_id=run_id, deadline=0.0)
         self.scan_pos = 0
         self.started_at = time.time()  # results stored since are (likely) this run's
         self.index: dict[int, int] | None = None
-        self.subreaper = proc.set_child_subreaper()
+        self.supervisor = Supervisor()
         self.server: forkserver.ForkServer | None = None
         self.use_server = forkserver.enabled()
         self.server_path = fork_server
@@ -305,6 +298,11 @@ class Engine:
             self.elsewhere.add(key)
             return
         self.elsewhere.discard(key)
+        gone = claim.took_over
+        if gone is not None and gone.run_id == self.run_id and not gone.is_alive():
+            self.done[key] = result = holder_died_result(job, gone.pid)
+            self._put(result)
+            return
         self._fork(job, token)
 
     def _check_elsewhere(self, key: str) -> bool:
@@ -441,29 +439,23 @@ class Engine:
                 os.close(fd)
 
     def _fork_local(self, job: Job, token: str, started: float, deadline: float) -> None:
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        def body(write_fd: int) -> None:  # pragma: no cover - runs in the child
+            gc.disable()
+            child_main(job, write_fd, token, deadline, self.store, self.holder)
+
         # The child must not run the cyclic GC over the parent's heap: a collection touches
         # every tracked object and copies nearly every page (copy-on-write). Freezing moves
         # the heap out of the collector's reach for the instant of the fork (O(1) both ways).
         gc.freeze()
-        pid = -1
         try:
             with warnings.catch_warnings():
                 # Python 3.12+ warns when forking a process that has threads (xdist's IO
                 # thread): the child only touches its own pipe and sockets, then _exit()s.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' outcomes
-                gc.disable()
-                os.close(read_fd)
-                child_main(job, write_fd, token, deadline, self.store, self.holder)
+                forked = self.supervisor.fork(body, token)
         finally:
-            if pid != 0:
-                gc.unfreeze()
-        os.close(write_fd)
-        # Also set the group from the parent: a deadline may fire before the child runs.
-        with contextlib.suppress(OSError):
-            os.setpgid(pid, pid)
+            gc.unfreeze()
+        pid, read_fd = forked.pid, forked.fd
         child = Child(job=job, pid=pid, fd=read_fd, token=token, started=started, deadline=deadline)
         try:
             child.pidfd = os.pidfd_open(pid)
@@ -567,8 +559,7 @@ class Engine:
         child = host.child
         if child is not None and self.running.get(child.job.key) is child:
             del self.running[child.job.key]
-            if host.pid and proc.group_exists(host.pid):
-                proc.reap(self._kill_tree(child, 0.2))
+            self.supervisor.ended(child)
             result = crash_result(child, status, self.store.root)
             self._put(result)
             self.done[child.job.key] = result
@@ -683,9 +674,7 @@ class Engine:
                 status = 0
         self._read(child)
         self._close(child)
-        # Anything the item left behind in its group goes with it (one syscall to know).
-        if proc.group_exists(child.pid):
-            proc.reap(self._kill_tree(child, 0.2))
+        self.supervisor.ended(child)  # anything the item left behind goes with it
         result = child.result
         if result is None:
             result = crash_result(child, status, self.store.root)
@@ -716,14 +705,10 @@ class Engine:
             due.append(child)
         if not due:
             return
-        killed = proc.kill_trees([kill_spec(c) for c in due], grace=KILL_GRACE)
+        self.supervisor.kill(due, grace=KILL_GRACE)
         for child in due:
             if child.host is not None:
-                self._drop_host(child.host)  # the fork server reaps it
-            else:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(child.pid, 0)
-        proc.reap(p for p in killed if p not in {c.pid for c in due})
+                self._drop_host(child.host)  # the fork server reaps it and kills its cgroup
         for child in due:
             self._close(child)  # whatever it sent after the deadline does not count
             self._timed_out(child)
@@ -738,9 +723,6 @@ class Engine:
             self.store.put(result)
         except OSError as exc:
             log.error("could not store the result of %s: %s", result.identity.get("nodeid"), exc)
-
-    def _kill_tree(self, child: Child, grace: float) -> list[int]:
-        return proc.kill_trees([kill_spec(child)], grace=grace)
 
     def _close(self, child: Child) -> None:
         self.running.pop(child.job.key, None)
@@ -765,11 +747,9 @@ class Engine:
     def shutdown(self) -> None:
         """Kill every running child (interrupted run); their claims die with this process."""
         self._take_over()
-        for child in list(self.running.values()):
-            proc.reap(self._kill_tree(child, 0.2))
-            if child.host is None:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(child.pid, 0)
+        running = list(self.running.values())
+        self.supervisor.kill(running, grace=0.2)
+        for child in running:
             self._close(child)
             with contextlib.suppress(OSError):
                 self.store.release(child.job.key, self.holder)
@@ -778,6 +758,7 @@ class Engine:
         if self.server is not None:
             self.server.close()
             self.server = None
+        self.supervisor.close()
         self.selector.close()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
@@ -785,5 +766,3 @@ class Engine:
                     os.close(fd)
         self._wake_r = self._wake_w = -1  # a second shutdown closes nothing reused since
 
-    def pending(self) -> Iterable[str]:
-        return list(self.running)

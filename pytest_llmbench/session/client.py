@@ -102,10 +102,18 @@ class LLMClient:
         return completion
 
 
-def lease_factory(session: LLMBenchSession) -> Callable[..., Lease]:
-    """``llm_lease("sandbox", timeout=10)`` -> a context-managed lease on that pool."""
+def lease_factory(
+    session: LLMBenchSession, held: list[Lease] | None = None
+) -> Callable[..., Lease]:
+    """``llm_lease("sandbox", timeout=10)`` -> a context-managed lease on that pool; each
+    lease is also appended to ``held``."""
 
     def acquire(pool: str, timeout: float | None = None, *, label: str = "") -> Lease:
-        return session.leases.acquire(pool, timeout, label=label)
+        # Held by this pytest process for a plain test: never killed from outside, the
+        # lease's own guard interrupts the test at lease_max (coord/lease.py).
+        lease = session.leases.acquire(pool, timeout, label=label, in_process=True)
+        if held is not None:
+            held.append(lease)
+        return lease
 
     return acquire

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pytest_llmbench.coord import proc
+from pytest_llmbench.coord.identity import ProcessIdentity
 from pytest_llmbench.records import ItemResult
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClaimHolder:
-    """Who runs an item: a process named by pid *and* start time, so pid reuse is detected."""
+class ClaimHolder(ProcessIdentity):
+    """Who runs an item: a process (``coord.identity``: pid, start time, host) and the run."""
 
-    pid: int
-    start_time: int
-    """Clock ticks since boot (``/proc/PID/stat`` field 22); 0 when unknown."""
-    host: str
     run_id: str
     claimed_at: float
     """Unix time of the claim."""
@@ -34,30 +28,18 @@ class ClaimHolder:
     @classmethod
     def current(cls, *, run_id: str, deadline: float, pid: int | None = None) -> ClaimHolder:
         """A holder for this process (or ``pid`` on this host), claimed now."""
-        pid = os.getpid() if pid is None else pid
+        me = ProcessIdentity.of(pid)
         return cls(
-            pid=pid,
-            start_time=proc.process_start_time(pid) or 0,
-            host=socket.gethostname(),
+            pid=me.pid,
+            start_time=me.start_time,
+            host=me.host,
             run_id=run_id,
             claimed_at=time.time(),
             deadline=deadline,
         )
 
-    def same_process(self, other: ClaimHolder) -> bool:
-        """Ownership is by process, not by run: a process may re-claim what it holds."""
-        return (self.host, self.pid, self.start_time) == (other.host, other.pid, other.start_time)
-
-    def is_local(self) -> bool:
-        return self.host == socket.gethostname()
-
-    def is_alive(self) -> bool:
-        """Whether the holding process still exists; a holder on another host cannot be
-        checked and counts as alive (until its deadline, see ``Store.claim``)."""
-        if not self.is_local():
-            return True
-        # Zombies count as dead; a differing start time means the pid was reused.
-        return proc.pid_alive(self.pid, self.start_time or None)
+    # Ownership is by process, not by run (``same_process``): a process may re-claim what
+    # it holds. A holder on another host counts as alive until its deadline (``Store.claim``).
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,9 +48,7 @@ class ClaimHolder:
     def from_dict(cls, data: Mapping[str, Any]) -> ClaimHolder:
         try:
             holder = cls(
-                pid=int(data["pid"]),
-                start_time=int(data["start_time"]),
-                host=str(data["host"]),
+                **ProcessIdentity.fields_from(data),
                 run_id=str(data["run_id"]),
                 claimed_at=float(data["claimed_at"]),
                 deadline=float(data["deadline"]),

@@ -30,7 +30,6 @@ import logging
 import os
 import secrets
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -157,11 +156,11 @@ def validate_options(options: Mapping[str, Any]) -> None:
 
 
 def state_dir() -> Path:
-    """Where the lease pool lives: ``LLMBENCH_STATE_DIR`` (set by the engine) or a temp dir."""
-    env = os.environ.get("LLMBENCH_STATE_DIR")
-    if env:
-        return Path(env)
-    return Path(tempfile.gettempdir()) / f"pytest-llmbench-{os.getuid()}"
+    """Where the lease pool lives: ``LLMBENCH_STATE_DIR`` or a temp dir (the engine's lease
+    monitor watches the same place: ``coord.lease.default_state_dir``)."""
+    from pytest_llmbench.coord.lease import default_state_dir
+
+    return default_state_dir()
 
 
 def sandbox_lease(slots: int | None = None) -> LeaseFactory:
