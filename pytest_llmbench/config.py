@@ -226,7 +226,7 @@ SIM_KEYS = frozenset({
 _MODEL_KEYS = {
     "model", "base_url", "api_key_env", "params", "stream", "rpm", "tpm",
     "max_connections", "headers", "fallbacks", "api_version", "max_response_bytes",
-    "max_retry_after",
+    "max_retry_after", "price_input", "price_output",
 }
 
 
@@ -273,6 +273,8 @@ def parse_model_table(name: str, table: object, where: str) -> ModelSpec:
             max_conn, f"{where}: models.{name}.max_connections", minimum=1
         ),
         headers={str(k): str(v) for k, v in dict(table.get("headers", {})).items()},
+        price_input=_price(table, "price_input", f"{where}: models.{name}"),
+        price_output=_price(table, "price_output", f"{where}: models.{name}"),
         **_provider_keys(name, table, where),
     )
 
@@ -294,6 +296,20 @@ def _provider_keys(name: str, table: Mapping[str, Any], where: str) -> dict[str,
         out["max_retry_after"] = parse_seconds(
             table["max_retry_after"], f"{where}: models.{name}.max_retry_after")
     return out
+
+
+
+
+def _price(table: Mapping[str, Any], key: str, where: str) -> float | None:
+    """An optional price in USD per 1M tokens (a number >= 0)."""
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(
+            f"{where}.{key}: expected a price in USD per 1M tokens (a number >= 0), got {value!r}"
+        )
+    return float(value)
 
 
 def parse_model_arg(value: str, declared: Mapping[str, ModelSpec]) -> ModelSpec:
@@ -592,16 +608,20 @@ def check_output_paths(settings: Settings) -> None:
                           "--llmbench-store (ini llmbench_store) at a directory")
     _check_creatable(store, f"store {store}", "--llmbench-store (ini llmbench_store)")
     if settings.jsonl is not None:
-        jsonl = settings.jsonl
-        if jsonl.is_dir():
-            raise ConfigError(f"--llmbench-jsonl {jsonl}: is a directory; give a file name")
-        if jsonl.exists() and not os.access(jsonl, os.W_OK):
-            raise ConfigError(f"--llmbench-jsonl {jsonl}: not writable; fix its permissions "
-                              "or choose another file")
-        if not jsonl.parent.is_dir():
-            raise ConfigError(f"--llmbench-jsonl {jsonl}: directory {jsonl.parent} does not "
-                              "exist; create it or choose another file")
-        _check_creatable(jsonl, f"--llmbench-jsonl {jsonl}", "--llmbench-jsonl")
+        check_output_file(settings.jsonl, "--llmbench-jsonl")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """An output file (``--llmbench-jsonl``, ``--llmbench-html``) can be written."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{option} {path}: not writable; fix its permissions "
+                          "or choose another file")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {path}: directory {path.parent} does not "
+                          "exist; create it or choose another file")
+    _check_creatable(path, f"{option} {path}", option)
 
 
 def _check_creatable(path: Path, what: str, option: str) -> None:

@@ -43,6 +43,7 @@ ERROR_CLASSES: dict[str, str] = {
     "loop": "the agent repeated the same tool call (or answer) loop_repeats times",
     "scorer_error": "the scorer raised or is unknown",
     "sandbox_error": "the code sandbox failed",
+    "test_error": "a plain test using the llm fixture failed in its setup",
     "endpoint_down": "the endpoint's circuit breaker was open (and no fallback answered), or it asked to wait longer than max_retry_after",
     "internal": "a bug in pytest-llmbench",
 }

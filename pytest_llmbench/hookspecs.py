@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from pytest_llmbench.providers.base import Provider
     from pytest_llmbench.records import ItemResult, ModelSpec, Score, ScoreRequest
+    from pytest_llmbench.report.exporters import Exporter
     from pytest_llmbench.store.protocol import ResultStore
 
 hookspec = pluggy.HookspecMarker("pytest")
@@ -48,13 +49,33 @@ def pytest_llmbench_get_scorer(name: str) -> Callable[[ScoreRequest], Score] | N
 
 
 @hookspec
-def pytest_llmbench_result(result: ItemResult, item: pytest.Item) -> None:
-    """Called once an item's result is known, before pytest reports the item.
+def pytest_llmbench_result(result: ItemResult, nodeid: str, item: pytest.Item | None) -> None:
+    """Called exactly once per reported item, on the process that reports it: the xdist
+    controller under ``-n W`` (never in a worker), the pytest process in a plain run.
 
     ``result`` is the :class:`~pytest_llmbench.records.ItemResult` as stored (``cached``
-    is true when it came from the result store rather than a run now); ``item`` is the
-    pytest item. Use it for live dashboards or extra exports; do not mutate ``result``:
-    it has already been written to the store, so changes would not persist.
+    is true when it came from the result store rather than a run now); it reached the
+    controller inside the item's report. A plain test that used the ``llm`` fixture has a
+    result too (``identity["kind"] == "test"``, suite = its module). ``nodeid`` is the
+    item's node id; ``item`` is the pytest item in a plain run and ``None`` on the xdist
+    controller (which has no items). Called when pytest logs the report that carries the
+    result (the setup report of a suite item, the teardown report of a plain test). Do not
+    mutate ``result``: it has been written to the store, so changes would not persist.
+    For an export, implement ``pytest_llmbench_exporters`` instead.
+    """
+
+
+@hookspec
+def pytest_llmbench_exporters(config: pytest.Config) -> list[Exporter] | None:
+    """Return exporters for this run (a list, possibly empty), or ``None``.
+
+    Every implementation is called (not first-result) and the lists are joined; the
+    plugin's own implementation returns its JSONL and HTML exporters when
+    ``--llmbench-jsonl`` / ``--llmbench-html`` are set. Called once, on the reporting
+    process only (the xdist controller under ``-n W``), before the first result. Each
+    exporter follows :class:`~pytest_llmbench.report.exporters.Exporter`: ``start(run)``
+    once, ``add(result)`` once per reported item, ``finish(end)`` once at the end of the
+    session (its returned line, if any, is printed in the terminal summary).
     """
 
 

@@ -24,9 +24,13 @@ CONCURRENCY_HELP = (
 FRESH_HELP = "Ignore stored results and run every item again"
 RESCORE_HELP = "Re-score stored completions with the current scorers, without calling any API"
 JSONL_HELP = "Write every item's record as JSON lines to this file"
+HTML_HELP = "Write a self-contained HTML report (plots, items, transcripts) to this file"
 NO_PREFLIGHT_HELP = (
     "Skip the preflight: the check of every selected model's endpoint (reachable, key"
     " accepted, model id listed) before the first item, for endpoints that do not allow it"
+)
+PROGRESS_HELP = (
+    "Live progress line on a terminal: auto (on a terminal, not with -q), on or off (default auto)"
 )
 SUITE_FILES_HELP = (
     "Glob patterns of the .toml file names that may be suites (default *.toml); a matching"
@@ -73,6 +77,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llmbench-no-preflight", dest="llmbench_no_preflight",
                     action="store_true", default=None, help=NO_PREFLIGHT_HELP)
     parser.addini("llmbench_no_preflight", NO_PREFLIGHT_HELP, type="bool", default=False)
+    group.addoption("--llmbench-html", dest="llmbench_html", default=None, metavar="FILE",
+                    help=HTML_HELP)
+    parser.addini("llmbench_html", HTML_HELP, default=None)
+    group.addoption("--llmbench-progress", dest="llmbench_progress", default=None,
+                    choices=("auto", "on", "off"), help=PROGRESS_HELP)
+    parser.addini("llmbench_progress", PROGRESS_HELP, default="auto")
     parser.addini("llmbench_suite_files", SUITE_FILES_HELP, type="linelist", default=[])
 
 
@@ -103,6 +113,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     config.stash[SERVICES_KEY] = session
     config.pluginmanager.register(session, "llmbench-session")
+    from pytest_llmbench.session.export import EXPORT_KEY, ExportHub
+
+    hub = ExportHub(config, session)
+    config.stash[EXPORT_KEY] = hub
+    config.pluginmanager.register(hub, "llmbench-export")
+    from pytest_llmbench.session import progress
+
+    try:
+        hub.check()
+        progress.install(config, session)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _ensure_open_files(config: pytest.Config, concurrency: int, *, default: bool) -> None:
@@ -146,12 +168,16 @@ def llm(request: pytest.FixtureRequest) -> Iterator[Any]:
     """
     from pytest_llmbench.errors import ConfigError
     from pytest_llmbench.session.client import LLMClient
+    from pytest_llmbench.session.export import CALLS_KEY
     from pytest_llmbench.session.run import SESSION_KEY
 
     session = request.config.stash[SESSION_KEY]
     marker = request.node.get_closest_marker("llmbench")
+    # The calls become the test's record (session/export.py): JUnit properties, summary.
+    calls = request.node.stash.setdefault(CALLS_KEY, [])
     try:
-        client = LLMClient(session, request.node.nodeid, dict(marker.kwargs) if marker else {})
+        client = LLMClient(session, request.node.nodeid, dict(marker.kwargs) if marker else {},
+                           calls=calls)
     except ConfigError as exc:  # a bad marker: the message names it; a traceback would not help
         problem = str(exc)
     else:

@@ -66,6 +66,10 @@ class ModelSpec:
     """Cap on the bytes of one answer (and on the text kept of a streamed one)."""
     max_retry_after: float = 60.0
     """A server asking to wait longer than this (Retry-After) is treated as down."""
+    price_input: float | None = None
+    """USD per 1M prompt tokens, for the cost shown in progress and reports (optional)."""
+    price_output: float | None = None
+    """USD per 1M completion tokens (optional)."""
     fallbacks: tuple[ModelSpec, ...] = ()
     """Other endpoints serving the same model, tried in order when this endpoint's circuit
     breaker is open (their own fallbacks are not followed)."""

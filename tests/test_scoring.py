@@ -602,7 +602,8 @@ def test_notification_hooks_call_every_implementation() -> None:
     body: dict[str, Any] = {"model": "m"}
     pm.hook.pytest_llmbench_modify_request(body=body, model=ModelSpec(name="sim", model="m", base_url="sim"))
     assert body == {"model": "m", "seed": 1, "extra": "sim"}
-    pm.hook.pytest_llmbench_result(result=ItemResult(key="k", identity={}, status="passed"), item="the-item")
+    pm.hook.pytest_llmbench_result(result=ItemResult(key="k", identity={}, status="passed"),
+                              nodeid="a.toml::x", item="the-item")
     assert sorted(calls) == ["A:passed", "B:the-item"]
 
 

@@ -141,6 +141,19 @@ def test_render_table_fits_width_by_clipping_text_columns() -> None:
     assert "..." in narrow and "a-very-long-suite-name-that-goes-on" not in narrow
 
 
+def test_errors_are_counted_beside_the_rate_and_all_errored_is_not_zero_percent() -> None:
+    results = [res(i, "error", error_class="connection_error") for i in range(5)]
+    results += [res(0, "passed", suite="other"), res(1, "error", suite="other",
+                                                     error_class="api_timeout")]
+    lines = render_table(summarize(results)).splitlines()
+    assert lines[0].split()[:6] == ["suite", "model", "items", "pass", "fail", "err"]
+    broken = next(line for line in lines if line.startswith("math"))
+    assert broken.split()[2:6] == ["5", "0", "0", "5"]
+    assert "n/a (all 5 errored)" in broken and "0.0%" not in broken
+    other = next(line for line in lines if line.startswith("other"))
+    assert other.split()[2:6] == ["2", "1", "0", "1"] and "50.0% [" in other
+
+
 def test_render_table_cached_and_no_latency() -> None:
     text = render_table(summarize([res(0, "passed", cached=True),
                                    res(1, "error", error_class="crashed")]))

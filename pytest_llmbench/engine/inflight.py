@@ -52,6 +52,8 @@ class Child:
     turn: int = 0
     result: ItemResult | None = None
     crash: str = ""
+    warned_half: bool = False
+    """The log line for passing half of the task deadline was written."""
 
 
 @dataclass(eq=False)

@@ -698,6 +698,7 @@ class Engine:
                 self.tick()
             except Exception:  # noqa: BLE001 - a monitor failure must not stop the run
                 log.exception("lease monitor tick failed")
+        self._warn_half_deadline(now)
         for child in list(self._polled.values()):
             pid, status = os.waitpid(child.pid, os.WNOHANG)
             if pid:
@@ -707,6 +708,25 @@ class Engine:
             self._kill(overdue)
         if self.run_slots is not None:
             self.free_slots()  # publish what finished, for the other workers
+
+    def _warn_half_deadline(self, now: float) -> None:
+        """One WARNING per item that passes half of its task deadline: the log names a
+        stuck item long before its kill (the wait loop wakes at least once a second)."""
+        for child in list(self.running.values()):
+            limit = child.job.deadlines.task_timeout
+            if not child.warned_half and now - child.started >= limit / 2:
+                child.warned_half = True
+                log.warning("%s: still running after %.1f s, half of its task deadline of %g s",
+                            child.job.nodeid, now - child.started, limit)
+
+    def in_flight(self) -> list[tuple[str, float]]:
+        """``(nodeid, unix start time)`` of every item running now (for live progress; safe
+        to call from another thread: a snapshot, and a change while it is taken gives [])."""
+        offset = time.time() - time.monotonic()
+        try:
+            return [(c.job.nodeid, c.started + offset) for c in list(self.running.values())]
+        except RuntimeError:  # the dict changed size while copied
+            return []
 
     def _read(self, child: Child) -> None:
         lines, eof = read_lines(child.fd, child.buffer)

@@ -31,6 +31,7 @@ from typing import IO, Any
 
 from pytest_llmbench.errors import StoreError
 from pytest_llmbench.records import ItemResult
+from pytest_llmbench.report.exporters import record_of
 from pytest_llmbench.report.summary import Summarizer, render_table
 from pytest_llmbench.store.filestore import Store
 from pytest_llmbench.store.runs import RunItem, RunManifest
@@ -72,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--list", action="store_true", help="List the runs instead (as 'runs')")
     rep.add_argument("--jsonl", type=Path, metavar="FILE", help="Write every result as one JSON line")
     rep.add_argument("--csv", type=Path, metavar="FILE", help="Write one flat CSV row per result")
+    rep.add_argument("--html", type=Path, metavar="FILE",
+                     help="Write the self-contained HTML report of these results")
     rep.add_argument("--suite", action="append", metavar="S", help="Only this suite (repeatable)")
     rep.add_argument("--model", action="append", metavar="M", help="Only this model (repeatable)")
     runs = sub.add_parser("runs", help="List the runs of a result store, oldest first")
@@ -88,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--alpha", type=_alpha, default=0.05, metavar="P",
                      help="Significance level of the paired test (default 0.05)")
     cmp.add_argument("--suite", action="append", metavar="S", help="Only this suite (repeatable)")
+    cmp.add_argument("--html", type=Path, metavar="FILE",
+                     help="Also write the comparison as a self-contained HTML page")
     return parser
 
 
@@ -204,6 +209,7 @@ def report(args: argparse.Namespace) -> int:
     title, results = _selected(store, args)
     suites, models = set(args.suite or ()), set(args.model or ())
     summary = Summarizer()
+    records: list[dict[str, Any]] | None = [] if args.html else None
     with _Exports(args.jsonl, args.csv) as exports:
         for result in results:
             if suites and result.identity.get("suite") not in suites:
@@ -212,6 +218,17 @@ def report(args: argparse.Namespace) -> int:
                 continue
             summary.add(result)
             exports.write(result)
+            if records is not None:
+                records.append(record_of(result))
+    if records is not None:
+        from pytest_llmbench.report.html import write_html
+
+        try:
+            write_html(args.html, records, {"store": str(store.root), "title": title},
+                       title=f"pytest-llmbench: {title}")
+        except OSError as exc:
+            raise CLIError(f"--html {args.html}: {exc}") from None
+        print(f"wrote the HTML report of {len(records)} results to {args.html}", file=sys.stderr)
     groups = summary.groups()
     print(title)
     if groups:
@@ -296,6 +313,16 @@ def compare(args: argparse.Namespace) -> int:
     with_model = {i.model for i in items_a} == {i.model for i in items_b}
     rows = compare_items(items_a, items_b, with_model=with_model)
     print(render_comparison(rows, label_a=label_a, label_b=label_b, alpha=args.alpha))
+    if args.html:
+        from pytest_llmbench.report.html import comparison_data, write_html
+
+        try:
+            write_html(args.html, [], {"store": str(args.store)},
+                       title=f"pytest-llmbench: {label_a} vs {label_b}",
+                       comparison=comparison_data(rows, label_a, label_b, alpha=args.alpha))
+        except OSError as exc:
+            raise CLIError(f"--html {args.html}: {exc}") from None
+        print(f"wrote the comparison to {args.html}", file=sys.stderr)
     regressed = [r.suite for r in rows if r.significant_regression(args.alpha)]
     if regressed:
         print(f"significant regression (p < {args.alpha:g}) in: {', '.join(regressed)}")

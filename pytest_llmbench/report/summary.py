@@ -198,11 +198,11 @@ def merge(groups: Sequence[GroupSummary], *, suite: str = "TOTAL", model: str = 
 # --- rendering ------------------------------------------------------------------------------
 
 _HEADERS = (
-    "suite", "model", "items", "pass", "fail", "pass rate [95% CI]", "mean score",
+    "suite", "model", "items", "pass", "fail", "err", "pass rate [95% CI]", "mean score",
     "p50", "p95", "tokens in/out", "errors",
 )
-_RIGHT = frozenset({2, 3, 4, 5, 6, 7, 8, 9})
-_SHRINKABLE = (10, 0, 1)  # errors, suite, model: shrunk in this order to fit a width
+_RIGHT = frozenset({2, 3, 4, 5, 6, 7, 8, 9, 10})
+_SHRINKABLE = (11, 0, 1)  # errors, suite, model: shrunk in this order to fit a width
 _MIN_WIDTH = 8
 
 
@@ -222,14 +222,22 @@ def _count(n: int) -> str:
     return f"{n / 1_000_000:.1f}M"
 
 
+def rate_cell(g: GroupSummary) -> str:
+    """The pass rate with its interval; errors are counted in its denominator, and a group
+    where every item errored says so instead of claiming 0 % of a model never judged."""
+    if g.pass_rate is None:
+        return "-"
+    if g.errors and g.errors == g.items:
+        return f"n/a (all {g.items} errored)"
+    return f"{g.pass_rate:.1%} [{100 * g.ci_low:.1f}-{100 * g.ci_high:.1f}]"
+
+
 def _row(g: GroupSummary) -> list[str]:
-    rate = "-"
-    if g.pass_rate is not None:
-        rate = f"{g.pass_rate:.1%} [{100 * g.ci_low:.1f}-{100 * g.ci_high:.1f}]"
+    rate = rate_cell(g)
     errors = " ".join(f"{name}:{n}" for name, n in g.errors_by_class.items()) or "-"
     items = f"{g.items} ({g.cached} cached)" if g.cached else str(g.items)
     return [
-        g.suite, g.model, items, str(g.passed), str(g.failed), rate,
+        g.suite, g.model, items, str(g.passed), str(g.failed), str(g.errors), rate,
         "-" if g.mean_score is None else f"{g.mean_score:.3f}",
         _seconds(g.p50_latency), _seconds(g.p95_latency),
         f"{_count(g.prompt_tokens)}/{_count(g.completion_tokens)}", errors,

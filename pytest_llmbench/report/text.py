@@ -1,10 +1,10 @@
-"""What users read about one item: failure text, JUnit properties, the JSONL export."""
+"""What users read about one item: failure text and JUnit properties (the JSONL export is an
+exporter: ``report/exporters.py``)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from pytest_llmbench.records import ERROR, ItemResult
@@ -143,18 +143,3 @@ def junit_properties(result: ItemResult) -> list[tuple[str, object]]:
     if verdict:
         props.append(("verdict", verdict))
     return props
-
-
-def write_jsonl(path: Path, results: Iterable[ItemResult]) -> int:
-    """One JSON object per item (the stored record plus ``cached``); returns the count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for result in results:
-            record: dict[str, Any] = result.to_dict()
-            record["cached"] = result.cached
-            fh.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-            count += 1
-    tmp.replace(path)
-    return count

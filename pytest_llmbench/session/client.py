@@ -6,10 +6,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pytest_llmbench.config import deadline_overrides
+from pytest_llmbench.errors import APIError
 from pytest_llmbench.records import Completion, Deadlines, Message, ModelSpec
 
 if TYPE_CHECKING:
     from pytest_llmbench.coord.lease import Lease
+    from pytest_llmbench.session.export import Call
     from pytest_llmbench.session.run import LLMBenchSession
 
 
@@ -17,8 +19,13 @@ class LLMClient:
     """``llm.chat(...)``: the same API layer (timeouts, retries, Retry-After) and the same
     machine-wide rate limits (the session's shared limiter) as suite items."""
 
-    def __init__(self, session: LLMBenchSession, label: str, overrides: Mapping[str, Any]) -> None:
+    def __init__(
+        self, session: LLMBenchSession, label: str, overrides: Mapping[str, Any],
+        *, calls: list[Call] | None = None,
+    ) -> None:
         self._session = session
+        self._calls = calls
+        """Where each call is recorded (the test's record), or None."""
         self._label = label
         self._overrides = deadline_overrides(
             {k: v for k, v in overrides.items() if k != "model"}, f"{label}: llmbench marker"
@@ -66,19 +73,38 @@ class LLMClient:
             messages.append({"role": "user", "content": prompt})
         else:
             messages.extend(dict(m) for m in prompt)
-        return api.chat(
-            self._session.resolved_model(spec),
-            messages,
-            params=params,
-            tools=tools,
-            tool_choice=tool_choice,
-            deadlines=self.deadlines,
-            api_key=self._session.settings.api_key(spec),
-            label=self._label,
-            limiter=self._session.limiter,
-            provider=self._session.provider_for(spec),
-            request_hooks=self._session.request_hooks,
-        )
+        record = None
+        if self._calls is not None:
+            import time
+
+            from pytest_llmbench.session.export import Call
+
+            record = Call([dict(m) for m in messages], spec.name, time.time())
+            self._calls.append(record)
+        try:
+            completion = api.chat(
+                self._session.resolved_model(spec),
+                messages,
+                params=params,
+                tools=tools,
+                tool_choice=tool_choice,
+                deadlines=self.deadlines,
+                api_key=self._session.settings.api_key(spec),
+                label=self._label,
+                limiter=self._session.limiter,
+                provider=self._session.provider_for(spec),
+                request_hooks=self._session.request_hooks,
+                breaker=self._session.breaker,
+                fallback_keys=tuple(self._session.settings.api_key(f)
+                                    for f in spec.fallbacks),
+            )
+        except APIError as exc:
+            if record is not None:
+                record.error, record.error_class = str(exc), exc.error_class
+            raise
+        if record is not None:
+            record.completion = completion
+        return completion
 
 
 def lease_factory(

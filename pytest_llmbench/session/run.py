@@ -363,8 +363,11 @@ class LLMBenchSession:
     def result_for(self, item: LLMItem) -> ItemResult:
         result = self.engine.wait(item, item.session.items)
         result.cached = result.identity.get("run_id") != self.run_id
-        self.config.hook.pytest_llmbench_result(result=result, item=item)
         return result
+
+    def in_flight(self) -> list[tuple[str, float]]:
+        """(nodeid, unix start time) of the items this process's engine runs now."""
+        return self._engine.in_flight() if self._engine is not None else []
 
     def properties(self, result: ItemResult) -> list[tuple[str, object]]:
         return report.junit_properties(result)
@@ -598,11 +601,15 @@ class LLMBenchSession:
         log.info("run %s: manifest of %d items written", self.run_id, len(manifest.items))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.is_worker or not self.reported:
+        from pytest_llmbench.session.export import EXPORT_KEY
+
+        # The records that came with the reports (session/export.py): complete under xdist
+        # whatever the workers' file systems, and they include plain ``llm`` tests.
+        results = self.config.stash[EXPORT_KEY].results if EXPORT_KEY in self.config.stash else []
+        if self.is_worker or not results:
             return
         from pytest_llmbench.report.summary import detail_lines, render_table, summarize
 
-        results = self.collect_results()
         groups = summarize(results)
         terminalreporter.section("llmbench summary")
         for path, problem in self.hierarchy_problems.items():
@@ -628,9 +635,6 @@ class LLMBenchSession:
                 f"llmbench: run {self.run_id}; python -m pytest_llmbench report"
                 f" {self.settings.store_dir} shows it again"
             )
-        if self.settings.jsonl is not None:
-            count = report.write_jsonl(self.settings.jsonl, results)
-            terminalreporter.write_line(f"llmbench: wrote {count} records to {self.settings.jsonl}")
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if not self.is_worker and (self.settings.store_dir / "store.json").exists():
