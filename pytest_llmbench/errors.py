@@ -13,9 +13,16 @@
     │   ├── APITimeoutError    ... because its attempts timed out
     │   └── EndpointDown       ... because the endpoint's circuit breaker is open
     ├── AgentStop              an agent loop hit a limit (max_turns, budget, loop...)
+    ├── RateLimitWait          (coord/ratelimit.py) a rate-limit grant would come after the
+    │                          caller's deadline
+    ├── SimStartError          (sim/control.py) the built-in simulator did not start
     └── AttemptFailure         one attempt of a chat call failed, as a provider classifies
                                it (outcome, retryable, status, Retry-After); the API layer's
                                retry loop turns the last one into an APIError
+
+Internal, never raised out of their module: ``report.cli.CLIError`` (one ``error:`` line
+and exit status 2), ``agent.tools._ToolFailure`` (a tool's failure, sent back to the model),
+``scoring.builtin._Bad``, and the simulator's ``DirectiveError``/``ArithError``.
 
 Every error that ends an item maps to exactly one *error class*, the string stored in the
 result and counted in the summary (``ERROR_CLASSES``).
