@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pytest_llmbench.records import StrEnum
+
 #: error class -> human description (also the order used in summaries).
 ERROR_CLASSES: dict[str, str] = {
     "api_error": "the endpoint answered with an error, after retries",
@@ -54,6 +56,32 @@ ERROR_CLASSES: dict[str, str] = {
     "endpoint_down": "the endpoint's circuit breaker was open (and no fallback answered), or it asked to wait longer than max_retry_after",
     "internal": "a bug in pytest-llmbench",
 }
+
+
+class ErrorClass(StrEnum):
+    """The error classes as an enum (``ErrorClass.TASK_TIMEOUT == "task_timeout"``); records
+    store the plain values, ``ERROR_CLASSES`` holds their descriptions (a test keeps the two
+    the same)."""
+
+    API_ERROR = "api_error"
+    API_TIMEOUT = "api_timeout"
+    AUTH_ERROR = "auth_error"
+    BAD_REQUEST = "bad_request"
+    CONNECTION_ERROR = "connection_error"
+    RATE_LIMITED = "rate_limited"
+    TRUNCATED = "truncated"
+    TASK_TIMEOUT = "task_timeout"
+    LEASE_TIMEOUT = "lease_timeout"
+    CRASHED = "crashed"
+    MAX_TURNS = "max_turns"
+    MAX_TOOL_CALLS = "max_tool_calls"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    LOOP = "loop"
+    SCORER_ERROR = "scorer_error"
+    SANDBOX_ERROR = "sandbox_error"
+    TEST_ERROR = "test_error"
+    ENDPOINT_DOWN = "endpoint_down"
+    INTERNAL = "internal"
 
 
 class LLMBenchError(Exception):
@@ -202,6 +230,21 @@ def classify_status(status: int) -> tuple[str, bool]:
 
 
 #: attempt outcome -> the item's error class when it is the last one.
+class Outcome(StrEnum):
+    """The outcome of one attempt of a chat call (``Attempt.outcome``)."""
+
+    OK = "ok"
+    TIMEOUT = "timeout"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    CONNECTION_ERROR = "connection_error"
+    TRUNCATED = "truncated"
+    ENDPOINT_DOWN = "endpoint_down"
+    AUTH_ERROR = "auth_error"
+    BAD_REQUEST = "bad_request"
+    API_ERROR = "api_error"
+
+
 OUTCOME_TO_ERROR_CLASS: dict[str, str] = {
     "timeout": "api_timeout",
     "rate_limited": "rate_limited",

@@ -8,8 +8,10 @@ children, xdist workers) and are written to the result store.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
+from enum import Enum
 from typing import Any
 
 Message = dict[str, Any]
@@ -17,10 +19,39 @@ Message = dict[str, Any]
 ``content`` is a string or a list of content parts, an assistant message may carry
 ``tool_calls`` and a ``tool`` message its ``tool_call_id``."""
 
-#: Item statuses as stored and reported.
-PASSED = "passed"
-FAILED = "failed"
-ERROR = "error"
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - exercised on Python 3.10 only
+    class StrEnum(str, Enum):
+        """``enum.StrEnum`` (3.11+): members are strings, ``str()`` is the value."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class Status(StrEnum):
+    """An item's status as stored and reported: the model was right, wrong, or could not
+    be judged (``error``: ``ItemResult.error_class`` says why)."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+
+
+class Source(StrEnum):
+    """Where a reported result came from in this run (JUnit ``source``, run manifests)."""
+
+    RAN = "ran"
+    CACHED = "cached"
+    RESCORED = "rescored"
+
+
+# Records hold the plain values (``Status.PASSED.value``...): they are marshalled into the
+# store's index, which takes exact ``str`` only, and compared with strings read back from
+# JSON. The enums are the vocabulary; these are its values as stored.
+PASSED: str = Status.PASSED.value
+FAILED: str = Status.FAILED.value
+ERROR: str = Status.ERROR.value
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,3 +36,14 @@ def test_no_complex_function_without_a_reason() -> None:
                 offenders.append(f"{path.relative_to(REPO)}:{block.lineno} {block.name} "
                                  f"{cc_rank(block.complexity)} ({block.complexity})")
     assert not offenders, offenders
+
+
+def test_the_vocabularies_are_string_enums_matching_the_tables() -> None:
+    from pytest_llmbench.errors import ERROR_CLASSES, OUTCOME_TO_ERROR_CLASS, ErrorClass, Outcome
+    from pytest_llmbench.records import ERROR, FAILED, PASSED, Status
+
+    assert [e.value for e in ErrorClass] == list(ERROR_CLASSES)
+    assert set(OUTCOME_TO_ERROR_CLASS) | {"ok"} == {o.value for o in Outcome}
+    assert set(OUTCOME_TO_ERROR_CLASS.values()) <= set(ERROR_CLASSES)
+    assert (PASSED, FAILED, ERROR) == (Status.PASSED, Status.FAILED, Status.ERROR)
+    assert type(PASSED) is str and f"{Status.ERROR}" == "error"
