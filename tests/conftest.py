@@ -39,7 +39,9 @@ def sim_env(shared_sim: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Point pytester runs at the shared simulator (no per-run start-up)."""
     monkeypatch.setenv("LLMBENCH_SIM_URL", shared_sim)
     for var in ("OPENAI_TIMEOUT", "OPENAI_MAX_RETRIES", "TASK_EXECUTION_TIMEOUT",
-                "RESOURCE_MAX_OCCUPATION_TIME", "LLMBENCH_CONCURRENCY"):
+                "RESOURCE_MAX_OCCUPATION_TIME", "LLMBENCH_CONCURRENCY",
+                # when this suite runs under xdist, the runs it starts are not its workers
+                "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
         monkeypatch.delenv(var, raising=False)
     return shared_sim
 

@@ -119,7 +119,7 @@ def test_a_run_against_an_echoing_server_leaves_the_key_nowhere(
     pytester.makepyprojecttoml(models)
     jsonl, junit = pytester.path / "out.jsonl", pytester.path / "junit.xml"
     result = pytester.runpytest(
-        "-p", "no:cacheprovider", "--llmbench-api-retries=0", f"--llmbench-jsonl={jsonl}",
+        "-p", "no:cacheprovider", "--llmbench-api-retries=0", "--llmbench-no-preflight", f"--llmbench-jsonl={jsonl}",
         f"--junitxml={junit}", *[f"--llmbench-model={r.replace('-', '_')}" for r in
                                  ("body", "invalid-event", "split", "json-error")])
     assert result.ret != 0

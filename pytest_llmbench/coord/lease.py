@@ -62,6 +62,7 @@ from types import TracebackType
 from typing import Any
 
 from pytest_llmbench.coord import proc
+from pytest_llmbench.coord.atomic import atomic_write
 from pytest_llmbench.coord.identity import ProcessIdentity
 from pytest_llmbench.errors import LeaseExpired, LeaseTimeout
 
@@ -150,14 +151,7 @@ class ReclaimEvent:
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Atomic replace: readers see the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
-    try:
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    atomic_write(path, json.dumps(data).encode("utf-8"))
 
 
 def _reclaim_key(token: str | None, pid: int | None, start_time: int | None) -> str | None:

@@ -312,9 +312,9 @@ def write_html(path: Path, records: Iterable[Mapping[str, Any]], run: Mapping[st
     """Write the page atomically (temp file + rename)."""
     page = render_html(records, run, comparison=comparison, title=title)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    from pytest_llmbench.coord.atomic import atomic_write
+
+    atomic_write(path, page.encode("utf-8"))
 
 
 class HtmlExporter:

@@ -158,6 +158,11 @@ def list_models(model: ModelSpec, api_key: str | None, timeout: float,
                                "server is up and the base_url is right; " + _SKIP_HINT)
     except openai.APIConnectionError as exc:
         return Listing(problem=f"{who}: {_connection_problem(model, exc, env)}; {_SKIP_HINT}")
+    except Exception as exc:  # noqa: BLE001 - a hostile or odd body: the items will see
+        # The body is not quoted: it may echo the key. Reachable is all we can tell.
+        log.warning("%s: GET /models answered something unreadable (%s); going on", who,
+                    type(exc).__name__)
+        return Listing()
 
 
 def _connection_problem(model: ModelSpec, exc: BaseException, env: Mapping[str, str]) -> str:

@@ -458,10 +458,15 @@ class LLMBenchSession:
         if (self.is_worker or not self.settings.preflight or self.settings.rescore
                 or getattr(opt, "collectonly", False)):
             return
+        from pytest_llmbench.providers.openai_compat import OpenAIProvider
         from pytest_llmbench.session.preflight import PREFLIGHT_TIMEOUT, check_models
 
+        # Only endpoints our OpenAI-compatible provider serves: a third-party provider's
+        # endpoint need not list models (or speak HTTP at all).
+        models = [m for m in self.settings.models
+                  if isinstance(self.provider_for(m), OpenAIProvider)]
         timeout = min(PREFLIGHT_TIMEOUT, self.settings.deadlines.api_timeout)
-        problems = check_models(self.settings.models, self.settings.api_key, timeout=timeout)
+        problems = check_models(models, self.settings.api_key, timeout=timeout)
         if problems:
             raise pytest.UsageError("\n".join(problems))
 

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +65,8 @@ class StorePlaces:
         """Record ``store_dir`` as the store of these suites (best effort)."""
         from filelock import FileLock
 
+        from pytest_llmbench.coord.atomic import atomic_write
+
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(self.path) + ".lock", timeout=5):
@@ -74,10 +75,7 @@ class StorePlaces:
                 data[key] = {"store": str(store_dir), "t": round(time.time())}
                 while len(data) > MAX_ENTRIES:  # dicts keep insertion order: oldest first
                     data.pop(next(iter(data)))
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".stores.")
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump(data, fh)
-                os.replace(tmp, self.path)
+                atomic_write(self.path, json.dumps(data).encode("utf-8"))
         except (OSError, TimeoutError) as exc:
             log.debug("could not record the store's place in %s: %s", self.path, exc)
 

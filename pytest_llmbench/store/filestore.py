@@ -46,6 +46,7 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from pytest_llmbench.coord import proc
+from pytest_llmbench.coord.atomic import atomic_write, temp_name, write_new
 from pytest_llmbench.errors import StoreError
 from pytest_llmbench.records import ERROR, ItemResult
 from pytest_llmbench.store.claims import ClaimHolder, ClaimKind, ClaimResult
@@ -97,19 +98,6 @@ _OWN_NAMES = frozenset({"store.json", "results", "claims", "locks", "answers", "
 
 
 # --- file helpers and the per-shard index ---------------------------------------------------
-
-
-def _write_new(path: str, data: bytes, *, fsync: bool) -> os.stat_result:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if fsync:
-            os.fsync(fd)
-        return os.fstat(fd)  # a rename keeps inode, size and mtime: the index entry's check
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:
@@ -289,7 +277,7 @@ class Store:
             tmp = root / f".store.json.{os.getpid()}.{uuid.uuid4().hex}"
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             body = json.dumps({"format": FORMAT_VERSION, "created": created}) + "\n"
-            _write_new(str(tmp), body.encode(), fsync=True)
+            write_new(str(tmp), body.encode(), fsync=True)
             try:
                 os.link(tmp, meta)  # first creator wins; a concurrent one reads ours
             except FileExistsError:
@@ -470,7 +458,7 @@ class Store:
         Re-read under the lock, so entries appended meanwhile are kept; of two entries for a
         file the one with the later mtime wins (``fresh`` ones were made from a stat).
         """
-        tmp = f"{folder}/.{_INDEX}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = temp_name(f"{folder}/{_INDEX}")
         try:
             with self._locked(shard):
                 names = set(os.listdir(folder))
@@ -482,7 +470,7 @@ class Store:
                         keep[entry[0]] = entry
                 strings: dict[str, str] = {}
                 entries = [_shared(e, strings) for e in keep.values()]
-                _write_new(tmp, _index_frame(entries), fsync=False)
+                write_new(tmp, _index_frame(entries), fsync=False)
                 os.replace(tmp, f"{folder}/{_INDEX}")
         except (OSError, ValueError, StoreError) as exc:
             _unlink_quiet(tmp)
@@ -521,9 +509,9 @@ class Store:
         owners = self._owners(holder)
         folder = self._dir(self._results, key[:2])
         final = f"{folder}/{key}.json"
-        tmp = f"{folder}/.{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = temp_name(f"{folder}/{key}")
         try:
-            st = _write_new(tmp, data, fsync=self.fsync)
+            st = write_new(tmp, data, fsync=self.fsync)
             with self._locked(key[:2]):
                 if result.status == ERROR and self._keeps_finished(key, owners):
                     _unlink_quiet(tmp)
@@ -587,12 +575,9 @@ class Store:
         if not _KEY_RE.match(request_key):
             return
         folder = self._dir(self._answers, request_key[:2])
-        tmp = f"{folder}/.{request_key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            _write_new(tmp, result.key.encode("ascii"), fsync=False)
-            os.replace(tmp, f"{folder}/{request_key}")
+            atomic_write(f"{folder}/{request_key}", result.key.encode("ascii"))
         except OSError as exc:
-            _unlink_quiet(tmp)
             log.debug("could not record the answer of %s: %s", result.key[:12], exc)
 
     def results(
@@ -612,15 +597,9 @@ class Store:
         folder = str(self._runs)
         os.makedirs(folder, exist_ok=True)
         name = check_run_id(manifest.run_id)
-        tmp = f"{folder}/.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         data = json.dumps(manifest.to_dict(), ensure_ascii=False, separators=(",", ":"),
                           default=_json_default)
-        try:
-            _write_new(tmp, data.encode("utf-8"), fsync=self.fsync)
-            os.replace(tmp, f"{folder}/{name}.json")
-        except BaseException:
-            _unlink_quiet(tmp)
-            raise
+        atomic_write(f"{folder}/{name}.json", data.encode("utf-8"), fsync=self.fsync)
 
     def runs(self) -> list[RunManifest]:
         """Every readable run manifest, oldest first (by start time); bad ones are logged."""
@@ -688,9 +667,9 @@ class Store:
         """Write our claim whole (temp + link/rename); ``False`` if ``replace`` is off and a
         claim appeared meanwhile (only possible where flock is not honoured, e.g. NFS)."""
         folder = self._dir(self._claims, key[:2])
-        tmp = f"{folder}/.{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = temp_name(f"{folder}/{key}")
         body = json.dumps({"key": key, **holder.to_dict()}, separators=(",", ":")).encode()
-        _write_new(tmp, body, fsync=False)  # claims are ephemeral: no fsync needed
+        write_new(tmp, body, fsync=False)  # claims are ephemeral: no fsync needed
         final = f"{folder}/{key}.claim"
         try:
             if replace:
