@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -696,13 +695,6 @@ def _is_llm_item(item: Any) -> bool:
     from pytest_llmbench.collect.items import LLMItem
 
     return isinstance(item, LLMItem)
-
-
-def dump_settings(settings: Settings) -> str:
-    """Settings as JSON for debugging, without secrets."""
-    data = dataclasses.asdict(settings)
-    data.pop("env", None)
-    return json.dumps(data, default=str, indent=2)
 
 
 __all__ = ["LLMBenchSession", "SESSION_KEY", "Path"]
