@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -85,6 +86,11 @@ base_url = "sim"
     pytester.makefile(".toml", suite=body.replace('suite = "s"\n', ""))
 
 
+def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2",
+                                         "--llmbench-api-retries=0", *args, timeout=300)
+
+
 def _records(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -100,9 +106,7 @@ def test_a_down_endpoint_opens_the_breaker_and_the_fallback_answers(
         pytester: pytest.Pytester, toggle: _Toggle, breaker_env: Path) -> None:
     url = f"http://127.0.0.1:{toggle.server_address[1]}/v1"
     _project(pytester, url, fallback=True, cooldown=60)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2",
-                                           "--llmbench-api-retries=0",
-                                           "--llmbench-jsonl=out.jsonl", timeout=300)
+    result = _run(pytester, "--llmbench-jsonl=out.jsonl")
     records = _records(pytester.path / "out.jsonl")
     assert result.ret == 0, result.stdout.str()
     assert len(records) == 20 and all(r["status"] == "passed" for r in records)
@@ -117,9 +121,7 @@ def test_without_a_fallback_items_end_as_endpoint_down_and_the_breaker_closes_wh
         pytester: pytest.Pytester, toggle: _Toggle, breaker_env: Path) -> None:
     url = f"http://127.0.0.1:{toggle.server_address[1]}/v1"
     _project(pytester, url, fallback=False, cooldown=1.0)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2",
-                                           "--llmbench-api-retries=0",
-                                           "--llmbench-jsonl=out.jsonl", timeout=300)
+    result = _run(pytester, "--llmbench-jsonl=out.jsonl")
     records = _records(pytester.path / "out.jsonl")
     assert result.ret == 1
     down = [r for r in records if r["error_class"] == "endpoint_down"]
@@ -129,10 +131,7 @@ def test_without_a_fallback_items_end_as_endpoint_down_and_the_breaker_closes_wh
     assert "endpoint_down" in result.stdout.str()
 
     toggle.up = True
-    import time
-
     time.sleep(1.2)  # the cool-down: then one probe decides
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2",
-                                           "--llmbench-api-retries=0", timeout=300)
+    result = _run(pytester)
     assert result.ret == 0, result.stdout.str()
     assert CircuitBreaker(breaker_env).state(url).state == "closed"

@@ -600,9 +600,9 @@ class _Server:
 
 def warm_up() -> None:
     """Import and initialise here, once, what every child would otherwise do itself: the
-    child's module, the scorers, the IDNA codec ``http.client`` uses for host names (it
-    loads ``unicodedata``), libc for ``prctl``, the ``openai`` SDK, and the TLS context when a
-    model needs it."""
+    child's module, the scorers, the IDNA codec (host names; it loads ``unicodedata``), libc
+    for ``prctl``, the ``openai`` SDK (model access goes through it: no HTTP is spoken
+    here), and the TLS context when a model needs it."""
     # Imported once here, not in every host: everything an item touches.
     from pytest_llmbench.coord import (
         proc,  # noqa: F401
