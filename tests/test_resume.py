@@ -281,20 +281,70 @@ def test_the_straggler_rule_frees_slots_only_past_3x_the_median_and_at_most_k() 
     import time as _time
     from types import SimpleNamespace
 
-    from pytest_llmbench.engine.inflight import STRAGGLER_SAMPLES, Stragglers
+    from pytest_llmbench.engine.inflight import (
+        _PROBE_EVERY,
+        STRAGGLER_IDLE,
+        STRAGGLER_SAMPLES,
+        Child,
+        Stragglers,
+    )
     from pytest_llmbench.records import PASSED
 
-    rule = Stragglers()
+    cpu = {pid: 100 for pid in range(1, 20)}  # CPU ticks per pid: unchanged = waiting
+    rule = Stragglers(cpu_ticks=cpu.get)
     now = _time.monotonic()
     ok = SimpleNamespace(status=PASSED)
-    running = {f"k{i}": SimpleNamespace(started=now - 10.0) for i in range(4)}
+
+    def child(pid: int, started: float) -> Child:
+        return Child(job=None, pid=pid, fd=-1, token="", started=started,  # type: ignore[arg-type]
+                     deadline=started + 60)
+
+    def settle(running: dict[str, Child]) -> int:
+        """free_slots once the CPU probe has watched for the idle window."""
+        rule.free_slots(running, 4)
+        for c in running.values():
+            if c.cpu_probe is not None:  # as if the first read was made the window ago
+                since, _, ticks = c.cpu_probe
+                c.cpu_probe = (since - STRAGGLER_IDLE - _PROBE_EVERY,
+                               since - _PROBE_EVERY, ticks)
+        return rule.free_slots(running, 4)
+
+    running = {f"k{i}": child(i + 1, now - 10.0) for i in range(4)}
     assert rule.free_slots(running, 4) == 0  # no median yet: every running item counts
     for _ in range(STRAGGLER_SAMPLES):
-        rule.finished(SimpleNamespace(started=_time.monotonic() - 0.5), ok)  # type: ignore[arg-type]
+        rule.finished(child(0, _time.monotonic() - 0.5), ok)  # type: ignore[arg-type]
     assert 1.5 <= rule.after < 1.6  # 3 x the median of 0.5 s
-    assert rule.free_slots(running, 4) == 4  # all four have run 10 s: stragglers
-    running.update({f"s{i}": SimpleNamespace(started=now - 10.0) for i in range(4)})
-    assert rule.free_slots(running, 4) == 0  # at most K stragglers
-    fresh = {f"f{i}": SimpleNamespace(started=now) for i in range(4)}
+    assert rule.free_slots(running, 4) == 0  # past the time, but not yet seen waiting
+    assert rule.next_change(running, 4) <= _time.monotonic() + _PROBE_EVERY  # looks again
+    assert settle(running) == 4  # all four have run 10 s without using CPU: stragglers
+    running.update({f"s{i}": child(i + 5, now - 10.0) for i in range(4)})
+    assert settle(running) == 0  # at most K stragglers
+    fresh = {f"f{i}": child(i + 9, now) for i in range(4)}
     assert rule.free_slots(fresh, 4) == 0
     assert now + 1.4 < rule.next_change(fresh, 4) < now + 1.7
+
+
+def test_a_slow_item_that_is_working_is_not_a_straggler() -> None:
+    """An item slow because the machine is busy (its CPU time grows) keeps its slot; one
+    whose process has gone (ended) is not counted either."""
+    import itertools
+    import time as _time
+    from types import SimpleNamespace
+
+    from pytest_llmbench.engine.inflight import STRAGGLER_SAMPLES, Child, Stragglers
+    from pytest_llmbench.records import PASSED
+
+    ticks = itertools.count()
+    rule = Stragglers(cpu_ticks=lambda pid: next(ticks) if pid == 1 else None)
+    now = _time.monotonic()
+    for _ in range(STRAGGLER_SAMPLES):
+        rule.finished(SimpleNamespace(started=now - 0.5), SimpleNamespace(status=PASSED))  # type: ignore[arg-type]
+    working = Child(job=None, pid=1, fd=-1, token="", started=now - 10, deadline=now + 60)  # type: ignore[arg-type]
+    gone = Child(job=None, pid=2, fd=-1, token="", started=now - 10, deadline=now + 60)  # type: ignore[arg-type]
+    running = {"w": working, "g": gone}
+    for _ in range(5):
+        assert rule.free_slots(running, 2) == 0
+        if working.cpu_probe is not None:  # force a fresh read: its CPU time moved on
+            since, _, t = working.cpu_probe
+            working.cpu_probe = (since - 10, since - 10, t)
+    assert not working.straggler and not gone.straggler

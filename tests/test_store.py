@@ -591,3 +591,84 @@ def test_temp_files_of_dead_writers_are_swept_live_ones_kept(store: Store) -> No
     left.write_text("{")
     ro.lookup_many([k])
     assert left.exists()  # a read-only store (the report CLI) never deletes
+
+
+# --- the shard lock (coord/flock.py) -------------------------------------------------------
+
+
+_HOLD = """
+import sys, time
+from pytest_llmbench.coord.flock import KeptFlock
+lock = KeptFlock(sys.argv[1], timeout=30)
+with lock:
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_the_shard_lock_excludes_processes_and_threads_and_is_reentrant(tmp_path: Path) -> None:
+    """Another process holds the lock: we wait (a timeout names nothing held); its kill -9
+    frees it. Threads of one process exclude each other though they share the descriptor;
+    one thread may take it twice (an index compaction inside a put)."""
+    import threading
+
+    from pytest_llmbench.coord.flock import KeptFlock, LockTimeout
+
+    path = str(tmp_path / "locks" / "ab.lock")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, path, "60"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+        lock = KeptFlock(path, timeout=0.3)
+        with pytest.raises(LockTimeout):
+            lock.acquire()
+        holder.kill()
+        holder.wait()
+        lock.timeout = 10
+        with lock, lock:  # re-entrant
+            seen: list[str] = []
+            t = threading.Thread(target=lambda: (lock.acquire(), seen.append("got"), lock.release()))
+            t.start()
+            t.join(0.3)
+            assert seen == []  # the other thread waits while this one holds it
+        t.join(5)
+        assert seen == ["got"]
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
+
+
+def test_the_shard_lock_of_a_forked_child_is_its_own_and_a_removed_file_is_reopened(
+    tmp_path: Path,
+) -> None:
+    from pytest_llmbench.coord.flock import KeptFlock
+
+    path = str(tmp_path / "ab.lock")
+    lock = KeptFlock(path, timeout=5)
+    with lock:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            child = KeptFlock(path, timeout=0.2)
+            code = 0
+            try:
+                lock.timeout = 0.2
+                try:
+                    lock.acquire()  # the parent's lock object, in the child: must not pass
+                except TimeoutError:
+                    code += 1
+                try:
+                    child.acquire()
+                except TimeoutError:
+                    code += 2
+            finally:
+                os.write(w, bytes([code]))
+                os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == bytes([3])  # both waited: the parent holds the lock
+        os.waitpid(pid, 0)
+        os.close(r)
+    os.unlink(path)  # cleared while the descriptor stays open
+    other = KeptFlock(path, timeout=0.2)
+    with lock, pytest.raises(TimeoutError):
+        other.acquire()  # both lock the new file, not one each

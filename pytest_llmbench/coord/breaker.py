@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,15 +84,30 @@ def _fresh() -> dict[str, Any]:
             "opens": 0, "refused": 0, "last_error": "", "boot": _boot_id()}
 
 
+_BREAKERS: dict[tuple[str, BreakerPolicy], CircuitBreaker] = {}
+
+
+def _shared_breaker(root: str, policy: BreakerPolicy) -> CircuitBreaker:
+    """The breaker an unpickled job gets: one per process and configuration, so an item host
+    keeps its state files open from one item to the next."""
+    breaker = _BREAKERS.get((root, policy))
+    if breaker is None:
+        breaker = _BREAKERS[(root, policy)] = CircuitBreaker(Path(root), policy)
+    return breaker
+
+
 class CircuitBreaker:
     """Shared breakers under ``root``; picklable (item hosts get it with their job)."""
 
     def __init__(self, root: Path, policy: BreakerPolicy | None = None) -> None:
         self.root = Path(root)
         self.policy = policy or BreakerPolicy()
+        self._fds: dict[str, int] = {}
+        self._fds_pid = os.getpid()
+        self._mutex = threading.RLock()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.root, self.policy))
+        return (_shared_breaker, (str(self.root), self.policy))
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({str(self.root)!r}, {self.policy!r})"
@@ -168,31 +184,52 @@ class CircuitBreaker:
 
     # -- shared state -------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self, url: str) -> Iterator[dict[str, Any]]:
+    def _fd(self, url: str) -> int:
+        """This process's descriptor of ``url``'s state file, kept open: every attempt
+        takes the lock twice. A flock belongs to an open file description, which a forked
+        child shares with its parent, so a child opens its own; a file removed meanwhile
+        (the cache cleared) is opened again."""
+        pid = os.getpid()
+        if self._fds_pid != pid:
+            self._fds, self._fds_pid = {}, pid  # the parent's stay open: it uses them
+        fd = self._fds.get(url)
+        if fd is not None:
+            try:
+                if os.fstat(fd).st_nlink > 0:
+                    return fd
+            except OSError:
+                pass
+            with contextlib.suppress(OSError):
+                os.close(fd)
         directory = self.root / "breakers"
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{breaker_key(url)}.json"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
+        fd = os.open(directory / f"{breaker_key(url)}.json", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        self._fds[url] = fd
+        return fd
+
+    @contextlib.contextmanager
+    def _locked(self, url: str) -> Iterator[dict[str, Any]]:
+        with self._mutex:  # threads of one process share the descriptor, hence its flock
+            fd = self._fd(url)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            st = self._read(fd)
-            before = dict(st)
             try:
-                yield st
-            finally:  # a refusal raises inside the block and still counts
-                if st != before:
-                    data = json.dumps(st).encode()
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    os.ftruncate(fd, 0)
-                    os.write(fd, data)
-        finally:
-            os.close(fd)  # closing the descriptor drops the flock
+                st = self._read(fd)
+                before = dict(st)
+                try:
+                    yield st
+                finally:  # a refusal raises inside the block and still counts
+                    if st != before:
+                        data = json.dumps(st).encode()
+                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, data, 0)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     @staticmethod
     def _read(fd: int) -> dict[str, Any]:
         raw = b""
-        while chunk := os.read(fd, 65536):
+        while chunk := os.pread(fd, 65536, len(raw)):
             raw += chunk
         try:
             st = json.loads(raw) if raw else None

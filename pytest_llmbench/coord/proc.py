@@ -65,6 +65,8 @@ class ProcInfo:
     start_time: int
     """Clock ticks after boot (field 22): with the pid, identifies a process for good."""
     comm: str
+    cpu_ticks: int = 0
+    """User + system CPU time in clock ticks (fields 14 and 15), its children apart."""
 
     @property
     def alive(self) -> bool:
@@ -100,6 +102,7 @@ def _parse_stat(pid: int, data: bytes) -> ProcInfo | None:
             state=rest[0].decode("ascii", "replace"),
             start_time=int(rest[19]),
             comm=data[left + 1 : right].decode("utf-8", "replace"),
+            cpu_ticks=int(rest[11]) + int(rest[12]),
         )
     except (IndexError, ValueError):
         return None

@@ -214,8 +214,17 @@ class _Txn:
     dirty: bool = False
 
 
+_LIMITERS: dict[tuple[str, float], SharedLimiter] = {}
+
+
 def _shared_limiter(root: str, window: float) -> SharedLimiter:
-    return SharedLimiter(Path(root), window=window)
+    """The limiter an unpickled job gets: one per process and configuration, so an item host
+    keeps its open state files from one item to the next (opening them for every item cost
+    two ``open`` calls per request). A forked process reopens its own (``_proc``)."""
+    limiter = _LIMITERS.get((root, window))
+    if limiter is None:
+        limiter = _LIMITERS[(root, window)] = SharedLimiter(Path(root), window=window)
+    return limiter
 
 
 class SharedLimiter:

@@ -219,6 +219,9 @@ def host_main(
                 # Each item starts from the pytest process's environment (sent when it
                 # changed), whatever the item before changed in this host's.
                 base_env = spawn.env if spawn.env is not None else base_env
+                # The token the last item was tagged with is no change of its own (it is set
+                # again below); counting it made every item rebuild the environment.
+                os.environ.pop(proc.TOKEN_ENV, None)
                 if base_env is not None and os.environ != base_env:
                     os.environ.clear()
                     os.environ.update(base_env)

@@ -615,7 +615,7 @@ def warm_up() -> None:
     from pytest_llmbench.providers import api, openai_compat  # noqa: F401
     from pytest_llmbench.scoring import resolve as scoring  # noqa: F401
 
-    # The default store (and filelock) before the hosts fork: importing it in each host on
+    # The default store before the hosts fork: importing it in each host on
     # its first job (to unpickle its ``FileStoreRef``) cost ~0.4-0.9 s of the first item's
     # task deadline on a loaded machine.
     from pytest_llmbench.store import filestore  # noqa: F401

@@ -1,8 +1,9 @@
 """What the engine knows of an item in flight, and what it records for one that ended
 without a result of its own (killed at its deadline, crashed, reclaimed).
 
-Pure data and functions, no I/O but the lease-reclaim lookup: the engine (``engine.py``)
-owns the processes, pipes and the store.
+Pure data and functions, no I/O but the lease-reclaim lookup and the straggler rule's read
+of a running item's CPU time (``/proc/PID/stat``): the engine (``scheduler.py``) owns the
+processes, pipes and the store.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,16 @@ from pytest_llmbench.records import ERROR, ItemResult
 #: place; at most ``concurrency`` such stragglers at once (2 x concurrency processes in all).
 #: It still runs, to its own task deadline. Until ``STRAGGLER_SAMPLES`` items have finished
 #: there is no median and every running item counts.
+#:
+#: A straggler must also be *waiting*: its process used no CPU for ``STRAGGLER_IDLE`` s (a
+#: call the server does not answer). An item that is slow because the machine is busy is
+#: still working; starting more processes beside it would only slow every item down (at zero
+#: latency on 2 cores, 64 items starting at once ran past 1 s and doubled the hosts forked).
 STRAGGLER_FACTOR = 3.0
 STRAGGLER_MIN = 1.0
 STRAGGLER_SAMPLES = 16
+STRAGGLER_IDLE = 0.25
+_PROBE_EVERY = 0.1
 
 
 @dataclass
@@ -54,6 +63,10 @@ class Child:
     crash: str = ""
     warned_half: bool = False
     """The log line for passing half of the task deadline was written."""
+    straggler: bool = False
+    """Found waiting past the straggler time (``Stragglers``): stays one until it ends."""
+    cpu_probe: tuple[float, float, int] | None = None
+    """(since, last read, CPU ticks): its CPU time, unchanged since ``since``."""
 
 
 @dataclass(eq=False)
@@ -73,10 +86,18 @@ class Host:
     """The environment its last item was sent with."""
 
 
-class Stragglers:
-    """The straggler rule (see ``STRAGGLER_FACTOR``): how many items may start now."""
+def _cpu_ticks(pid: int) -> int | None:
+    info = proc.read_stat(pid)
+    return None if info is None else info.cpu_ticks
 
-    def __init__(self) -> None:
+
+class Stragglers:
+    """The straggler rule (see ``STRAGGLER_FACTOR``): how many items may start now.
+
+    ``cpu_ticks(pid)``: a process's CPU time so far, None once it is gone (a test's fake)."""
+
+    def __init__(self, cpu_ticks: Callable[[int], int | None] = _cpu_ticks) -> None:
+        self._cpu_ticks = cpu_ticks
         self.durations: deque[float] = deque(maxlen=256)
         """Seconds taken by recent items that finished with a result (not an error)."""
         self.after = math.inf
@@ -98,14 +119,33 @@ class Stragglers:
         and costs nothing while none is (no scan of a thousand items per loop)."""
         busy = len(running)
         if busy >= concurrency and self.after < math.inf:
-            cutoff = time.monotonic() - self.after
+            now = time.monotonic()
+            cutoff = now - self.after
             stragglers = 0
             for child in running.values():
                 if child.started >= cutoff or stragglers >= concurrency:
                     break
-                stragglers += 1
+                if child.straggler or self._waiting(child, now):
+                    stragglers += 1
             busy -= stragglers
         return concurrency - busy
+
+    def _waiting(self, child: Child, now: float) -> bool:
+        """Whether ``child``'s process has used no CPU for ``STRAGGLER_IDLE`` s (then it is a
+        straggler for good). Its ``/proc`` entry is read at most every ``_PROBE_EVERY`` s."""
+        probe = child.cpu_probe
+        if probe is not None and now - probe[1] < _PROBE_EVERY:
+            return False
+        ticks = self._cpu_ticks(child.pid) if child.pid else None
+        if ticks is None:  # not started yet (its host is being forked) or ending
+            child.cpu_probe = None
+            return False
+        if probe is None or probe[2] != ticks:
+            child.cpu_probe = (now, now, ticks)
+            return False
+        child.cpu_probe = (probe[0], now, ticks)
+        child.straggler = now - probe[0] >= STRAGGLER_IDLE
+        return child.straggler
 
     def next_change(self, running: dict[str, Child], concurrency: int) -> float:
         """When the next running item turns straggler (``time.monotonic()``), if that frees
@@ -113,10 +153,13 @@ class Stragglers:
         ``running`` is in start order.)"""
         if len(running) < concurrency or self.after == math.inf:
             return math.inf
-        cutoff = time.monotonic() - self.after
+        now = time.monotonic()
+        cutoff = now - self.after
         for child in running.values():
             if child.started >= cutoff:
                 return child.started + self.after
+            if not child.straggler:  # past the time, not yet seen waiting: look again soon
+                return now + _PROBE_EVERY
         return math.inf
 
 
