@@ -56,7 +56,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -620,6 +620,19 @@ class LeasePool:
             holder.max_occupation,
             f" label={holder.label}" if holder.label else "",
         )
+        event = ReclaimEvent(
+            resource=self.name,
+            slot=slot,
+            holder=holder.pid,
+            held=held,
+            reason="over_time",
+            limit=holder.max_occupation,
+            label=holder.label,
+            token=holder.token,
+        )
+        # Recorded before the kill: the engine that sees its item die looks for this record at
+        # once, and would report ``crashed`` instead of ``lease_timeout`` if it came later.
+        self._record_reclaim(event, holder)
         # Our own token would make kill_tree take our whole item down with the holder.
         token = holder.token if holder.token != os.environ.get(proc.TOKEN_ENV) else None
         killed = proc.kill_tree(holder.pid, start_time=holder.start_time, token=token)
@@ -644,17 +657,7 @@ class LeasePool:
             holder.pid,
             held,
         )
-        event = ReclaimEvent(
-            resource=self.name,
-            slot=slot,
-            holder=holder.pid,
-            held=held,
-            reason="over_time",
-            limit=holder.max_occupation,
-            label=holder.label,
-            token=holder.token,
-            killed=tuple(killed),
-        )
+        event = replace(event, killed=tuple(killed))
         self._record_reclaim(event, holder)
         return event
 
