@@ -80,8 +80,9 @@ def test_forced_on_draws_the_line_and_names_the_slow_item(
     pytester: pytest.Pytester, sim_env: str, xdist: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "200")
-    # 8 s, not 4: slow means past 3x the median item's time, which a loaded machine stretches
-    # (with 4 s the item went unnamed once when CI ran its three suites at once).
+    # 8 s, not 4: under xdist the line learns what is in flight from the workers' reports, so
+    # the slow item is named only if another item is reported while it runs; on a loaded
+    # machine (CI runs three suites at once) 4 s once passed without such a report.
     pytester.makefile(".toml", math=SUITE.replace("SLOW", "8"))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--llmbench-progress=on",
                                            "--llmbench-concurrency=8", *xdist)
