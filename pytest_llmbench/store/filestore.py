@@ -338,9 +338,14 @@ class Store:
         return _Locked(self._lock(shard), self._lockdir / f"{shard}.lock")
 
     def _dir(self, base: Path, shard: str) -> str:
-        path = str(base / shard)
+        path = f"{base}/{shard}"
         if path not in self._made:
-            os.makedirs(path, exist_ok=True)
+            try:  # one syscall: the shard directory nearly always exists already
+                os.mkdir(path)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                os.makedirs(path, exist_ok=True)
             self._made.add(path)
         return path
 
