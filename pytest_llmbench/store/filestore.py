@@ -15,7 +15,8 @@ Why it is shaped this way:
 
 - A result is written to a temp file in its final directory, fsynced, then ``os.replace``-d
   over the final name: a ``kill -9`` at any instant leaves the final file absent or whole,
-  so readers never need the lock.
+  so readers never need the lock. The claim holder's own ``put`` uses the claim file as
+  that temp file (``_put_through_claim``): one new file per item, none deleted.
 - Writers and claimers of one shard serialise on its flock, which the kernel drops when the
   holder dies; nothing has to clean a lock up after a crash.
 - Resuming 10^5 items must take seconds, and JSON-parsing 10^5 files does not: each shard
@@ -42,6 +43,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pytest_llmbench.coord import proc
 from pytest_llmbench.coord.atomic import atomic_write, temp_name, write_new
@@ -523,6 +525,8 @@ class Store:
         owners = self._owners(holder)
         folder = self._dir(self._results, key[:2])
         final = f"{folder}/{key}.json"
+        if self._put_through_claim(result, data, record, owners, folder, final):
+            return Path(final)
         tmp = temp_name(f"{folder}/{key}")
         try:
             st = write_new(tmp, data, fsync=self.fsync)
@@ -541,6 +545,44 @@ class Store:
         if self.fsync:
             _fsync_dir(folder)
         return Path(final)
+
+    def _put_through_claim(self, result: ItemResult, data: bytes, record: dict[str, Any] | None,
+                           owners: tuple[ClaimHolder, ...], folder: str, final: str) -> bool:
+        """``put`` when one of ``owners`` holds the item's claim (the usual case): the
+        result is written into the claim file itself, fsynced, and the claim renamed over
+        the result's name, all under the shard lock. The rename drops the claim and
+        publishes the result in one step, and the item costs one new file, not two plus a
+        deleted one: on ext4 without a journal every file created after many recent
+        deletions scans past them (``recently_deleted``), which cost ~1 ms of kernel CPU per
+        file at zero latency. A writer killed mid-write leaves a claim file holding part of a
+        result: its holder is dead, so the item is claimed afresh (``_read_claim``)."""
+        key = result.key
+        claim = self._claim_file(key)
+        with self._locked(key[:2]):
+            current, _ = self._read_claim(key)
+            if current is None or not any(current.same_process(o) for o in owners):
+                return False
+            try:
+                fd = os.open(claim, os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return False
+            try:
+                os.ftruncate(fd, 0)
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(fd, view, len(data) - len(view)):]
+                if self.fsync:
+                    os.fsync(fd)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            os.replace(claim, final)
+            if record is not None and _append_index(folder, [_index_entry(key, st, record)]):
+                self._compact_index(key[:2], folder)
+            self._point_answer(result, final)
+        if self.fsync:
+            _fsync_dir(folder)
+        return True
 
     # -- the ResultStore protocol's fast paths, answers and runs ---------------------------
 
@@ -683,7 +725,8 @@ class Store:
     # -- claims -------------------------------------------------------------------------
 
     def _read_claim(self, key: str) -> tuple[ClaimHolder | None, str]:
-        """``(holder, "")``, ``(None, "")`` when unclaimed, ``(None, reason)`` when corrupt."""
+        """``(holder, "")``, ``(None, "")`` when unclaimed, ``(None, reason)`` when corrupt;
+        ``(None, "replace")`` when the file holds part of a result whose writer died."""
         path = self._claim_file(key)
         try:
             raw = _read_file(path)[0]
@@ -695,6 +738,11 @@ class Store:
                 raise ValueError("not a claim of this item")
             return ClaimHolder.from_dict(data), ""
         except ValueError as exc:
+            if raw[:200].find(b'"identity"') > 0:
+                # Part of a result (``_put_through_claim``): its writer died mid-write.
+                log.info("the claim of item %s holds part of a result: its writer died while"
+                         " storing it; the item runs again", key[:12])
+                return None, "replace"
             return None, f"corrupt claim file {path}: {exc}"
 
     def _write_claim(self, key: str, holder: ClaimHolder, *, replace: bool) -> bool:
@@ -758,7 +806,7 @@ class Store:
                 return ClaimResult(kind="done", result=result)
             current, why = self._read_claim(key)
             if current is None:
-                if why:
+                if why and why != "replace":
                     log.warning("%s; item %s is claimed afresh", why, key)
                 if self._write_claim(key, holder, replace=bool(why)):
                     return ClaimResult(kind="claimed")
