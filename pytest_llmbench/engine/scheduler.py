@@ -87,12 +87,14 @@ class Engine:
         make_job: JobFactory,
         key_of: Callable[[Any], str | None],
         fresh: bool = False,
+        rescore: bool = False,
         tick: Callable[[], object] | None = None,
         fork_server: str | None = None,
         tls: bool = False,
         run_slots: RunSlots | None = None,
     ) -> None:
         # ``fresh``: stored results of earlier runs are ignored (they are overwritten).
+        # ``rescore``: stored answers are judged again, so a stored verdict never suffices.
         self.store = store
         self.coord_dir = coord_dir
         """Where overdue-claim reclaims are recorded for the killed item's engine to find."""
@@ -101,6 +103,7 @@ class Engine:
         self.make_job = make_job
         self.key_of = key_of
         self.fresh = fresh
+        self.rescore = rescore
         self.tick = tick
         """Called about once a second from the wait loop (the lease monitor)."""
         self._next_tick = 0.0
@@ -296,6 +299,12 @@ class Engine:
             if key in self.elsewhere or self.store.has_result(key):
                 self._check_elsewhere(key)
             return
+        if not self.rescore and (stored := self._stored(key)) is not None:
+            # Stored: no job to build (scorer, deadlines, provider: most of the CPU of
+            # reporting a cached item).
+            self.elsewhere.discard(key)
+            self.done[key] = stored
+            return
         job_or_result = self.make_job(item)
         if isinstance(job_or_result, ItemResult):
             self.done[key] = job_or_result
@@ -303,7 +312,7 @@ class Engine:
         job = job_or_result
         # --llmbench-fresh / --llmbench-rescore: results of earlier runs do not count.
         ignore_before = self.run_id if (self.fresh or job.rescore_from is not None) else None
-        if ignore_before is None and (stored := self._stored(key)) is not None:
+        if self.rescore and ignore_before is None and (stored := self._stored(key)) is not None:
             self.elsewhere.discard(key)
             self.done[key] = stored
             return
