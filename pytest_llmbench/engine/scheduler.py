@@ -413,6 +413,13 @@ class Engine:
 
     def _fork(self, job: Job, token: str) -> None:
         """Start ``job``: in an idle item host, a new one, or a child forked for it alone."""
+        if self.use_server and not self._idle:
+            self.warm()
+            if self.server is not None:
+                # The server's warm-up (``import openai``) before the task deadline starts:
+                # waited for here, on the first item that runs, not at collection, so that
+                # a run of stored results never waits for it.
+                self.server.wait_ready()
         started = time.monotonic()
         deadline = started + job.deadlines.task_timeout
         if self.use_server and self._run_in_host(job, token, started, deadline):
