@@ -672,3 +672,40 @@ def test_the_shard_lock_of_a_forked_child_is_its_own_and_a_removed_file_is_reope
     other = KeptFlock(path, timeout=0.2)
     with lock, pytest.raises(TimeoutError):
         other.acquire()  # both lock the new file, not one each
+
+
+def test_a_claimed_item_s_result_is_written_into_its_claim_file(store: Store) -> None:
+    """The holder's put turns the claim file into the result (one new file per item, no
+    deletion): the claim is gone, the result is whole and is the claim's inode."""
+    k = key_of(1)
+    me = holder_for()
+    assert store.claim(k, holder=me).kind == "claimed"
+    inode = os.stat(store.claim_path(k)).st_ino
+    store.put(make_result(k), holder=me)
+    assert not store.claim_path(k).exists()
+    assert os.stat(store.result_path(k)).st_ino == inode
+    assert store.get(k) == make_result(k)
+    assert store.lookup_many([k]) == {k: make_result(k)}  # the index saw it too
+    # Not the holder: the result is stored the usual way and the claim stays.
+    k2 = key_of(2)
+    assert store.claim(k2, holder=me).kind == "claimed"
+    store.put(make_result(k2), holder=holder_for(os.getppid()))
+    assert store.claim_holder(k2) == me and store.get(k2) == make_result(k2)
+
+
+def test_a_claim_file_left_holding_part_of_a_result_is_claimed_afresh(
+    store: Store, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A writer killed while writing its result into the claim file leaves part of a
+    result there: the item is claimed again, with an info line, not a corrupt-file warning."""
+    k = key_of(1)
+    assert store.claim(k, holder=holder_for()).kind == "claimed"
+    whole = json.dumps({"_v": FORMAT_VERSION, **make_result(k).to_dict()}).encode()
+    store.claim_path(k).write_bytes(whole[: len(whole) // 2])
+    assert store.claim_holder(k) is None
+    again = holder_for(run_id="again")
+    with caplog.at_level(logging.INFO, logger="pytest_llmbench"):
+        assert store.claim(k, holder=again).kind == "claimed"
+    assert "holds part of a result" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert store.claim_holder(k) == again

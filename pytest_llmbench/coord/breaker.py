@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -72,7 +73,10 @@ def breaker_key(url: str) -> str:
     return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
 
 
+@functools.cache
 def _boot_id() -> str:
+    """This boot's id (a state file from before a reboot holds stale monotonic times); read
+    once per process: it was read twice per request."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:  # pragma: no cover - not Linux

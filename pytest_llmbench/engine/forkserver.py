@@ -155,13 +155,15 @@ class ForkServer:
             raise
         finally:
             theirs.close()
-        _wait_ready(ours)
         self._init_channel()
 
     def _init_channel(self) -> None:
         self.sock.setblocking(False)
         self.seq = 0
         self.closed = False
+        self.ready = False
+        """The server said it has warmed up. Waited for only when a host is first needed:
+        a run whose items are all stored never waits for ``import openai``."""
         self.outbox: deque[tuple[bytes, tuple[int, int]]] = deque()
         """Requests not sent yet, with the descriptors they carry (ours until sent)."""
 
@@ -174,11 +176,21 @@ class ForkServer:
         except BaseException:
             sock.close()
             raise
-        _wait_ready(sock)
         self = cls.__new__(cls)
         self.sock, self.process = sock, None
         self._init_channel()
         return self
+
+    def wait_ready(self) -> None:
+        """Block until the server has warmed up (see ``_wait_ready``), once."""
+        if self.ready or self.closed:
+            return
+        self.sock.setblocking(True)
+        try:
+            _wait_ready(self.sock)
+        finally:
+            self.sock.setblocking(False)
+        self.ready = True
 
     def spawn_host(self, jobs_fd: int, results_fd: int) -> int:
         """Ask for an item host reading jobs from ``jobs_fd``, writing to ``results_fd``;
@@ -186,7 +198,9 @@ class ForkServer:
 
         Never blocks: the request is queued and sent as far as the socket takes it now, the
         rest by ``flush`` once the socket is writable again (``pending``). This process owns
-        the two descriptors until then, and closes them once sent."""
+        the two descriptors until then, and closes them once sent. (Before the first one,
+        the server's warm-up is waited for: no item's deadline ticks while it imports.)"""
+        self.wait_ready()
         self.seq += 1
         self.outbox.append((pickle.dumps(self.seq), (jobs_fd, results_fd)))
         self.flush()
@@ -239,7 +253,11 @@ class ForkServer:
             if not data:
                 out.append(("gone",))
                 return out
-            out.append(pickle.loads(data))
+            message = pickle.loads(data)
+            if message == ("ready",):
+                self.ready = True
+                continue
+            out.append(message)
 
     def close(self) -> None:
         if self.closed:
@@ -249,6 +267,8 @@ class ForkServer:
         self.sock.close()  # our own server sees EOF and exits; a shared one forgets us
         if self.process is None:
             return
+        if not self.ready:  # still importing, no host forked: nothing to wait for
+            self.process.kill()
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -113,6 +113,7 @@ class LLMBenchSession:
                 make_job=self.make_job,
                 key_of=lambda item: getattr(item, "key", None) if _is_llm_item(item) else None,
                 fresh=self.settings.fresh,
+                rescore=self.settings.rescore,
                 tick=self.leases.monitor_tick,  # every mode: the judge's pool is there too
                 fork_server=(getattr(self.config, "workerinput", None) or {}).get(
                     "llmbench_fork_server"),

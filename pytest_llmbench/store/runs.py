@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_llmbench.records import to_jsonable
+
 __all__ = [
     "MANIFEST_VERSION",
     "SOURCES",
@@ -104,10 +106,14 @@ class RunManifest:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        # Field by field: ``dataclasses.asdict`` deep-copies every item, 0.3 ms of CPU per
+        # 1000 items of a run (its items are flat records of scalars).
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["command"] = list(self.command)
         data["models"] = list(self.models)
-        data["settings"] = dict(self.settings)
+        data["settings"] = to_jsonable(self.settings)
+        names = [f.name for f in dataclasses.fields(RunItem)]
+        data["items"] = [{n: getattr(item, n) for n in names} for item in self.items]
         return {"v": MANIFEST_VERSION, **data}
 
 
