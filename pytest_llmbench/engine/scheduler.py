@@ -309,7 +309,11 @@ class Engine:
         if isinstance(job_or_result, ItemResult):
             self.done[key] = job_or_result
             return
-        job = job_or_result
+        self._claim_and_fork(key, job_or_result)
+
+    def _claim_and_fork(self, key: str, job: Job) -> None:
+        """Claim ``key`` for ``job`` and fork it; or learn that it is done or busy elsewhere,
+        or take over an overdue holder's claim."""
         # --llmbench-fresh / --llmbench-rescore: results of earlier runs do not count.
         ignore_before = self.run_id if (self.fresh or job.rescore_from is not None) else None
         if self.rescore and ignore_before is None and (stored := self._stored(key)) is not None:
