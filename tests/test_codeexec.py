@@ -194,12 +194,14 @@ def test_at_most_three_raises() -> None:
 
 
 def test_preset_from_history_starts_with_the_raised_limit() -> None:
-    first = score(SLOW_COUNT, COUNT_10, time_limit=0.3, max_raises=0)
+    # 0.8 s: the program needs over 1 s, and must print its first line before the limit
+    # (at 0.3 s a loaded machine once left it no output at all)
+    first = score(SLOW_COUNT, COUNT_10, time_limit=0.8, max_raises=0)
     assert first.details["verdict"] == "TLE"
     assert first.details["raises"][0]["reason"] == "0 raises max"
     presets = presets_from_history([first.details])
     assert presets == {1: 30.0}  # some output, under 100 chars
-    second = score(SLOW_COUNT, COUNT_10, time_limit=0.3, max_raises=0, preset_limits=presets)
+    second = score(SLOW_COUNT, COUNT_10, time_limit=0.8, max_raises=0, preset_limits=presets)
     assert second.details["verdict"] == "OK_EXTENDED"
     t = second.details["tests"][0]
     assert (t["limit"], len(t["runs"]), second.details["raises"]) == (30.0, 1, [])

@@ -74,12 +74,14 @@ def test_stuck_item_is_killed_at_its_deadline(
     mark = secrets.token_hex(4)
     write_suite(pytester, kind, str(int(mark, 16)))
     out = pytester.path / "r.jsonl"
+    # api_timeout 120 s, and the run must end well before it: a loaded machine (CI runs three
+    # suites at once) took over 50 s for this run of 5 items, so the bound is 90 s.
     args = ["-p", "no:cacheprovider", f"--llmbench-task-timeout={TASK_TIMEOUT}",
-            "--llmbench-api-timeout=30", f"--llmbench-jsonl={out}"]
+            "--llmbench-api-timeout=120", f"--llmbench-jsonl={out}"]
     if xdist:
         args += ["-n", "2"]
     started = time.monotonic()
-    result = pytester.runpytest_subprocess(*args, timeout=60)
+    result = pytester.runpytest_subprocess(*args, timeout=180)
     wall = time.monotonic() - started
     result.assert_outcomes(passed=4, errors=1)
     result.stdout.fnmatch_lines(["*ERROR [[]task_timeout[]]*task deadline of 2 s exceeded*"])
@@ -89,7 +91,7 @@ def test_stuck_item_is_killed_at_its_deadline(
     assert stuck["status"] == "error" and stuck["error_class"] == "task_timeout"
     assert stuck["deadline_layer"] == "task"
     assert TASK_TIMEOUT <= stuck["elapsed"] <= TASK_TIMEOUT + 2.0
-    assert wall < 40  # nothing waited for the stuck item beyond its deadline
+    assert wall < 90  # nothing waited for the stuck item beyond its deadline
     if kind == "hang":
         assert stuck["attempts"] == [] or all(a["outcome"] != "ok" for a in stuck["attempts"])
     # nothing the item started is left running
