@@ -210,6 +210,50 @@ def test_over_time_holder_tree_killed_by_monitor(
     assert find_reclaim(tmp_path, token="nobody") is None
 
 
+WATCHER = """
+import os, signal, sys, time
+from pytest_llmbench.coord.lease import LeasePool, find_reclaim
+root, seen, token = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def on_term(*_):
+    with open(seen, "w") as fh:
+        fh.write("recorded" if find_reclaim(root, token=token) else "missing")
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+lease = LeasePool(root, "vm", 1, max_occupation=0.5).acquire(timeout=10, label="watcher")
+print(lease.slot, flush=True)
+time.sleep(1000)
+"""
+
+
+def test_the_reclaim_is_recorded_before_the_holder_is_killed(tmp_path: Path) -> None:
+    """The engine looks for the record as soon as its item dies: written after the kill, it
+    was sometimes not there yet, and the item was reported ``crashed``, not ``lease_timeout``.
+    The holder looks for it when the monitor's SIGTERM arrives."""
+    token = secrets.token_hex(8)
+    seen = tmp_path / "seen"
+    run = subprocess.Popen([sys.executable, "-c", WATCHER, str(tmp_path), str(seen), token],
+                           env=_env(token), stdout=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        assert run.stdout is not None and run.stdout.readline().strip() == "0"
+        pool = LeasePool(tmp_path, "vm", 1)
+        acquired = pool.read_holder(0).acquired_at  # type: ignore[union-attr]
+        time.sleep(max(0.0, acquired + 0.55 - time.time()))  # its own guard acts 1 s later
+        (event,) = pool.monitor_tick()
+        assert event.reason == "over_time" and event.holder == run.pid
+        assert run.wait(timeout=10) == 0  # its SIGTERM handler ran
+        assert seen.read_text() == "recorded"
+        assert find_reclaim(tmp_path, token=token) == event  # rewritten with the killed pids
+        assert run.pid in event.killed
+    finally:
+        proc.kill_tree(run.pid, grace=0.1)
+        run.wait(timeout=10)
+        assert run.stdout is not None
+        run.stdout.close()
+
+
 def test_waiting_acquirer_reclaims_over_time_holder(
     tmp_path: Path, holder: Callable[..., Holder], caplog: pytest.LogCaptureFixture
 ) -> None:
