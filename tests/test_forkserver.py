@@ -255,3 +255,30 @@ def test_an_item_does_not_see_the_environment_changes_of_the_item_before_it_in_i
     rows = [line.split() for line in log.read_text().splitlines()]
     assert len({pid for _inst, pid, _leak in rows}) == 1  # one host ran all three
     assert [leak for _inst, _pid, leak in rows] == ["-", "-", "-"]
+
+
+def test_items_run_nicer_than_the_pytest_process(
+    pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine (results, new items, deadlines) must not wait behind its own items for the
+    CPU: an item process runs at ``ITEM_NICE`` above the pytest process's niceness."""
+    from pytest_llmbench.engine.child import ITEM_NICE
+
+    module = f"nice_scorer_{secrets.token_hex(4)}"
+    pytester.makepyfile(**{module: """
+        import os
+        from pytest_llmbench.records import Score
+
+        def score(req):
+            with open(os.environ["NICE_LOG"], "a") as fh:
+                fh.write(f"{os.nice(0)}\\n")
+            return Score(value=1.0)
+    """})
+    pytester.makefile(".toml", suite=SUITE.replace("parent_scorer", module) + "".join(
+        f'[[prompts.instances]]\nid = "i{i}"\nvars = {{ a = {i} }}\nexpected = "{i + 1}"\n'
+        for i in range(2)))
+    log = pytester.path / "nice.log"
+    monkeypatch.setenv("NICE_LOG", str(log))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert [int(n) for n in log.read_text().split()] == [min(19, os.nice(0) + ITEM_NICE)] * 2
