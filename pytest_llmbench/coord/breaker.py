@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_llmbench.coord.identity import boot_id
 from pytest_llmbench.errors import EndpointDown
 
 __all__ = ["BreakerPolicy", "BreakerState", "CircuitBreaker", "EndpointDown", "breaker_key"]
@@ -73,19 +73,11 @@ def breaker_key(url: str) -> str:
     return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
 
 
-@functools.cache
-def _boot_id() -> str:
-    """This boot's id (a state file from before a reboot holds stale monotonic times); read
-    once per process: it was read twice per request."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:  # pragma: no cover - not Linux
-        return ""
 
 
 def _fresh() -> dict[str, Any]:
     return {"state": CLOSED, "failures": 0, "opened_at": 0.0, "probe_until": 0.0,
-            "opens": 0, "refused": 0, "last_error": "", "boot": _boot_id()}
+            "opens": 0, "refused": 0, "last_error": "", "boot": boot_id()}
 
 
 _BREAKERS: dict[tuple[str, BreakerPolicy], CircuitBreaker] = {}

@@ -15,6 +15,7 @@ place (the shape of filelock's ``_identity.py``):
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Mapping
@@ -22,6 +23,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_llmbench.coord import proc
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot's id, read once per process: state files keep monotonic times, which mean
+    nothing after a reboot (the rate limits' and the circuit breakers')."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:  # not Linux: callers also bound the times they read
+        return ""
 
 
 def read_start_time(value: Any) -> int | None:

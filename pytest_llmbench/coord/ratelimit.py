@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -50,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_llmbench.coord.identity import boot_id
 from pytest_llmbench.errors import LLMBenchError
 from pytest_llmbench.records import ModelSpec
 
@@ -139,13 +139,6 @@ def default_root() -> Path:
     return Path(cache) / "pytest-llmbench"
 
 
-@functools.cache
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            return fh.read().strip()
-    except OSError:  # not Linux: monotonic values from before a reboot are caught by _sane()
-        return ""
 
 
 _KEYS = frozenset({"v", "boot", "tat", "ttat", "scale", "learned", "blocked", "bpid", "cut",
@@ -153,7 +146,7 @@ _KEYS = frozenset({"v", "boot", "tat", "ttat", "scale", "learned", "blocked", "b
 
 
 def _fresh_state() -> dict[str, Any]:
-    return {"v": _FORMAT, "boot": _boot_id(), "tat": 0.0, "ttat": 0.0, "scale": 1.0,
+    return {"v": _FORMAT, "boot": boot_id(), "tat": 0.0, "ttat": 0.0, "scale": 1.0,
             "learned": None, "blocked": 0.0, "bpid": None, "cut": 0.0, "cnt": 0.0,
             "cnt_t": 0.0}
 
@@ -629,7 +622,7 @@ class SharedLimiter:
         except ValueError as exc:
             log.warning("[RateLimit] unreadable limit state (%s): starting afresh", exc)
             return _fresh_state()
-        if st["boot"] != _boot_id() or not self._sane(st):
+        if st["boot"] != boot_id() or not self._sane(st):
             return _fresh_state()
         return st
 
