@@ -84,6 +84,8 @@ class Host:
     buffer: bytearray = field(default_factory=bytearray)
     env: dict[str, str] | None = None
     """The environment its last item was sent with."""
+    ended: bool = False
+    """Its pipe is closed: only its exit status (from the fork server) is awaited."""
 
 
 def _cpu_ticks(pid: int) -> int | None:

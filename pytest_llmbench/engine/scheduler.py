@@ -618,8 +618,13 @@ class Engine:
                 for host in list(self.hosts.values()):
                     # Hosts re-parent to us (subreaper); each leaves at the end of its job
                     # pipe, after its current item, whose result still arrives on its pipe.
-                    if host.child is None or not host.pid:
+                    # A host whose pipe closed already (it died with the server: parent-death
+                    # signal) was waiting for the exit status the server will never send.
+                    if host.ended:
+                        self._host_exited(host, None)
+                    elif host.child is None or not host.pid:
                         self._drop_host(host)
+                        proc.reap([host.pid])  # idle: it died with the server, or leaves now
                         if host.child is not None and host.child.job.key in self.running:
                             child = host.child
                             self.running.pop(child.job.key, None)
@@ -638,6 +643,7 @@ class Engine:
             return
         if self.server is not None and host.pid:
             # Its exit status follows from the fork server: finish the item then.
+            host.ended = True
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(host.fd)
         else:
