@@ -226,12 +226,6 @@ def host_main(
     send = _sender(fd)
     base_env: dict[str, str] | None = None
     wanted: dict[bytes, bytes] | None = None
-    _prof = None
-    if os.path.isdir("/work/tmp/prof"):
-        import cProfile
-        import time as _t
-        _prof = cProfile.Profile(_t.process_time)
-        _prof.enable()
     try:
         _become_item_process(send)
         proc.set_child_subreaper()
@@ -271,8 +265,6 @@ def host_main(
                 return "" if leaving else "idle"
 
             _run_item(spawn.job, send, spawn.deadline, store, spawn.holder, then=then)
-            if _prof is not None and served % 20 == 0:
-                _prof.dump_stats(os.path.join("/work/tmp/prof", f"host-{os.getpid()}.prof"))
             if leaving:
                 break
     except BaseException:  # noqa: BLE001 - reported to the parent, which records a crash
