@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 
 __all__ = ["atomic_write", "temp_name", "write_new"]
 
@@ -18,7 +17,9 @@ __all__ = ["atomic_write", "temp_name", "write_new"]
 def temp_name(final: str | os.PathLike[str]) -> str:
     """A temp file name beside ``final``, unique to this process and call."""
     head, name = os.path.split(os.fspath(final))
-    return os.path.join(head, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # 4 random bytes straight from the kernel: ``uuid4()`` built a UUID object for 8 hex
+    # digits, on every claim and every result.
+    return os.path.join(head, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
 def write_new(path: str | os.PathLike[str], data: bytes, *, fsync: bool) -> os.stat_result:

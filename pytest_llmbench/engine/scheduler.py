@@ -74,6 +74,16 @@ RUN_SLOTS_POLL = 0.05
 JobFactory = Callable[[Any], "Job | ItemResult"]
 
 
+
+def _decode(line: bytes) -> tuple[str, Any] | None:
+    """An item's or a host's event line -> ``(kind, data)``; None for a torn or foreign line
+    (a hostile item can write anything to its pipe)."""
+    try:
+        kind, data = json.loads(line)
+    except (ValueError, TypeError):
+        return None
+    return (kind, data) if isinstance(kind, str) else None
+
 class Engine:
     """Per-process item runner. ``wait(item)`` is all the pytest protocol calls."""
 
@@ -650,10 +660,10 @@ class Engine:
             self._host_exited(host, None)
 
     def _host_event(self, host: Host, line: bytes) -> None:
-        try:
-            kind, data = json.loads(line)
-        except (ValueError, TypeError):
+        message = _decode(line)
+        if message is None:
             return
+        kind, data = message
         child = host.child
         if kind == "idle":
             self._set_idle(host, host.jobs_fd >= 0)
@@ -669,7 +679,7 @@ class Engine:
                 del self.running[child.job.key]
                 self._fork_local(child.job, child.token, child.started, child.deadline)
             return
-        self._event(child, line)
+        self._message(child, kind, data)  # decoded once: a result line is the whole record
         if kind == "result" and child.result is not None:
             host.child = None
             if self.running.get(child.job.key) is child:
@@ -779,10 +789,12 @@ class Engine:
                 self.selector.unregister(child.fd)
 
     def _event(self, child: Child, line: bytes) -> None:
-        try:
-            kind, data = json.loads(line)
-        except (ValueError, TypeError):
-            return
+        message = _decode(line)
+        if message is not None:
+            self._message(child, *message)
+
+    def _message(self, child: Child, kind: str, data: Any) -> None:
+        """One decoded event of ``child``'s item (see ``child.py``'s ``send``)."""
         if kind == "attempt":
             child.attempts.append(data)
         elif kind == "completion":
