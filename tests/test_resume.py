@@ -107,6 +107,34 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
         assert leftover.name.startswith("."), leftover
 
 
+def test_a_run_killed_with_items_in_flight_resumes_them_side_by_side(tmp_path: Path) -> None:
+    """``kill -9`` leaves the claims of the items in flight; the next run must run those
+    items ahead as it runs any other, not one at a time as pytest reaches each of them."""
+    n, latency = 8, 1.0
+    make_suite(tmp_path / "suite.toml", n)
+    with SimServer.start(latency=latency, request_log=tmp_path / "requests.jsonl") as sim:
+        env = env_for(sim)
+        cmd = pytest_cmd(tmp_path, f"--llmbench-concurrency={n}")
+        run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+        give_up = time.monotonic() + 60
+        while len(sim.requests()) < n and time.monotonic() < give_up:
+            time.sleep(0.05)  # every item is waiting for its answer: all claimed
+        kill_tree_now(run.pid)
+        run.wait()
+        claims = list((tmp_path / "store").rglob("*.claim"))
+        assert len(claims) == n, claims  # what the killed run left: n claims, dead holders
+        before = len(sim.requests())
+        final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert final.returncode == 0 and f"{n} passed" in final.stdout, final.stdout[-3000:]
+        resumed = sorted(r["t"] for r in sim.requests()[before:])
+    assert len(resumed) == n
+    # One at a time, each request would come at least ``latency`` after the one before (7 s
+    # from first to last); run ahead, they all come at once, give or take the start-up of
+    # their item hosts on a loaded machine: half the serial span tells the two apart.
+    assert resumed[-1] - resumed[0] < (n - 1) * latency / 2, resumed
+
+
 def test_two_concurrent_runs_execute_each_item_once(tmp_path: Path) -> None:
     n = 100
     make_suite(tmp_path / "suite.toml", n)

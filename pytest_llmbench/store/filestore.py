@@ -596,12 +596,22 @@ class Store:
 
     def seen_since(self, key: str, since: float) -> bool:
         """Two ``stat`` calls: ``key`` is claimed right now, or its result was stored at or
-        after ``since`` (Unix time). The engine's lookahead asks this for every item."""
+        after ``since`` (Unix time). The engine's lookahead asks this for every item.
+
+        A claim older than ``since`` is read (lock-free) and counts only if its holder is
+        alive and within its deadline: after a ``kill -9`` the dead run's claims stay, and
+        counting them kept each of those items from running ahead, so a resumed run ran
+        them one at a time, as pytest reached them."""
         try:
-            os.stat(self._claim_file(key))
-            return True
+            st = os.stat(self._claim_file(key))
         except FileNotFoundError:
             pass
+        else:
+            if st.st_mtime >= since:
+                return True
+            holder = self._read_claim(key)[0]
+            return (holder is not None and holder.is_alive()
+                    and time.time() <= holder.deadline)
         try:
             return os.stat(self._result_file(key)).st_mtime >= since
         except FileNotFoundError:

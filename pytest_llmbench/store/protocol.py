@@ -58,9 +58,10 @@ class ResultStore(Protocol):
         """Whether some result of ``key`` is stored (cheap; need not parse it)."""
 
     def seen_since(self, key: str, since: float) -> bool:
-        """Whether ``key`` is claimed now, or has a result stored at or after ``since``
-        (Unix time). Asked for every item of the lookahead: keep it to a couple of
-        syscalls or a dictionary lookup."""
+        """Whether ``key`` is claimed now by a holder that may still finish it (not a dead
+        run's leftover claim), or has a result stored at or after ``since`` (Unix time).
+        Asked for every item of the lookahead: keep it to a couple of syscalls or a
+        dictionary lookup."""
 
     def answer_for(self, request_key: str) -> ItemResult | None:
         """The newest stored result with a whole answer to this request (``identity
