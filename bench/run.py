@@ -512,6 +512,8 @@ class Ctx:
     """``--neutral-server``: a server script started per workload with its latency."""
     figures: dict[str, float] = field(default_factory=dict)
     """Figures one workload leaves for another's verdict (CPU per item at zero latency)."""
+    xdist_workers: tuple[int, ...] = ()
+    """``--xdist-workers``: the ``-n W`` values of the xdist workload (default: its own)."""
 
     @property
     def simulated(self) -> bool:
@@ -620,7 +622,7 @@ def overhead(ctx: Ctx) -> None:
 
 def xdist(ctx: Ctx) -> None:
     n, latency = (100 if ctx.quick else 500), 0.5
-    workers = (8,) if ctx.quick else (2, 8, 32)
+    workers = ctx.xdist_workers or ((8,) if ctx.quick else (2, 8, 32))
     header(ctx.out, f"xdist: N={n}, L={latency} s, llmbench -n W (default concurrency: 64 per run,"
            " run-wide) vs bare pytest-xdist -n W")
     sim = ctx.serve(latency)
@@ -913,7 +915,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.add_argument("--neutral-server", default=None, metavar="SCRIPT",
                         help="start this server script per workload with the workload's latency"
                              " (e.g. ../shared/tools/neutral_server.py; --port, --latency, --log)")
+    parser.add_argument("--xdist-workers", default="", metavar="W,W",
+                        help="the -n values of the xdist workload (default 2,8,32; 8 with --quick)")
     args = parser.parse_args(argv)
+    try:
+        xdist_workers = tuple(int(w) for w in args.xdist_workers.split(",") if w.strip())
+    except ValueError:
+        parser.error(f"--xdist-workers: {args.xdist_workers!r} is not a comma-separated list of"
+                     " worker counts (e.g. 32 or 8,32)")
+    if any(w < 1 for w in xdist_workers):
+        parser.error("--xdist-workers: each count must be at least 1")
     only = [w.strip() for w in args.only.split(",") if w.strip()] or list(WORKLOADS)
     unknown = set(only) - set(WORKLOADS)
     if unknown:
@@ -928,7 +939,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bytecode(out)
     with tempfile.TemporaryDirectory(prefix="llmbench-bench-") as tmp:
         ctx = Ctx(scratch=Path(tmp), repeat=repeat, quick=args.quick, out=out,
-                  base_url=args.base_url, neutral=args.neutral_server)
+                  base_url=args.base_url, neutral=args.neutral_server,
+                  xdist_workers=xdist_workers)
         out(f"server: {ctx.base_url or ctx.neutral or 'the project simulator'}")
         for name in only:
             globals()[name](ctx)
