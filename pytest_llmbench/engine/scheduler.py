@@ -74,7 +74,6 @@ RUN_SLOTS_POLL = 0.05
 JobFactory = Callable[[Any], "Job | ItemResult"]
 
 
-
 def _decode(line: bytes) -> tuple[str, Any] | None:
     """An item's or a host's event line -> ``(kind, data)``; None for a torn or foreign line
     (a hostile item can write anything to its pipe)."""
@@ -83,6 +82,7 @@ def _decode(line: bytes) -> tuple[str, Any] | None:
     except (ValueError, TypeError):
         return None
     return (kind, data) if isinstance(kind, str) else None
+
 
 class Engine:
     """Per-process item runner. ``wait(item)`` is all the pytest protocol calls."""
