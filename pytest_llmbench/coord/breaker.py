@@ -73,8 +73,6 @@ def breaker_key(url: str) -> str:
     return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
 
 
-
-
 def _fresh() -> dict[str, Any]:
     return {"state": CLOSED, "failures": 0, "opened_at": 0.0, "probe_until": 0.0,
             "opens": 0, "refused": 0, "last_error": "", "boot": boot_id()}

@@ -139,8 +139,6 @@ def default_root() -> Path:
     return Path(cache) / "pytest-llmbench"
 
 
-
-
 _KEYS = frozenset({"v", "boot", "tat", "ttat", "scale", "learned", "blocked", "bpid", "cut",
                    "cnt", "cnt_t"})
 

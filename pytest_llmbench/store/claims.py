@@ -40,6 +40,13 @@ class ClaimHolder(ProcessIdentity):
     # Ownership is by process, not by run (``same_process``): a process may re-claim what
     # it holds. A holder on another host counts as alive until its deadline (``Store.claim``).
 
+    def busy(self, now: float) -> bool:
+        """The holder may still finish the item: its process is alive (a holder on another
+        host always counts as alive) and within its deadline. Anything else is taken over:
+        at once if dead or remote, after killing it if it is a local process past its
+        deadline (``overdue``)."""
+        return now <= self.deadline and self.is_alive()
+
     def to_dict(self) -> dict[str, Any]:
         # Every field is a scalar: no deep copy (``dataclasses.asdict``) for each claim.
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -595,11 +595,11 @@ class Store:
         return os.path.exists(self._result_file(key))
 
     def seen_since(self, key: str, since: float) -> bool:
-        """Two ``stat`` calls: ``key`` is claimed right now, or its result was stored at or
-        after ``since`` (Unix time). The engine's lookahead asks this for every item.
+        """``key`` is claimed right now, or its result was stored at or after ``since``
+        (Unix time): two ``stat`` calls. The engine's lookahead asks this for every item.
 
-        A claim older than ``since`` is read (lock-free) and counts only if its holder is
-        alive and within its deadline: after a ``kill -9`` the dead run's claims stay, and
+        A claim older than ``since`` is also read (lock-free) and counts only if its holder
+        is ``busy``: after a ``kill -9`` the dead run's claims stay, and
         counting them kept each of those items from running ahead, so a resumed run ran
         them one at a time, as pytest reached them."""
         try:
@@ -610,8 +610,7 @@ class Store:
             if st.st_mtime >= since:
                 return True
             holder = self._read_claim(key)[0]
-            return (holder is not None and holder.is_alive()
-                    and time.time() <= holder.deadline)
+            return holder is not None and holder.busy(time.time())
         try:
             return os.stat(self._result_file(key)).st_mtime >= since
         except FileNotFoundError:
@@ -832,18 +831,17 @@ class Store:
                 )
                 self._write_claim(key, holder, replace=True)
                 return ClaimResult(kind="claimed", took_over=current)
-            past_deadline = time.time() > current.deadline
+            if current.busy(time.time()):
+                return ClaimResult(kind="busy", holder=current)
             if not current.is_alive():
                 log.info("taking over stale claim of item %s from dead pid %d", key, current.pid)
-            elif not current.is_local() and past_deadline:
+            elif not current.is_local():
                 log.info(
                     "taking over overdue claim of item %s from pid %d on host %s",
                     key, current.pid, current.host,
                 )
-            elif past_deadline:
-                return ClaimResult(kind="overdue", holder=current)
             else:
-                return ClaimResult(kind="busy", holder=current)
+                return ClaimResult(kind="overdue", holder=current)
             self._write_claim(key, holder, replace=True)
             return ClaimResult(kind="claimed", took_over=current)
 
