@@ -3,6 +3,7 @@ dies, the run goes on without it."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import secrets
@@ -287,3 +288,21 @@ def test_items_run_nicer_than_the_pytest_process(
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     assert [int(n) for n in log.read_text().split()] == [min(19, os.nice(0) + ITEM_NICE)] * 2
+
+
+def test_an_optional_module_is_hidden_only_inside_the_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fork server's warm-up hides aiohttp while ``import openai`` runs (the SDK then
+    # skips its optional async transport); item code can import it afterwards.
+    from pytest_llmbench.engine import forkserver
+
+    name = f"optional_dep_{secrets.token_hex(4)}"
+    (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with forkserver.hidden_modules((name, "os")):
+        with pytest.raises(ImportError):
+            importlib.import_module(name)
+        assert importlib.import_module("os") is os  # already imported: left alone
+    assert importlib.import_module(name).VALUE == 1
+    assert "aiohttp" in forkserver.SKIPPED_AT_WARM_UP

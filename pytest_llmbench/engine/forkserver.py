@@ -69,6 +69,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -618,6 +619,31 @@ class _Server:
         return True
 
 
+#: Packages ``import openai`` loads when they happen to be installed and that no item host
+#: uses: ``aiohttp``, the SDK's optional async transport (~0.3 CPU-s, ~30 % of the SDK's
+#: import, paid before the first item can start). It is common in ML environments (it comes
+#: with ``datasets``/``fsspec`` and ``inspect_ai``). Hidden during the SDK's import only.
+SKIPPED_AT_WARM_UP = ("aiohttp",)
+
+
+@contextlib.contextmanager
+def hidden_modules(names: tuple[str, ...]) -> Iterator[None]:
+    """Make ``import name`` fail (``ImportError``) inside the block for each of ``names``
+    not imported yet, so an optional dependency's ``try: import ...`` takes its fallback;
+    importable again afterwards. (In the hosts this leaves the SDK's optional
+    ``DefaultAioHttpClient`` unusable: items use the sync client; a tool that wants an
+    async aiohttp client builds its own ``aiohttp`` session.)"""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # None: "import halted"
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
 def warm_up() -> None:
     """Import and initialise here, once, what every child would otherwise do itself: the
     child's module, the scorers, the IDNA codec (host names; it loads ``unicodedata``), libc
@@ -644,7 +670,8 @@ def warm_up() -> None:
     proc._libc()
     # ``import openai`` (~0.8 s of CPU) and one request path through the SDK (its lazy
     # imports), once here: the hosts forked after this inherit them.
-    openai_compat.warm_up()
+    with hidden_modules(SKIPPED_AT_WARM_UP):
+        openai_compat.warm_up()
     if os.environ.pop(_TLS_ENV, "") == "1":
         # A model is reached over HTTPS: build the verifying TLS context (the CA bundle,
         # ~45 ms) once here instead of in every host on its first request.
