@@ -179,3 +179,31 @@ def test_an_explicit_concurrency_stays_per_process_under_xdist(
                                            "--llmbench-concurrency", "5")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["*concurrency 5 per process*"])
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["plain", "xdist"])
+def test_reported_records_are_not_kept_until_the_end_of_the_run(
+    pytester: pytest.Pytester, sim_env: str, workers: list[str]
+) -> None:
+    """A run of 100,000 items held every record (answers, transcripts) until its summary:
+    ~1.9 GB for the pytest process. The summary and the run's manifest now keep only their
+    figures: every record handed to ``pytest_llmbench_result`` is garbage once its exporters
+    have it (no HTML report here, which needs them all)."""
+    write_suite(pytester, 6, latency=0.0)
+    pytester.makeconftest("""
+        import gc, weakref
+
+        refs = []
+
+        def pytest_llmbench_result(result):
+            refs.append(weakref.ref(result))
+
+        def pytest_terminal_summary(terminalreporter):
+            gc.collect()
+            alive = sum(ref() is not None for ref in refs)
+            terminalreporter.write_line(f"RECORDS seen={len(refs)} alive={alive}")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *workers, timeout=300)
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(["*llmbench summary*", "wide *sim *6 *6 *0 *"])
+    assert "RECORDS seen=6 alive=0" in result.stdout.str()

@@ -27,7 +27,8 @@ from pytest_llmbench.errors import ERROR_CLASSES
 from pytest_llmbench.records import ERROR, PASSED, ItemResult
 
 __all__ = [
-    "GroupSummary", "Summarizer", "merge", "percentile", "render_table", "summarize", "wilson_interval",
+    "Details", "GroupSummary", "RunTally", "Summarizer", "detail_lines", "merge", "percentile",
+    "render_table", "summarize", "wilson_interval",
 ]
 
 
@@ -285,29 +286,71 @@ def detail_lines(results: Iterable[ItemResult], groups: Sequence[GroupSummary]) 
     """Lines under the table: code-judge verdicts per group (``OK_EXTENDED`` apart from
     ``OK``), the expected errors of agent items that passed by showing them, and the
     deadline layers that fired."""
-    verdicts: dict[tuple[str, str], Counter[str]] = {}
-    expected: dict[tuple[str, str], Counter[str]] = {}
+    details = Details()
     for r in results:
+        details.add(r)
+    return details.lines(groups)
+
+
+class Details:
+    """Incremental counterpart of ``detail_lines``: ``add`` results one by one, then
+    ``lines(groups)``."""
+
+    def __init__(self) -> None:
+        self.verdicts: dict[tuple[str, str], Counter[str]] = {}
+        self.expected: dict[tuple[str, str], Counter[str]] = {}
+
+    def add(self, r: ItemResult) -> None:
         details = r.details if isinstance(r.details, dict) else {}
-        group = (str(r.identity.get("suite", "?")), str(r.identity.get("model", "?")))
         verdict = details.get("verdict")
-        if isinstance(verdict, str):
-            verdicts.setdefault(group, Counter())[verdict] += 1
         error = details.get("expected_error")
+        if not isinstance(verdict, str) and not (isinstance(error, str) and r.status == PASSED):
+            return
+        group = (str(r.identity.get("suite", "?")), str(r.identity.get("model", "?")))
+        if isinstance(verdict, str):
+            self.verdicts.setdefault(group, Counter())[verdict] += 1
         if isinstance(error, str) and r.status == PASSED:
-            expected.setdefault(group, Counter())[error] += 1
-    lines = [
-        f"verdicts {suite} x {model}: " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
-        for (suite, model), counts in sorted(verdicts.items())
-    ]
-    lines += [  # agent items that demonstrate a limit (agent.expect_error) and showed it
-        f"expected errors {suite} x {model} (passed): "
-        + ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
-        for (suite, model), counts in sorted(expected.items())
-    ]
-    layers: Counter[str] = Counter()
-    for g in groups:
-        layers.update(g.deadline_layers)
-    if layers:
-        lines.append("deadline layers fired: " + ", ".join(f"{k} {n}" for k, n in sorted(layers.items())))
-    return lines
+            self.expected.setdefault(group, Counter())[error] += 1
+
+    def lines(self, groups: Sequence[GroupSummary]) -> list[str]:
+        lines = [
+            f"verdicts {suite} x {model}: "
+            + ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
+            for (suite, model), counts in sorted(self.verdicts.items())
+        ]
+        lines += [  # agent items that demonstrate a limit (agent.expect_error) and showed it
+            f"expected errors {suite} x {model} (passed): "
+            + ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
+            for (suite, model), counts in sorted(self.expected.items())
+        ]
+        layers: Counter[str] = Counter()
+        for g in groups:
+            layers.update(g.deadline_layers)
+        if layers:
+            lines.append("deadline layers fired: "
+                         + ", ".join(f"{k} {n}" for k, n in sorted(layers.items())))
+        return lines
+
+
+class RunTally:
+    """What the end-of-run summary needs of every record, kept as the records are reported
+    instead of the records themselves: a run of 100,000 items held them all (answers,
+    transcripts, details) until the summary, ~5 kB each in the pytest process."""
+
+    def __init__(self) -> None:
+        self.items = 0
+        self.cached = 0
+        self.summarizer = Summarizer()
+        self.details = Details()
+
+    def add(self, result: ItemResult) -> None:
+        self.items += 1
+        self.cached += bool(result.cached)
+        self.summarizer.add(result)
+        self.details.add(result)
+
+    def groups(self) -> list[GroupSummary]:
+        return self.summarizer.groups()
+
+    def detail_lines(self, groups: Sequence[GroupSummary]) -> list[str]:
+        return self.details.lines(groups)

@@ -32,6 +32,8 @@ import pytest
 
 from pytest_llmbench.records import ERROR, FAILED, PASSED, Completion, ItemResult, Message
 from pytest_llmbench.report.exporters import Exporter, JsonlExporter, RunEnd, RunInfo
+from pytest_llmbench.report.summary import RunTally
+from pytest_llmbench.session.runlog import ItemFacts
 
 if TYPE_CHECKING:
     from pytest_llmbench.config import Settings
@@ -85,8 +87,11 @@ class ExportHub:
         self.config = config
         self.session = session
         self.is_worker = session.is_worker
-        self.results: list[ItemResult] = []
-        """Every record reported, in report order (the controller's, under xdist)."""
+        self.tally = RunTally()
+        """The summary's figures of every record reported (the controller's, under xdist);
+        the records themselves go to the exporters and are not kept."""
+        self.facts: dict[str, ItemFacts] = {}
+        """Key -> what the run's manifest needs of each record reported."""
         self.exporters: list[Exporter] = []
         self.messages: list[str] = []
         self._started = False
@@ -167,7 +172,8 @@ class ExportHub:
                 log.warning("%s: unreadable record in the report (%s)", report.nodeid, exc)
                 return
             result.cached = cached
-        self.results.append(result)
+        self.tally.add(result)
+        self.facts[result.key] = ItemFacts.of(result)
         item = self._items.pop(report.nodeid, None)
         self.config.hook.pytest_llmbench_result(result=result, item=item, nodeid=report.nodeid)
         self._start()
@@ -232,10 +238,10 @@ class ExportHub:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.is_worker or getattr(self.config.option, "collectonly", False):
             return
-        if not self.results and not self._started:
+        if not self.tally.items and not self._started:
             return
         self._start()
-        end = RunEnd(finished_at=time.time(), exitstatus=int(exitstatus), items=len(self.results))
+        end = RunEnd(finished_at=time.time(), exitstatus=int(exitstatus), items=self.tally.items)
         for exporter in list(self.exporters):
             line = self._guard(exporter, "finish", lambda e=exporter: e.finish(end))
             if line:

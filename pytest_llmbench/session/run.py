@@ -60,7 +60,6 @@ class LLMBenchSession:
         """xdist controller: the run-wide in-flight count file (engine/runslots.py)."""
         self._store: ResultStore | None = None
         self._fingerprints: dict[str, str] = {}
-        self._results: dict[str, ItemResult] | None = None
         self._runlog: RunLog | None = None
         self._engine: Engine | None = None
         self._leases: LeaseManager | None = None
@@ -574,29 +573,16 @@ class LLMBenchSession:
             self._runlog = RunLog(self.run_id)
         return self._runlog
 
-    def _stored_results(self) -> dict[str, ItemResult]:
-        """The stored results of every reported item, looked up once (manifest, summary)."""
-        if self._results is None:
-            self._results = self.store.lookup_many(list(self.reported)) if self.reported else {}
-        return self._results
-
-    def collect_results(self) -> list[ItemResult]:
-        found = self._stored_results()
-        results = []
-        for key, source in self.reported.items():
-            result = found.get(key)
-            if result is not None:
-                result.cached = source == "cached"
-                results.append(result)
-        return results
-
     def write_manifest(self, exitstatus: int) -> None:
         """Plain run or xdist controller: record the run in the store (``store/runs.py``)."""
         if self.is_worker or self._runlog is None or not self._runlog.items:
             return
+        from pytest_llmbench.session.export import EXPORT_KEY
+
+        hub = self.config.stash.get(EXPORT_KEY, None)
         manifest = self._runlog.manifest(
             settings=self.settings, args=self.config.invocation_params.args,
-            exit_status=int(exitstatus), results=self._stored_results(),
+            exit_status=int(exitstatus), facts=hub.facts if hub is not None else {},
         )
         try:
             self.store.put_run(manifest)
@@ -608,31 +594,32 @@ class LLMBenchSession:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         from pytest_llmbench.session.export import EXPORT_KEY
 
-        # The records that came with the reports (session/export.py): complete under xdist
-        # whatever the workers' file systems, and they include plain ``llm`` tests.
-        results = self.config.stash[EXPORT_KEY].results if EXPORT_KEY in self.config.stash else []
-        if self.is_worker or not results:
+        # The records that came with the reports (session/export.py), tallied as they came:
+        # complete under xdist whatever the workers' file systems, and they include plain
+        # ``llm`` tests.
+        hub = self.config.stash.get(EXPORT_KEY, None)
+        if self.is_worker or hub is None or not hub.tally.items:
             return
-        from pytest_llmbench.report.summary import detail_lines, render_table, summarize
+        from pytest_llmbench.report.summary import render_table
 
-        groups = summarize(results)
+        tally = hub.tally
+        groups = tally.groups()
         terminalreporter.section("llmbench summary")
         for path, problem in self.hierarchy_problems.items():
             terminalreporter.write_line(
                 f"llmbench WARNING: deadline hierarchy violated in {path}: {problem}")
         terminalreporter.write_line(render_table(groups))
-        for line in detail_lines(results, groups):
+        for line in tally.detail_lines(groups):
             terminalreporter.write_line(line)
-        cached = sum(1 for r in results if r.cached)
-        if cached:
+        if tally.cached:
             terminalreporter.write_line(
-                f"{cached} of {len(results)} items reported from the store (cached, no API call);"
+                f"{tally.cached} of {tally.items} items reported from the store (cached, no API call);"
                 " --llmbench-fresh runs them again"
             )
         rescored = sum(1 for source in self.reported.values() if source == "rescored")
         if rescored:
             terminalreporter.write_line(
-                f"{rescored} of {len(results)} items re-scored: stored answers judged by a"
+                f"{rescored} of {tally.items} items re-scored: stored answers judged by a"
                 " changed scorer, no API call"
             )
         if self._runlog is not None and self._runlog.items:
