@@ -337,9 +337,9 @@ from pathlib import Path
 from pytest_llmbench.records import ItemResult
 from pytest_llmbench.store.filestore import Store
 store = Store.open(Path(sys.argv[1]))
-keys = sys.argv[2:]
+i = int(sys.argv[2])  # where this writer starts in the keys: each round starts elsewhere
+keys = sys.argv[3:]
 big = "x" * 400_000  # several write() calls per file: a naive writer would tear
-i = 0
 print("ready", flush=True)
 while True:
     k = keys[i % len(keys)]
@@ -353,9 +353,11 @@ def test_kill_9_never_leaves_a_torn_result(store: Store, tmp_path: Path) -> None
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     rng = random.Random(1)
-    for _ in range(10):
-        p = subprocess.Popen([sys.executable, str(script), str(store.root), *keys],
-                             stdout=subprocess.PIPE)
+    for round_ in range(10):
+        # Each round starts 3 keys further on: a loaded machine may kill every writer after
+        # 2 or 3 puts, and the rounds still cover the keys between them.
+        p = subprocess.Popen([sys.executable, str(script), str(store.root), str(3 * round_),
+                              *keys], stdout=subprocess.PIPE)
         assert p.stdout is not None and p.stdout.readline() == b"ready\n"
         time.sleep(rng.uniform(0.01, 0.25))
         p.send_signal(signal.SIGKILL)
