@@ -32,11 +32,11 @@ import pytest
 
 from pytest_llmbench.records import ERROR, FAILED, PASSED, Completion, ItemResult, Message
 from pytest_llmbench.report.exporters import Exporter, JsonlExporter, RunEnd, RunInfo
-from pytest_llmbench.report.summary import RunTally
-from pytest_llmbench.session.runlog import ItemFacts
 
 if TYPE_CHECKING:
     from pytest_llmbench.config import Settings
+    from pytest_llmbench.report.summary import RunTally
+    from pytest_llmbench.session.runlog import ItemFacts
 
 log = logging.getLogger("pytest_llmbench.export")
 
@@ -87,9 +87,7 @@ class ExportHub:
         self.config = config
         self.session = session
         self.is_worker = session.is_worker
-        self.tally = RunTally()
-        """The summary's figures of every record reported (the controller's, under xdist);
-        the records themselves go to the exporters and are not kept."""
+        self._tally: RunTally | None = None
         self.facts: dict[str, ItemFacts] = {}
         """Key -> what the run's manifest needs of each record reported."""
         self.exporters: list[Exporter] = []
@@ -101,6 +99,17 @@ class ExportHub:
         self._records: dict[str, ItemResult] = {}
         """Plain runs: the record of an item's setup (suite item) or teardown (``llm`` test)
         report, until that report is seen (the record is not put on the report itself)."""
+
+    @property
+    def tally(self) -> RunTally:
+        """The summary's figures of every record reported (the controller's, under xdist);
+        the records themselves go to the exporters and are not kept. Made on first use:
+        xdist workers report nothing and do not import the summary."""
+        if self._tally is None:
+            from pytest_llmbench.report.summary import RunTally
+
+            self._tally = RunTally()
+        return self._tally
 
     # --- on the process that runs the item: put the record on the report ---------------
 
@@ -172,6 +181,8 @@ class ExportHub:
                 log.warning("%s: unreadable record in the report (%s)", report.nodeid, exc)
                 return
             result.cached = cached
+        from pytest_llmbench.session.runlog import ItemFacts
+
         self.tally.add(result)
         self.facts[result.key] = ItemFacts.of(result)
         item = self._items.pop(report.nodeid, None)

@@ -599,9 +599,9 @@ class Store:
         (Unix time): two ``stat`` calls. The engine's lookahead asks this for every item.
 
         A claim older than ``since`` is also read (lock-free) and counts only if its holder
-        is ``busy``: after a ``kill -9`` the dead run's claims stay, and
-        counting them kept each of those items from running ahead, so a resumed run ran
-        them one at a time, as pytest reached them."""
+        is ``busy``: after a ``kill -9`` the dead run's claims stay, and counting them kept
+        each of those items from running ahead, so a resumed run ran them one at a time, as
+        pytest reached them."""
         try:
             st = os.stat(self._claim_file(key))
         except FileNotFoundError:
