@@ -36,6 +36,10 @@ else:  # pragma: no cover - exercised on 3.10 only
 SIM_MODEL = ModelSpec(name="sim", model="sim-1", base_url="sim")
 
 DEFAULT_CONCURRENCY = 16
+#: Shareable items (``runner.Job.shareable``) one item host runs at once, a thread each.
+#: Measured in bench/README.md ("shared hosts"): a process per item in flight cost
+#: 2.2x the CPU per item at 1000 in flight and took 6.7 s to start 1000 items.
+DEFAULT_HOST_THREADS = 16
 #: Without a configured concurrency, the items in flight of a whole ``-n W`` run: each
 #: worker gets ``max(2, DEFAULT_RUN_CONCURRENCY // W)``. Measured (bench/run.py, xdist):
 #: under ``-n 32`` on 2 cores, 16 per worker (512 in flight) took 21 s for 500 items, 2-4
@@ -96,6 +100,8 @@ class Settings:
     """setting -> where its value came from (for the header)."""
     store_dir: Path
     concurrency: int = DEFAULT_CONCURRENCY
+    host_threads: int = DEFAULT_HOST_THREADS
+    """How many shareable items an item host runs at once (1: every item has a process)."""
     concurrency_is_default: bool = False
     """No concurrency was configured: under xdist, the workers share a run-wide
     ``DEFAULT_RUN_CONCURRENCY`` (engine/runslots.py)."""
@@ -493,6 +499,20 @@ def resolve_concurrency(cli: Getter, ini: Getter, file_config: Mapping[str, Any]
     return default_concurrency()
 
 
+def resolve_host_threads(cli: Getter, ini: Getter, file_config: Mapping[str, Any],
+                         where: str) -> int:
+    """CLI > ini > file > default; a bad value names its source."""
+    candidates = (
+        (cli("llmbench_host_threads"), "--llmbench-host-threads"),
+        (ini("llmbench_host_threads"), "ini option llmbench_host_threads"),
+        (file_config.get("host_threads"), f"{where}: host_threads"),
+    )
+    for raw, source in candidates:
+        if raw not in (None, ""):
+            return parse_count(raw, source, minimum=1, maximum=1024)
+    return DEFAULT_HOST_THREADS
+
+
 def _resources(file_config: Mapping[str, Any], where: str) -> dict[str, int]:
     """``[tool.llmbench.resources]``: lease pool name -> slots."""
     raw = file_config.get("resources", {})
@@ -528,12 +548,12 @@ def load_settings(config: Any) -> Settings:
     where = str(file_path) if file_path else "[tool.llmbench]"
     unknown = set(file_config) - {
         "models", "default_models", "deadlines", "resources", "store", "concurrency", "sim",
-        "breaker",
+        "breaker", "host_threads",
     }
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {sorted(unknown)}; allowed: models, default_models, "
-            "deadlines, resources, store, concurrency, sim, breaker"
+            "deadlines, resources, store, concurrency, sim, breaker, host_threads"
         )
     dotenv = read_dotenv(rootdir / ".env")
 
@@ -563,6 +583,7 @@ def load_settings(config: Any) -> Settings:
         v in (None, "") for v in (cli("llmbench_concurrency"), ini("llmbench_concurrency"),
                                   os.environ.get("LLMBENCH_CONCURRENCY", "").strip())
     ) and "concurrency" not in file_config
+    host_threads = resolve_host_threads(cli, ini, file_config, where)
     resources = _resources(file_config, where)
     sim_options = _sim_options(file_config, where)
 
@@ -580,6 +601,7 @@ def load_settings(config: Any) -> Settings:
         store_dir=store_dir,
         concurrency=concurrency,
         concurrency_is_default=concurrency_is_default,
+        host_threads=host_threads,
         fresh=bool(fresh if fresh is not None else ini("llmbench_fresh")),
         rescore=bool(rescore if rescore is not None else ini("llmbench_rescore")),
         jsonl=jsonl,

@@ -21,6 +21,11 @@ CONCURRENCY_HELP = (
     " 64 per run, which any worker may use while the others do not). An item running 3x longer than the"
     " median stops counting, so a stuck one never blocks the queue (at most K such)"
 )
+HOST_THREADS_HELP = (
+    "Items one item host runs at once, a thread each, when they run only the plugin's own"
+    " code (the default provider, no request hooks, no tools, a built-in text scorer); other"
+    " items always get a process of their own. 1: every item gets one (default 16)"
+)
 FRESH_HELP = "Ignore stored results and run every item again"
 RESCORE_HELP = "Re-score stored completions with the current scorers, without calling any API"
 JSONL_HELP = "Write every item's record as JSON lines to this file"
@@ -65,6 +70,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llmbench-concurrency", dest="llmbench_concurrency", default=None,
                     type=_positive_int, metavar="K", help=CONCURRENCY_HELP)
     parser.addini("llmbench_concurrency", CONCURRENCY_HELP, default=None)
+    group.addoption("--llmbench-host-threads", dest="llmbench_host_threads", default=None,
+                    metavar="T", help=HOST_THREADS_HELP)
+    parser.addini("llmbench_host_threads", HOST_THREADS_HELP, default=None)
     group.addoption("--llmbench-fresh", dest="llmbench_fresh", action="store_true", default=None,
                     help=FRESH_HELP)
     parser.addini("llmbench_fresh", FRESH_HELP, type="bool", default=False)

@@ -108,12 +108,14 @@ def _parse_stat(pid: int, data: bytes) -> ProcInfo | None:
         return None
 
 
-def read_stat(pid: int) -> ProcInfo | None:
-    """``/proc/PID/stat`` parsed, or None when the process is gone (or pid is invalid)."""
+def read_stat(pid: int, tid: int = 0) -> ProcInfo | None:
+    """``/proc/PID/stat`` parsed, or None when the process is gone (or pid is invalid);
+    with ``tid``, that thread's own (``/proc/PID/task/TID/stat``: CPU time of the thread)."""
     if pid <= 0:
         return None
+    path = f"/proc/{pid}/task/{tid}/stat" if tid > 0 else f"/proc/{pid}/stat"
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:

@@ -67,19 +67,32 @@ class Child:
     """Found waiting past the straggler time (``Stragglers``): stays one until it ends."""
     cpu_probe: tuple[float, float, int] | None = None
     """(since, last read, CPU ticks): its CPU time, unchanged since ``since``."""
+    tid: int = 0
+    """The thread running it, in a host shared with other items (its own CPU time); 0:
+    it has its process to itself."""
 
 
 @dataclass(eq=False)
 class Host:
-    """An item host (see ``forkserver.py``): runs our items one at a time."""
+    """An item host (see ``forkserver.py``): runs our items, one at a time, or several at
+    once when they are ``shareable`` (``child._Shared``)."""
 
     seq: int
     jobs_fd: int
     fd: int
     pid: int = 0
     """0 until the fork server reports it."""
-    child: Child | None = None
-    """The item it runs now."""
+    children: dict[str, Child] = field(default_factory=dict)
+    """The items it runs now, by token."""
+    shared: bool = False
+    """Its items are ``shareable``: it takes more while it has room."""
+    served: int = 0
+    """Jobs sent to it (it leaves after ``child.HOST_MAX_ITEMS``)."""
+    doomed: list[Child] = field(default_factory=list)
+    """Its items that passed their deadline while others still ran: it is killed (it takes
+    no more items) once those are done."""
+    leaving: bool = False
+    """It said it leaves (an item left something behind): no more jobs."""
     idle: bool = False
     buffer: bytearray = field(default_factory=bytearray)
     env: dict[str, str] | None = None
@@ -87,18 +100,26 @@ class Host:
     ended: bool = False
     """Its pipe is closed: only its exit status (from the fork server) is awaited."""
 
+    @property
+    def sole(self) -> Child | None:
+        """Its item when it runs exactly one (the target of an event not tagged with one)."""
+        if len(self.children) != 1:
+            return None
+        return next(iter(self.children.values()))
 
-def _cpu_ticks(pid: int) -> int | None:
-    info = proc.read_stat(pid)
+
+def _cpu_ticks(pid: int, tid: int = 0) -> int | None:
+    info = proc.read_stat(pid, tid)
     return None if info is None else info.cpu_ticks
 
 
 class Stragglers:
     """The straggler rule (see ``STRAGGLER_FACTOR``): how many items may start now.
 
-    ``cpu_ticks(pid)``: a process's CPU time so far, None once it is gone (a test's fake)."""
+    ``cpu_ticks(pid[, tid])``: a process's (or its thread's) CPU time so far, None once it
+    is gone (a test's fake)."""
 
-    def __init__(self, cpu_ticks: Callable[[int], int | None] = _cpu_ticks) -> None:
+    def __init__(self, cpu_ticks: Callable[..., int | None] = _cpu_ticks) -> None:
         self._cpu_ticks = cpu_ticks
         self.durations: deque[float] = deque(maxlen=256)
         """Seconds taken by recent items that finished with a result (not an error)."""
@@ -138,7 +159,10 @@ class Stragglers:
         probe = child.cpu_probe
         if probe is not None and now - probe[1] < _PROBE_EVERY:
             return False
-        ticks = self._cpu_ticks(child.pid) if child.pid else None
+        if not child.pid:
+            ticks = None
+        else:  # an item sharing its host: its thread's time (the host's is its neighbours')
+            ticks = self._cpu_ticks(child.pid, child.tid) if child.tid else self._cpu_ticks(child.pid)
         if ticks is None:  # not started yet (its host is being forked) or ending
             child.cpu_probe = None
             return False

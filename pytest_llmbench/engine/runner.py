@@ -72,6 +72,12 @@ class Job:
     reuse_answers: bool = False
     """Look for a stored answer to the same request before calling the API (off with
     ``--llmbench-fresh``)."""
+    shareable: bool = False
+    """The item runs only this package's code (the default provider, no request hooks, no
+    tools, a built-in text scorer): it may run in a thread of an item host beside other
+    such items (``child._Shared``) instead of having a process to itself. Nothing in it
+    can leave a process behind, change the environment, or outlive its deadline by more
+    than the API layer's own slack."""
 
 
 def score_answer(job: Job, answer: str, deadline: float | None = None) -> tuple[Score, bool]:

@@ -1,4 +1,4 @@
-"""Runs items: up to K at once per pytest process, each in a killable process of its own.
+"""Runs items: up to K at once per pytest process, each in a killable process.
 
 Why this shape (DESIGN.md section 4): reports cannot be deferred under xdist, so the pytest
 protocol for an item *waits* for that item's result while the engine, in the same loop,
@@ -7,9 +7,11 @@ keeps up to ``concurrency`` items running with the items that come next. Items a
 execute the same item twice; the store is the coordinator.
 
 An item runs in an *item host* (``child.host_main``: a process forked by the fork server,
-``forkserver.py``, that runs the engine's items one at a time) or, when its job cannot be
-sent there, in a child this process forks for it (``child.child_main``). Either way it runs
-``runner.execute`` in its own process group with a per-item token in its environment. The
+``forkserver.py``, that runs the engine's items one at a time, or up to ``host_threads``
+``shareable`` ones at once, a thread each) or, when its job cannot be sent there, in a
+child this process forks for it (``child.child_main``). Either way it runs
+``runner.execute`` in a process group of its own (an item alone in it: with a per-item token
+in its environment; items sharing a host: killed with it once the others are done). The
 engine enforces the task deadline: on expiry it kills the whole tree (``proc.kill_trees``:
 group, descendants, token holders, SIGTERM then SIGKILL; a host killed so is replaced) and
 records a ``task_timeout`` error with what the item reported so far.
@@ -35,7 +37,7 @@ from typing import Any
 
 from pytest_llmbench.coord import proc
 from pytest_llmbench.engine import forkserver
-from pytest_llmbench.engine.child import child_main
+from pytest_llmbench.engine.child import HOST_MAX_ITEMS, child_main
 from pytest_llmbench.engine.inflight import (
     Child,
     Host,
@@ -74,14 +76,17 @@ RUN_SLOTS_POLL = 0.05
 JobFactory = Callable[[Any], "Job | ItemResult"]
 
 
-def _decode(line: bytes) -> tuple[str, Any] | None:
-    """An item's or a host's event line -> ``(kind, data)``; None for a torn or foreign line
-    (a hostile item can write anything to its pipe)."""
+def _decode(line: bytes) -> tuple[str, Any, str] | None:
+    """An item's or a host's event line -> ``(kind, data, token)``; None for a torn or
+    foreign line (a hostile item can write anything to its pipe). ``token`` names the item
+    of a host shared by several (``child._Shared``), "" otherwise."""
     try:
-        kind, data = json.loads(line)
+        event = json.loads(line)
+        kind, data, *rest = event
     except (ValueError, TypeError):
         return None
-    return (kind, data) if isinstance(kind, str) else None
+    token = rest[0] if len(rest) == 1 else ""
+    return (kind, data, token) if isinstance(kind, str) and isinstance(token, str) else None
 
 
 class Engine:
@@ -102,6 +107,7 @@ class Engine:
         fork_server: str | None = None,
         tls: bool = False,
         run_slots: RunSlots | None = None,
+        host_threads: int = 1,
     ) -> None:
         # ``fresh``: stored results of earlier runs are ignored (they are overwritten).
         # ``rescore``: stored answers are judged again, so a stored verdict never suffices.
@@ -137,6 +143,10 @@ class Engine:
         """Where the run's shared fork server listens (xdist), or None: start our own."""
         self.hosts: dict[int, Host] = {}
         """Live item hosts by request sequence number."""
+        self.host_threads = max(1, host_threads)
+        """How many ``shareable`` items one host runs at once (``child._Shared``)."""
+        self._open: dict[int, Host] = {}
+        """Hosts running shareable items that have room for another."""
         self._server_writing = False
         """The server's socket is watched for writability (requests wait to be sent)."""
         self._idle: dict[int, Host] = {}
@@ -441,22 +451,17 @@ class Engine:
         self._fork_local(job, token, started, deadline)
 
     def _run_in_host(self, job: Job, token: str, started: float, deadline: float) -> bool:
-        if self._idle:
-            host = self._idle.popitem()[1]  # the most recently idle: its pages are warm
-            host.idle = False
-        else:
-            new = self._new_host()
-            if new is None:
-                return False
-            host = new
         env = self._job_env()
+        host = self._host_for(job, env)
+        if host is None:
+            return False
         payload = forkserver.encode(forkserver.Spawn(
             job=job, token=token, deadline=deadline, store=self.store.ref(),
             holder=self.holder, sys_path=tuple(sys.path), cwd=os.getcwd(),
             env=None if env == host.env else env,
         ))
         if payload is None:
-            self._set_idle(host, True)  # free for the next job; this one forks from pytest
+            self._place(host)  # free for the next job; this one forks from pytest
             return False
         host.env = env
         try:
@@ -467,9 +472,50 @@ class Engine:
             return False
         child = Child(job=job, pid=host.pid, fd=host.fd, token=token, started=started,
                       deadline=deadline, host=host)
-        host.child = child
+        host.children[token] = child
+        host.shared = job.shareable and self.host_threads > 1
+        host.served += 1
+        if host.served >= HOST_MAX_ITEMS:
+            self._retire(host)  # it leaves after this job, once its items are done
+        self._place(host)
         self._add_running(child)
         return True
+
+    def _host_for(self, job: Job, env: dict[str, str]) -> Host | None:
+        """A host for ``job``: one running shareable items with room (for a shareable job,
+        sent with the same environment), else an idle one (the most recently idle: its
+        pages are warm), else a new one; None when no host can be had."""
+        if job.shareable and self.host_threads > 1:
+            for host in reversed(self._open.values()):
+                if host.env is env or host.env == env:
+                    return host
+        if self._idle:
+            host = self._idle.popitem()[1]
+            host.idle = False
+            return host
+        return self._new_host()
+
+    def _place(self, host: Host) -> None:
+        """File ``host`` where the next job looks for one: idle (nothing in flight), open
+        (shareable items in flight, room for more), or neither."""
+        self._idle.pop(host.seq, None)
+        self._open.pop(host.seq, None)
+        host.idle = False
+        if host.jobs_fd < 0 or host.leaving or host.doomed or host.seq not in self.hosts:
+            return
+        if not host.children:
+            host.idle = True
+            self._idle[host.seq] = host
+        elif host.shared and len(host.children) < self.host_threads:
+            self._open[host.seq] = host
+
+    def _retire(self, host: Host) -> None:
+        """No more jobs for ``host``: it leaves at the end of its job pipe, once the items
+        it runs are done (their results still arrive on its own pipe)."""
+        if host.jobs_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(host.jobs_fd)
+            host.jobs_fd = -1
 
     def _job_env(self) -> dict[str, str]:
         """The environment a job carries: ``os.environ`` less pytest's marker of the test it
@@ -515,16 +561,10 @@ class Engine:
                 self.server_path = None
         return forkserver.ForkServer(tls=self.tls)
 
-    def _set_idle(self, host: Host, idle: bool) -> None:
-        host.idle = idle
-        if idle:
-            self._idle[host.seq] = host
-        else:
-            self._idle.pop(host.seq, None)
-
     def _drop_host(self, host: Host) -> None:
         """Forget ``host`` (dead, killed or leaving); its item, if any, is handled apart."""
         self._idle.pop(host.seq, None)
+        self._open.pop(host.seq, None)
         if self.hosts.pop(host.seq, None) is None:
             return
         with contextlib.suppress(KeyError, ValueError):
@@ -613,8 +653,8 @@ class Engine:
                 host = self.hosts.get(seq)
                 if host is not None:
                     host.pid = pid
-                    if host.child is not None:
-                        host.child.pid = pid
+                    for child in host.children.values():
+                        child.pid = pid
             elif event[0] == "exit":
                 _, pid, status = event
                 host = next((h for h in self.hosts.values() if h.pid == pid), None)
@@ -632,17 +672,16 @@ class Engine:
                     # signal) was waiting for the exit status the server will never send.
                     if host.ended:
                         self._host_exited(host, None)
-                    elif host.child is None or not host.pid:
+                    elif not host.children or not host.pid:
                         self._drop_host(host)
                         proc.reap([host.pid])  # idle: it died with the server, or leaves now
-                        if host.child is not None and host.child.job.key in self.running:
-                            child = host.child
-                            self.running.pop(child.job.key, None)
-                            self._fork_local(child.job, child.token, child.started, child.deadline)
+                        for child in host.children.values():
+                            if self.running.get(child.job.key) is child:
+                                del self.running[child.job.key]
+                                self._fork_local(child.job, child.token, child.started,
+                                                 child.deadline)
                     else:
-                        with contextlib.suppress(OSError):
-                            os.close(host.jobs_fd)
-                        host.jobs_fd = -1
+                        self._retire(host)
 
     def _host_output(self, host: Host) -> None:
         """Read what ``host`` sent: its item's events, ``result``, ``idle``; or its end."""
@@ -663,29 +702,57 @@ class Engine:
         message = _decode(line)
         if message is None:
             return
-        kind, data = message
-        child = host.child
-        if kind == "idle":
-            self._set_idle(host, host.jobs_fd >= 0)
-            if not host.idle:
-                self._drop_host(host)
+        kind, data, token = message
+        if kind in ("idle", "leave"):
+            self._host_ready(host, leave=kind == "leave")
             return
+        child = host.children.get(token) if token else host.sole
         if child is None:
             return
         if kind == "refused":  # the host cannot load this job: we fork it ourselves
             log.debug("an item host refused %s (%s): forking it from pytest", child.job.nodeid, data)
-            host.child = None
+            del host.children[child.token]
             if self.running.get(child.job.key) is child:
                 del self.running[child.job.key]
                 self._fork_local(child.job, child.token, child.started, child.deadline)
             return
+        if kind == "thread":
+            child.tid = data if isinstance(data, int) else 0
+            return
         self._message(child, kind, data)  # decoded once: a result line is the whole record
         if kind == "result" and child.result is not None:
-            host.child = None
-            if self.running.get(child.job.key) is child:
-                del self.running[child.job.key]
-                self.done[child.job.key] = child.result
-                self.stragglers.finished(child, child.result)
+            self._host_item_done(host, child, child.result)
+        elif kind == "crash" and token:
+            # An item sharing the host failed outside its own code (its thread); the others
+            # run on.
+            result = crash_result(child, None, self.coord_dir)
+            self._put(result)
+            self._host_item_done(host, child, result)
+
+    def _host_ready(self, host: Host, *, leave: bool) -> None:
+        """``host`` said ``idle`` (room for a job) or ``leave`` (it takes no more)."""
+        if leave:
+            host.leaving = True
+            self._retire(host)
+        if host.jobs_fd < 0 and not host.children and not host.doomed:
+            self._drop_host(host)  # it leaves now (end of its job pipe)
+        else:
+            self._place(host)
+
+    def _host_item_done(self, host: Host, child: Child, result: ItemResult) -> None:
+        host.children.pop(child.token, None)
+        if self.running.get(child.job.key) is child:
+            del self.running[child.job.key]
+            self.done[child.job.key] = result
+            self.stragglers.finished(child, result)  # (errors teach it nothing)
+        if host.doomed and not host.children:
+            self._kill_doomed(host)
+
+    def _kill_doomed(self, host: Host) -> None:
+        """The last item of a host whose other item passed its deadline is done: kill it."""
+        self.supervisor.kill(host.doomed, grace=KILL_GRACE)
+        host.doomed = []
+        self._drop_host(host)
 
     def _host_exited(self, host: Host, status: int | None) -> None:
         """The host is gone (its pipe closed, or the server reaped it)."""
@@ -696,13 +763,14 @@ class Engine:
         self._drop_host(host)
         if self.server is None and host.pid:  # re-parented to us when the server died
             status = proc.reap([host.pid]).get(host.pid, status)
-        child = host.child
-        if child is not None and self.running.get(child.job.key) is child:
-            del self.running[child.job.key]
-            self.supervisor.ended(child)
-            result = crash_result(child, status, self.coord_dir)
-            self._put(result)
-            self.done[child.job.key] = result
+        for child in list(host.children.values()):
+            if self.running.get(child.job.key) is child:
+                del self.running[child.job.key]
+                self.supervisor.ended(child)
+                result = crash_result(child, status, self.coord_dir)
+                self._put(result)
+                self.done[child.job.key] = result
+        host.children.clear()
 
     def _next_timeout(self) -> float:
         first = self._soonest()
@@ -791,7 +859,7 @@ class Engine:
     def _event(self, child: Child, line: bytes) -> None:
         message = _decode(line)
         if message is not None:
-            self._message(child, *message)
+            self._message(child, message[0], message[1])
 
     def _message(self, child: Child, kind: str, data: Any) -> None:
         """One decoded event of ``child``'s item (see ``child.py``'s ``send``)."""
@@ -853,8 +921,23 @@ class Engine:
             due.append(child)
         if not due:
             return
-        self.supervisor.kill(due, grace=KILL_GRACE)
+        now = []
         for child in due:
+            host = child.host
+            if host is not None:
+                host.children.pop(child.token, None)
+                if host.children:
+                    # Items share the host and run on: it dies once they are done, and
+                    # meanwhile takes no more.
+                    host.doomed.append(child)
+                    self._place(host)
+                    continue
+                now.extend(host.doomed)
+                host.doomed = []
+            now.append(child)
+        if now:
+            self.supervisor.kill(now, grace=KILL_GRACE)
+        for child in now:
             if child.host is not None:
                 self._drop_host(child.host)  # the fork server reaps it and kills its cgroup
         for child in due:

@@ -273,6 +273,13 @@ def scorer_fingerprint(scorer: NamedScorer) -> str:
     return f"source:{digest}" + (f";judge:{extra}" if extra is not None else "")
 
 
+def runs_only_our_code(scorer: Any) -> bool:
+    """Whether ``scorer`` is a built-in text scorer: this package's code, no process, no
+    I/O (not ``code``, which runs programs). Items so scored may share an item host."""
+    fn = getattr(scorer, "fn", None) if isinstance(scorer, NamedScorer) else None
+    return isinstance(fn, functools.partial) and fn.func is _run_builtin
+
+
 def _source_digest(fn: Any) -> str:
     """sha256 of the file defining ``fn`` (or of its source, or of its name)."""
     target = inspect.unwrap(fn) if callable(fn) else fn

@@ -118,6 +118,7 @@ class LLMBenchSession:
                     "llmbench_fork_server"),
                 tls=self.uses_tls(),
                 run_slots=run_slots,
+                host_threads=self.settings.host_threads,
             )
         return self._engine
 
@@ -341,6 +342,7 @@ class LLMBenchSession:
             stored = rescore_from = self.stored_completions(item)
         elif self.settings.fresh and item.case.scorer.name == "code":
             stored = self.store.get(item.key)
+        provider = self.provider_for(item.model)
         return Job(
             key=item.key,
             nodeid=item.nodeid,
@@ -351,13 +353,23 @@ class LLMBenchSession:
             api_key=self.settings.api_key(item.model),
             scorer=scorer,
             limiter=self.limiter,
-            provider=self.provider_for(item.model),
+            provider=provider,
             breaker=self.breaker,
             fallback_keys=tuple(self.settings.api_key(f) for f in item.model.fallbacks),
             request_hooks=self.request_hooks,
             rescore_from=rescore_from,
             reuse_answers=not self.settings.fresh,
+            shareable=self._shareable(item, scorer, provider),
         )
+
+    def _shareable(self, item: LLMItem, scorer: Scorer, provider: Provider) -> bool:
+        """Whether the item runs only this package's code (``Job.shareable``)."""
+        from pytest_llmbench.providers.openai_compat import OpenAIProvider
+        from pytest_llmbench.scoring.resolve import runs_only_our_code
+
+        return (self.settings.host_threads > 1 and not item.case.tools
+                and not self.request_hooks and type(provider) is OpenAIProvider
+                and runs_only_our_code(scorer))
 
     def result_for(self, item: LLMItem) -> ItemResult:
         result = self.engine.wait(item, item.session.items)

@@ -217,6 +217,11 @@ class Store:
     both are reset after a fork). Reads take no lock; writes and claims lock one shard.
     """
 
+    threadsafe = True
+    """Threads may call it at once (``store/protocol.py``): every write and claim takes its
+    shard's flock, which also excludes threads (``KeptFlock``); the caches are a dict and a
+    set whose races only repeat a ``mkdir`` or drop a spare lock object."""
+
     def __init__(self, root: Path, *, readonly: bool = False, fsync: bool = True) -> None:
         self.root = root
         self.readonly = readonly
@@ -338,10 +343,10 @@ class Store:
         """The shard's file lock (re-entrant in one thread; flock, so dropped on kill -9)."""
         self._after_fork()
         lock = self._locks.get(shard)
-        if lock is None:
-            lock = self._locks[shard] = KeptFlock(
+        if lock is None:  # two threads may race here: one of the two locks is kept
+            lock = self._locks.setdefault(shard, KeptFlock(
                 f"{self._lockdir}/{shard}.lock", timeout=LOCK_TIMEOUT, poll=_LOCK_POLL
-            )
+            ))
         return lock
 
     def _locked(self, shard: str) -> _Locked:

@@ -16,7 +16,10 @@ What a backend must guarantee (the engine relies on it):
 - An ``error`` result from a process that no longer holds the item's claim never replaces a
   finished result.
 - It is used by one thread at a time, but not always the same one: an xdist worker's
-  engine starts items on a prefetch thread, then hands over to the main thread.
+  engine starts items on a prefetch thread, then hands over to the main thread. A store
+  that may be called from several threads at once says so with a class attribute
+  ``threadsafe = True``: the threads of an item host that runs several items at once then
+  call it without taking turns (``engine/child.py``).
 - ``ref()`` returns a picklable, hashable object whose ``open()`` gives a store working on
   the same data in another process (the item hosts, forked from the fork server, write
   their results through it).
