@@ -157,6 +157,8 @@ class Engine:
         """A heap of (deadline, tie-breaker, child) of the items started; entries of items
         no longer running are dropped when they reach the top (no scan of every item)."""
         self._pushed = 0
+        self._halfway: list[tuple[float, int, Child]] = []
+        """Likewise, when each item passes half of its task deadline (a warning)."""
         self._polled: dict[str, Child] = {}
         """Children forked here that have no pidfd: their exit is found with ``waitpid``."""
         self.stragglers = Stragglers()
@@ -615,6 +617,8 @@ class Engine:
         self.running[child.job.key] = child
         self._pushed += 1
         heapq.heappush(self._deadlines, (child.deadline, self._pushed, child))
+        halfway = child.started + child.job.deadlines.task_timeout / 2
+        heapq.heappush(self._halfway, (halfway, self._pushed, child))
 
     def _soonest(self) -> tuple[float, Child] | None:
         """The running item whose deadline comes first (finished items are dropped)."""
@@ -831,13 +835,16 @@ class Engine:
 
     def _warn_half_deadline(self, now: float) -> None:
         """One WARNING per item that passes half of its task deadline: the log names a
-        stuck item long before its kill (the wait loop wakes at least once a second)."""
-        for child in list(self.running.values()):
-            limit = child.job.deadlines.task_timeout
-            if not child.warned_half and now - child.started >= limit / 2:
-                child.warned_half = True
-                log.warning("%s: still running after %.1f s, half of its task deadline of %g s",
-                            child.job.nodeid, now - child.started, limit)
+        stuck item long before its kill (the wait loop wakes at least once a second). A
+        heap, not a scan: at 1000 in flight the scan was 0.2 s of the run's CPU."""
+        heap = self._halfway
+        while heap and heap[0][0] <= now:
+            _, _, child = heapq.heappop(heap)
+            if self.running.get(child.job.key) is not child or child.warned_half:
+                continue
+            child.warned_half = True
+            log.warning("%s: still running after %.1f s, half of its task deadline of %g s",
+                        child.job.nodeid, now - child.started, child.job.deadlines.task_timeout)
 
     def in_flight(self) -> list[tuple[str, float]]:
         """``(nodeid, unix start time)`` of every item running now (for live progress; safe

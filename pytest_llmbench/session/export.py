@@ -32,6 +32,7 @@ import pytest
 
 from pytest_llmbench.records import ERROR, FAILED, PASSED, Completion, ItemResult, Message
 from pytest_llmbench.report.exporters import Exporter, JsonlExporter, RunEnd, RunInfo
+from pytest_llmbench.version import plugin_version as _plugin_version
 
 if TYPE_CHECKING:
     from pytest_llmbench.config import Settings
@@ -69,15 +70,6 @@ class Call:
         self.completion: Completion | None = None
         self.error = ""
         self.error_class: str | None = None
-
-
-def plugin_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pytest-llmbench")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "unknown"
 
 
 class ExportHub:
@@ -215,7 +207,7 @@ class ExportHub:
                      "price_input": m.price_input, "price_output": m.price_output}
                     for m in self.session.settings.models
                 ),
-                plugin_version=plugin_version(),
+                plugin_version=_plugin_version(),
             )
         return self._run
 
