@@ -159,7 +159,11 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     from pytest_llmbench.collect.items import DEFAULT_SUITE_FILES, SuiteFile, suite_source
 
     patterns = parent.config.getini("llmbench_suite_files") or DEFAULT_SUITE_FILES
-    source = suite_source(file_path, parent.config.rootpath, patterns)
+    from pytest_llmbench.session.run import SESSION_KEY
+
+    session = parent.config.stash.get(SESSION_KEY, None)
+    source = suite_source(file_path, parent.config.rootpath, patterns,
+                          likely_suite=session.warm if session is not None else None)
     if source is None:
         return None
     node: SuiteFile = SuiteFile.from_parent(parent, path=file_path)

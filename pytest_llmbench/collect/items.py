@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -36,7 +37,8 @@ class SuiteSource:
     error: SuiteError | None = None
 
 
-def suite_source(path: Path, rootdir: Path, patterns: Sequence[str]) -> SuiteSource | None:
+def suite_source(path: Path, rootdir: Path, patterns: Sequence[str],
+                 likely_suite: Callable[[], object] | None = None) -> SuiteSource | None:
     """Is ``path`` a suite? Parsed once here; ``None`` for any other file.
 
     A ``.toml`` file whose name matches ``patterns`` (ini ``llmbench_suite_files``) is a
@@ -44,6 +46,9 @@ def suite_source(path: Path, rootdir: Path, patterns: Sequence[str]) -> SuiteSou
     (``[[prompts]]``, ``[[ prompts ]]``, ``prompts = [...]``). One that does not parse is a
     collection error when it mentions prompts or a ``[suite]`` table: a broken suite is never
     skipped in silence. ``pyproject.toml`` and ``llmbench.toml`` are never suites.
+    ``likely_suite()`` is called before the parse when the file's bytes mention prompts or
+    a ``[suite]`` table (the fork server then starts beside the parse: a 2000-instance suite
+    takes ~0.3 s to parse, which the first item used to wait for on top of its warm-up).
     """
     if path.suffix != ".toml" or path.name in NOT_SUITES:
         return None
@@ -51,6 +56,10 @@ def suite_source(path: Path, rootdir: Path, patterns: Sequence[str]) -> SuiteSou
         return None
     from pytest_llmbench.collect.tomlcheck import display_path, read_toml
 
+    if likely_suite is not None:
+        with contextlib.suppress(OSError):  # (read_toml reports an unreadable file)
+            if SUITE_HINT_RE.search(path.read_bytes()):
+                likely_suite()
     try:
         parsed = read_toml(path, display_path(path, rootdir))
     except SuiteError as exc:
