@@ -237,20 +237,30 @@ class MemorySampler:
                 self.peak = sample
 
     def sample(self) -> tuple[int, float, float]:
-        count, total, leader = 0, 0.0, 0.0
+        """Every process descended from the run's leader (pytest): its session's, and the
+        fork server's, which runs in a session of its own, with the item hosts it forks."""
+        children: dict[int, list[int]] = {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
-            try:
+            with contextlib.suppress(OSError, ValueError, IndexError):
                 stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                if int(stat[3]) != self.session:  # field 6 of stat: the session id
-                    continue
-                pss = _pss_kb(Path(f"/proc/{entry}/smaps_rollup").read_text())
+                children.setdefault(int(stat[1]), []).append(int(entry))  # field 4: ppid
+        tree, frontier = {self.session}, [self.session]
+        while frontier:
+            for pid in children.get(frontier.pop(), ()):
+                if pid not in tree:
+                    tree.add(pid)
+                    frontier.append(pid)
+        count, total, leader = 0, 0.0, 0.0
+        for pid in tree:
+            try:
+                pss = _pss_kb(Path(f"/proc/{pid}/smaps_rollup").read_text())
             except (OSError, ValueError, IndexError):
                 continue
             count += 1
             total += pss / 1024
-            if int(entry) == self.session:
+            if pid == self.session:
                 leader = pss / 1024
         return count, total, leader
 

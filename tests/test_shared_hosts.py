@@ -20,7 +20,7 @@ import pytest
 
 from pytest_llmbench.coord import proc
 
-# Records, after each report, the engine's hosts: how many items each runs at once.
+# Records the engine's hosts as jobs are sent to them: how many items each runs at once.
 WATCH = """
 import json, os
 import pytest
@@ -31,15 +31,17 @@ if os.environ.get("FORCE_SHARE"):
 
 SEEN = {"max_children": 0, "hosts": set()}
 
-def pytest_runtest_teardown(item):
-    from pytest_llmbench.session.run import SESSION_KEY
-    session = item.config.stash.get(SESSION_KEY, None)
-    engine = getattr(session, "_engine", None)
-    if engine is None:
-        return
-    for host in list(engine.hosts.values()):
-        SEEN["max_children"] = max(SEEN["max_children"], len(host.children))
-        SEEN["hosts"].add(host.seq)
+from pytest_llmbench.engine.scheduler import Engine
+
+_place = Engine._place
+
+def _watching_place(self, host):
+    # Called each time a job is sent to a host (and when one frees): its items then.
+    SEEN["max_children"] = max(SEEN["max_children"], len(host.children))
+    SEEN["hosts"].add(host.seq)
+    return _place(self, host)
+
+Engine._place = _watching_place
 
 def pytest_unconfigure(config):
     with open(os.environ["WATCH_LOG"], "w") as fh:
@@ -99,7 +101,7 @@ def items_seen(log: Path) -> dict[str, tuple[int, int]]:
 def test_items_of_our_own_code_share_hosts(pytester: pytest.Pytester, sim_env: str,
                                            monkeypatch: pytest.MonkeyPatch, xdist: bool) -> None:
     log = watch(pytester, monkeypatch)
-    builtin_suite(pytester, 24, 0.3)
+    builtin_suite(pytester, 24, 1.0)
     args = ["-p", "no:cacheprovider", "--llmbench-concurrency", "24",
             "--llmbench-host-threads", "8"] + (["-n", "2"] if xdist else [])
     result = pytester.runpytest_subprocess(*args)
@@ -113,7 +115,7 @@ def test_items_of_our_own_code_share_hosts(pytester: pytest.Pytester, sim_env: s
 def test_one_host_thread_gives_every_item_a_process(pytester: pytest.Pytester, sim_env: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     log = watch(pytester, monkeypatch)
-    builtin_suite(pytester, 12, 0.3)
+    builtin_suite(pytester, 12, 1.0)
     pytester.makeini("[pytest]\nllmbench_host_threads = 1\n")  # the ini twin
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
                                            "--llmbench-concurrency", "12")
@@ -127,7 +129,7 @@ def test_items_running_user_code_never_share_a_host(pytester: pytest.Pytester, s
     log = watch(pytester, monkeypatch)
     items = pytester.path / "items.log"
     monkeypatch.setenv("ITEMS_LOG", str(items))
-    own_scorer_suite(pytester, ["extra = { sleep = 0.3 }"] * 8)
+    own_scorer_suite(pytester, ["extra = { sleep = 1.0 }"] * 8)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
                                            "--llmbench-concurrency", "8")
     result.assert_outcomes(passed=8)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from functools import cache
@@ -45,9 +46,19 @@ def _plain_context() -> ssl.SSLContext:
 
 
 _clients: dict[tuple[Any, ...], openai.OpenAI] = {}
-# A process forked from one that used a client must not share its kept-alive connections
-# (both would read the same socket): it builds its own.
-os.register_at_fork(after_in_child=_clients.clear)
+_clients_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    """A process forked from one that used a client must not share its kept-alive
+    connections (both would read the same socket): it builds its own (and a lock another
+    thread held at the fork would never be released here)."""
+    global _clients_lock
+    _clients.clear()
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _client(request: ChatRequest, ep: Endpoint, proxy: str | None) -> openai.OpenAI:
@@ -62,6 +73,15 @@ def _client(request: ChatRequest, ep: Endpoint, proxy: str | None) -> openai.Ope
     cached = _clients.get(ident)
     if cached is not None:
         return cached
+    with _clients_lock:  # items sharing a host (threads) build one client, not one each
+        cached = _clients.get(ident)
+        if cached is None:
+            cached = _clients[ident] = _new_client(model, key, ep, proxy, context)
+        return cached
+
+
+def _new_client(model: ModelSpec, key: str | None, ep: Endpoint, proxy: str | None,
+                context: ssl.SSLContext) -> openai.OpenAI:
     proxy_arg: httpx2.Proxy | None = None
     if proxy:
         try:
@@ -96,7 +116,6 @@ def _client(request: ChatRequest, ep: Endpoint, proxy: str | None) -> openai.Ope
             api_version=version, **common)
     else:
         client = openai.OpenAI(**common)
-    _clients[ident] = client
     return client
 
 
