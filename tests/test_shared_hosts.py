@@ -70,6 +70,15 @@ def watch(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
     return log
 
 
+def forced_sharing(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The run treats every item as shareable; where the items' scorer logs them."""
+    watch(pytester, monkeypatch)
+    monkeypatch.setenv("FORCE_SHARE", "1")
+    items = pytester.path / "items.log"
+    monkeypatch.setenv("ITEMS_LOG", str(items))
+    return items
+
+
 def builtin_suite(pytester: pytest.Pytester, n: int, latency: float) -> None:
     pytester.makefile(".toml", suite=(
         '[suite]\nscorer = "numeric"\n\n[[prompts]]\nid = "add"\n'
@@ -140,10 +149,7 @@ def test_items_running_user_code_never_share_a_host(pytester: pytest.Pytester, s
 def test_a_thread_stuck_past_its_deadline_times_out_alone_and_its_host_dies_after(
     pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    watch(pytester, monkeypatch)
-    monkeypatch.setenv("FORCE_SHARE", "1")
-    items = pytester.path / "items.log"
-    monkeypatch.setenv("ITEMS_LOG", str(items))
+    items = forced_sharing(pytester, monkeypatch)
     own_scorer_suite(pytester, [
         "extra = { sleep = 60 }\ndeadlines = { task_timeout = 2 }",  # stuck
         "extra = { sleep = 0 }",
@@ -168,10 +174,7 @@ def test_a_thread_stuck_past_its_deadline_times_out_alone_and_its_host_dies_afte
 def test_a_shared_host_whose_item_leaves_a_thread_is_replaced(
     pytester: pytest.Pytester, sim_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    watch(pytester, monkeypatch)
-    monkeypatch.setenv("FORCE_SHARE", "1")
-    items = pytester.path / "items.log"
-    monkeypatch.setenv("ITEMS_LOG", str(items))
+    items = forced_sharing(pytester, monkeypatch)
     own_scorer_suite(pytester, ["extra = { leave_thread = true }", "", "", ""])
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
                                            "--llmbench-concurrency", "1")
