@@ -26,6 +26,10 @@ import json, os
 import pytest
 from pytest_llmbench.session.run import LLMBenchSession
 
+# Two CPUs at most, as on CI: shareable items spread over as many hosts as the run may use
+# CPUs before they share one, and these tests count items per host.
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+
 if os.environ.get("FORCE_SHARE"):
     LLMBenchSession._shareable = lambda self, item, scorer, provider: True
 

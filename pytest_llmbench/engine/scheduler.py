@@ -89,6 +89,15 @@ def _decode(line: bytes) -> tuple[str, Any, str] | None:
     return (kind, data, token) if isinstance(kind, str) and isinstance(token, str) else None
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's limit), not the
+    machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class Engine:
     """Per-process item runner. ``wait(item)`` is all the pytest protocol calls."""
 
@@ -145,7 +154,7 @@ class Engine:
         """Live item hosts by request sequence number."""
         self.host_threads = max(1, host_threads)
         """How many ``shareable`` items one host runs at once (``child._Shared``)."""
-        self.min_hosts = os.cpu_count() or 1
+        self.min_hosts = _usable_cpus()
         """Shareable items spread over at least this many hosts before they share one."""
         self._open: dict[int, Host] = {}
         """Hosts running shareable items that have room for another."""
