@@ -19,6 +19,9 @@ from pytest_llmbench.coord.breaker import CircuitBreaker
 
 class _Toggle(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: items sharing a host connect all at once, and a
+    # burst over the backlog was reset ("Connection reset by peer"), as no real endpoint does.
+    request_queue_size = 128
     up = False
     chats = 0
 
