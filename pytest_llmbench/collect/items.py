@@ -54,14 +54,17 @@ def suite_source(path: Path, rootdir: Path, patterns: Sequence[str],
         return None
     if not any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns):
         return None
-    from pytest_llmbench.collect.tomlcheck import display_path, read_toml
+    from pytest_llmbench.collect.tomlcheck import MAX_FILE_BYTES, display_path, read_toml
 
+    raw = None
     if likely_suite is not None:
         with contextlib.suppress(OSError):  # (read_toml reports an unreadable file)
-            if SUITE_HINT_RE.search(path.read_bytes()):
-                likely_suite()
+            if path.stat().st_size <= MAX_FILE_BYTES:
+                raw = path.read_bytes()  # read once: the parse below takes these bytes
+                if SUITE_HINT_RE.search(raw):
+                    likely_suite()
     try:
-        parsed = read_toml(path, display_path(path, rootdir))
+        parsed = read_toml(path, display_path(path, rootdir), raw)
     except SuiteError as exc:
         try:
             head = path.read_bytes()

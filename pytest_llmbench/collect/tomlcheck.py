@@ -43,14 +43,15 @@ MAX_DEPTH = 32
 BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def read_toml(path: Path, shown: str) -> tuple[str, dict[str, Any]]:
-    """The file's text and parsed data, or one ``SuiteError`` saying what is wrong."""
+def read_toml(path: Path, shown: str, raw: bytes | None = None) -> tuple[str, dict[str, Any]]:
+    """The file's text and parsed data, or one ``SuiteError`` saying what is wrong.
+    ``raw``: the file's bytes, when the caller has read them already."""
     try:
-        size = path.stat().st_size
+        size = path.stat().st_size if raw is None else len(raw)
         if size > MAX_FILE_BYTES:
             raise SuiteError(shown, "", f"the file is {size / 2**20:.0f} MiB, over the limit "
                              f"of {MAX_FILE_BYTES // 2**20} MiB", "split it into several suites")
-        text = path.read_bytes().decode("utf-8-sig")
+        text = (path.read_bytes() if raw is None else raw).decode("utf-8-sig")
     except OSError as exc:
         raise SuiteError(shown, "", f"cannot read the file: {exc.strerror or exc}",
                          "check the path and its permissions") from exc

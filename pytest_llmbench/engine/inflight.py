@@ -93,7 +93,6 @@ class Host:
     no more items) once those are done."""
     leaving: bool = False
     """It said it leaves (an item left something behind): no more jobs."""
-    idle: bool = False
     buffer: bytearray = field(default_factory=bytearray)
     env: dict[str, str] | None = None
     """The environment its last item was sent with."""

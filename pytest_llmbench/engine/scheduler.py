@@ -498,18 +498,16 @@ class Engine:
         """A host for ``job``: one running shareable items with room (for a shareable job,
         sent with the same environment), else an idle one (the most recently idle: its
         pages are warm), else a new one; None when no host can be had."""
-        if job.shareable and self.host_threads > 1:
-            # The least busy host with room, once there are as many hosts as cores: a host
-            # runs Python on one core at a time (its GIL), so 16 items at zero latency in one
-            # host took 6.2 s against 4.7-5.5 s in two.
-            spread = len(self.hosts) < self.min_hosts and (self._idle or self.server is not None)
+        # The least busy host with room, once there are as many hosts as cores: a host runs
+        # Python on one core at a time (its GIL), so 16 items at zero latency in one host
+        # took 6.2 s against 4.7-5.5 s in two.
+        spread = len(self.hosts) < self.min_hosts and (self._idle or self.server is not None)
+        if job.shareable and self.host_threads > 1 and not spread:
             fits = [h for h in self._open.values() if h.env is env or h.env == env]
-            if fits and not spread:
+            if fits:
                 return min(fits, key=lambda h: len(h.children))
         if self._idle:
-            host = self._idle.popitem()[1]
-            host.idle = False
-            return host
+            return self._idle.popitem()[1]
         return self._new_host()
 
     def _place(self, host: Host) -> None:
@@ -517,11 +515,9 @@ class Engine:
         (shareable items in flight, room for more), or neither."""
         self._idle.pop(host.seq, None)
         self._open.pop(host.seq, None)
-        host.idle = False
         if host.jobs_fd < 0 or host.leaving or host.doomed or host.seq not in self.hosts:
             return
         if not host.children:
-            host.idle = True
             self._idle[host.seq] = host
         elif host.shared and len(host.children) < self.host_threads:
             self._open[host.seq] = host
