@@ -186,7 +186,25 @@ def test_a_shared_host_whose_item_leaves_a_thread_is_replaced(
     seen = items_seen(items)
     assert seen["i1"][0] != seen["i0"][0]  # the host i0 left a thread in ran nothing more
     assert seen["i1"][0] == seen["i2"][0] == seen["i3"][0]  # a clean host is reused
-    assert seen["i1"][1] != seen["i2"][1]  # (in a thread of each item's own)
+    # ... and its thread too: one at a time, the items run in the same kept thread
+    assert seen["i1"][1] == seen["i2"][1] == seen["i3"][1]
+
+
+def test_a_host_keeps_its_item_threads(pytester: pytest.Pytester, sim_env: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items sharing a host run in threads it keeps: no more threads than it ran items at
+    once, reused by the items that follow (a thread started per item made the host's job
+    intake wait on every new thread taking the GIL)."""
+    items = forced_sharing(pytester, monkeypatch)
+    own_scorer_suite(pytester, ["extra = { sleep = 0.2 }"] * 12)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--llmbench-concurrency",
+                                           "4", "--llmbench-host-threads", "4")
+    result.assert_outcomes(passed=12)
+    threads: dict[int, set[int]] = {}
+    for pid, tid in items_seen(items).values():
+        threads.setdefault(pid, set()).add(tid)
+    assert all(len(tids) <= 4 for tids in threads.values()), threads
+    assert sum(len(tids) for tids in threads.values()) < 12, threads
 
 
 @pytest.mark.parametrize(("args", "ini", "message"), [

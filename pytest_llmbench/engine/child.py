@@ -14,11 +14,13 @@ items are done). An item that has its process to itself carries its token
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import json
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -223,7 +225,14 @@ def _clean_up_after_item(group: Cgroup | None, token: str | None,
 class _Shared:
     """The items a host runs at once, a thread each (``Job.shareable``: items that run only
     this package's code, so no item can leave a process, change the environment or block
-    past its deadline; the engine sends such items to one host while it has room)."""
+    past its deadline; the engine sends such items to one host while it has room).
+
+    The threads are the host's, kept from one item to the next (``_work``), not one per
+    item: a ``Thread.start`` waits for the new thread to take the GIL, and while the host's
+    other items hold it (building requests, parsing answers) the job pipe was read one
+    item per GIL hand-over. A new thread is started only when every one is busy, so a host
+    has as many as it ever ran items at once. Each item runs in a fresh ``contextvars``
+    context, as in a new thread."""
 
     def __init__(self, group: Cgroup | None) -> None:
         self.group = group
@@ -235,6 +244,9 @@ class _Shared:
         self.leaving = False
         """An item left something behind: every job from now on is refused."""
         self.threads: set[threading.Thread] = set()
+        """The host's item threads (none of them is a stray)."""
+        self.jobs: queue.SimpleQueue[tuple[Any, ResultStore, Callable[..., None]] | None] = (
+            queue.SimpleQueue())
 
     def stray_threads(self) -> int:
         """Live threads that are neither the host's main thread nor an item's."""
@@ -242,13 +254,24 @@ class _Shared:
         return sum(1 for t in threading.enumerate() if t not in items)
 
     def start(self, spawn: Any, store: ResultStore, send: Callable[..., None]) -> None:
-        thread = threading.Thread(target=self._run, args=(spawn, store, send), daemon=True,
-                                  name=f"item-{spawn.token}")
-        self.threads.add(thread)
+        """Hand ``spawn`` to an item thread (``lock`` held)."""
         self.active += 1
-        thread.start()
+        if self.active > len(self.threads):
+            # Every thread is busy with an item (one that has just ended picks up the next
+            # job as soon as its result is sent, which is why ``active`` is compared, not
+            # the threads waiting).
+            thread = threading.Thread(target=self._work, daemon=True,
+                                      name=f"item-thread-{len(self.threads) + 1}")
+            self.threads.add(thread)
+            thread.start()
+        self.jobs.put((spawn, store, send))
 
-    def _run(self, spawn: Any, store: ResultStore, send: Callable[..., None]) -> None:
+    def _work(self) -> None:
+        tid = threading.get_native_id()
+        while (job := self.jobs.get()) is not None:
+            contextvars.Context().run(self._run, *job, tid)
+
+    def _run(self, spawn: Any, store: ResultStore, send: Callable[..., None], tid: int) -> None:
         token = spawn.token
 
         def tagged(kind: str, data: Any, then: str = "") -> None:
@@ -262,7 +285,7 @@ class _Shared:
             return self._ended()
 
         try:
-            tagged("thread", threading.get_native_id())  # its own CPU time: stragglers
+            tagged("thread", tid)  # its own CPU time: stragglers
             guard = (contextlib.nullcontext() if getattr(store, "threadsafe", False) is True
                      else self.store_lock)
             _run_item(spawn.job, tagged, spawn.deadline, store, spawn.holder, then=then,
@@ -271,8 +294,6 @@ class _Shared:
             after = "" if ended else self._ended()
             with contextlib.suppress(Exception):
                 send("crash", traceback.format_exc(), after, token)
-        finally:
-            self.threads.discard(threading.current_thread())
 
     def _ended(self) -> str:
         """One item is done: ``idle`` (room for another) or ``leave`` (the host takes no
@@ -285,8 +306,12 @@ class _Shared:
             return "leave" if self.leaving else "idle"
 
     def join(self) -> None:
-        """At the end of the job pipe: the items in flight finish (each by its deadline)."""
-        for thread in list(self.threads):
+        """At the end of the job pipe: the items in flight finish (each by its deadline),
+        then the threads end."""
+        threads = list(self.threads)
+        for _ in threads:
+            self.jobs.put(None)
+        for thread in threads:
             thread.join()
 
 
@@ -349,7 +374,7 @@ def host_main(
                 if spawn.job.shareable:
                     shared.start(spawn, store, send)
                     continue
-            if _run_alone(spawn, store, send, group, last):
+            if _run_alone(spawn, store, send, group, last, shared.stray_threads):
                 break
         shared.join()
     except BaseException:  # noqa: BLE001 - reported to the parent, which records a crash
@@ -407,14 +432,16 @@ class _HostState:
 
 
 def _run_alone(spawn: Any, store: ResultStore, send: Callable[..., None],
-               group: Cgroup | None, last: bool) -> bool:
-    """Run an item that has the host to itself; whether the host leaves after it."""
+               group: Cgroup | None, last: bool, threads: Callable[[], int]) -> bool:
+    """Run an item that has the host to itself; whether the host leaves after it.
+    ``threads()``: the live threads that are not the host's (``_Shared.stray_threads``:
+    the threads kept for shared items are the host's)."""
     proc.tag_process(spawn.token)
     leaving = False
 
     def then(token: str = spawn.token) -> str:
         nonlocal leaving
-        leaving = _clean_up_after_item(group, token) or last
+        leaving = _clean_up_after_item(group, token, threads) or last
         return "" if leaving else "idle"
 
     _run_item(spawn.job, send, spawn.deadline, store, spawn.holder, then=then)
