@@ -25,7 +25,6 @@ import os
 import platform
 import re
 import resource
-import shutil
 import signal
 import socket
 import statistics
@@ -397,7 +396,25 @@ def alternate(sides: Sequence[Side], repeat: int, scratch: Path, out: Out) -> No
                 side.problems.append(problem)
                 tail = "\n".join(run.out.strip().splitlines()[-6:])
                 out(f"    ! {side.name} run {r + 1}: {problem}\n      " + tail.replace("\n", "\n      "))
-            shutil.rmtree(folder, ignore_errors=True)
+            # The folder is kept until the bench ends (the scratch directory goes then), not
+            # removed here: see ``set_aside``.
+
+
+def set_aside(path: Path, scratch: Path) -> None:
+    """Move ``path`` out of the way instead of deleting it; the scratch directory is
+    removed when the bench ends.
+
+    On ext4 without a journal (this project's machine and CI), every file created within
+    60 s of the deletion of many others (360 s while their inode table blocks are dirty)
+    makes the kernel scan past each of them (``recently_deleted`` in ``find_inode_bit``).
+    Deleting the previous run's store, thousands of files, right before a run cost the
+    pytest process ~0.4 ms of kernel CPU per claim file it created (perf, 2026-12-02): a
+    cost of the bench's clean-up between runs, not of a run, which the bare sides never
+    paid (they create no files)."""
+    if path.exists():
+        trash = scratch / "set-aside"
+        trash.mkdir(exist_ok=True)
+        path.rename(Path(tempfile.mkdtemp(dir=trash)) / path.name)
 
 
 # --- command lines -------------------------------------------------------------------------
@@ -756,7 +773,7 @@ def scale_sides(ctx: Ctx, sim: Sim, n: int) -> list[Side]:
     fresh_run = fresh.run
 
     def run_fresh(folder: Path) -> Run:
-        shutil.rmtree(kept, ignore_errors=True)
+        set_aside(kept, ctx.scratch)
         return fresh_run(folder)
 
     fresh.run = run_fresh
