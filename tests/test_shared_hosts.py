@@ -35,9 +35,9 @@ if os.environ.get("FORCE_SHARE"):
 
 SEEN = {"max_children": 0, "hosts": set()}
 
-from pytest_llmbench.engine.scheduler import Engine
+from pytest_llmbench.engine.hostpool import HostPool
 
-_place = Engine._place
+_place = HostPool.place
 
 def _watching_place(self, host):
     # Called each time a job is sent to a host (and when one frees): its items then.
@@ -45,7 +45,7 @@ def _watching_place(self, host):
     SEEN["hosts"].add(host.seq)
     return _place(self, host)
 
-Engine._place = _watching_place
+HostPool.place = _watching_place
 
 def pytest_unconfigure(config):
     with open(os.environ["WATCH_LOG"], "w") as fh:

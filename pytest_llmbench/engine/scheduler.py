@@ -37,7 +37,8 @@ from typing import Any
 
 from pytest_llmbench.coord import proc
 from pytest_llmbench.engine import forkserver
-from pytest_llmbench.engine.child import HOST_MAX_ITEMS, child_main
+from pytest_llmbench.engine.child import child_main
+from pytest_llmbench.engine.hostpool import HostPool
 from pytest_llmbench.engine.inflight import (
     Child,
     Host,
@@ -87,15 +88,6 @@ def _decode(line: bytes) -> tuple[str, Any, str] | None:
         return None
     token = rest[0] if len(rest) == 1 else ""
     return (kind, data, token) if isinstance(kind, str) and isinstance(token, str) else None
-
-
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: a container's limit), not the
-    machine's."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 class Engine:
@@ -150,20 +142,13 @@ class Engine:
         self.run_slots = run_slots
         """xdist with the default concurrency: the run-wide count every worker shares."""
         """Where the run's shared fork server listens (xdist), or None: start our own."""
-        self.hosts: dict[int, Host] = {}
-        """Live item hosts by request sequence number."""
-        self.host_threads = max(1, host_threads)
-        """How many ``shareable`` items one host runs at once (``child._Shared``)."""
-        self.min_hosts = _usable_cpus()
-        """Shareable items spread over at least this many hosts before they share one."""
-        self._open: dict[int, Host] = {}
-        """Hosts running shareable items that have room for another."""
+        self.pool = HostPool(host_threads)
+        """The live item hosts and where the next job goes (``hostpool.py``)."""
         self._server_writing = False
         """The server's socket is watched for writability (requests wait to be sent)."""
-        self._idle: dict[int, Host] = {}
         self._env: dict[str, str] | None = None
         self._env_raw: dict[bytes, bytes] | None = None
-        """The hosts waiting for a job (a lookup per item start, not a scan of every host)."""
+        """The environment jobs carry, and the bytes it was decoded from (``_job_env``)."""
         self._deadlines: list[tuple[float, int, Child]] = []
         """A heap of (deadline, tie-breaker, child) of the items started; entries of items
         no longer running are dropped when they reach the top (no scan of every item)."""
@@ -450,7 +435,7 @@ class Engine:
 
     def _fork(self, job: Job, token: str) -> None:
         """Start ``job``: in an idle item host, a new one, or a child forked for it alone."""
-        if self.use_server and not self._idle:
+        if self.use_server and not self.pool.has_idle:
             self.warm()
             if self.server is not None:
                 # The server's warm-up (``import openai``) before the task deadline starts:
@@ -465,7 +450,7 @@ class Engine:
 
     def _run_in_host(self, job: Job, token: str, started: float, deadline: float) -> bool:
         env = self._job_env()
-        host = self._host_for(job, env)
+        host = self.pool.pick(job, env, can_start=self.server is not None) or self._new_host()
         if host is None:
             return False
         payload = forkserver.encode(forkserver.Spawn(
@@ -474,7 +459,7 @@ class Engine:
             env=None if env == host.env else env,
         ))
         if payload is None:
-            self._place(host)  # free for the next job; this one forks from pytest
+            self.pool.place(host)  # free for the next job; this one forks from pytest
             return False
         host.env = env
         try:
@@ -485,50 +470,9 @@ class Engine:
             return False
         child = Child(job=job, pid=host.pid, fd=host.fd, token=token, started=started,
                       deadline=deadline, host=host)
-        host.children[token] = child
-        host.shared = job.shareable and self.host_threads > 1
-        host.served += 1
-        if host.served >= HOST_MAX_ITEMS:
-            self._retire(host)  # it leaves after this job, once its items are done
-        self._place(host)
+        self.pool.sent(host, child)
         self._add_running(child)
         return True
-
-    def _host_for(self, job: Job, env: dict[str, str]) -> Host | None:
-        """A host for ``job``: one running shareable items with room (for a shareable job,
-        sent with the same environment), else an idle one (the most recently idle: its
-        pages are warm), else a new one; None when no host can be had."""
-        # The least busy host with room, once there are as many hosts as cores: a host runs
-        # Python on one core at a time (its GIL), so 16 items at zero latency in one host
-        # took 6.2 s against 4.7-5.5 s in two.
-        spread = len(self.hosts) < self.min_hosts and (self._idle or self.server is not None)
-        if job.shareable and self.host_threads > 1 and not spread:
-            fits = [h for h in self._open.values() if h.env is env or h.env == env]
-            if fits:
-                return min(fits, key=lambda h: len(h.children))
-        if self._idle:
-            return self._idle.popitem()[1]
-        return self._new_host()
-
-    def _place(self, host: Host) -> None:
-        """File ``host`` where the next job looks for one: idle (nothing in flight), open
-        (shareable items in flight, room for more), or neither."""
-        self._idle.pop(host.seq, None)
-        self._open.pop(host.seq, None)
-        if host.jobs_fd < 0 or host.leaving or host.doomed or host.seq not in self.hosts:
-            return
-        if not host.children:
-            self._idle[host.seq] = host
-        elif host.shared and len(host.children) < self.host_threads:
-            self._open[host.seq] = host
-
-    def _retire(self, host: Host) -> None:
-        """No more jobs for ``host``: it leaves at the end of its job pipe, once the items
-        it runs are done (their results still arrive on its own pipe)."""
-        if host.jobs_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(host.jobs_fd)
-            host.jobs_fd = -1
 
     def _job_env(self) -> dict[str, str]:
         """The environment a job carries: ``os.environ`` less pytest's marker of the test it
@@ -559,7 +503,7 @@ class Engine:
         self._watch_server()
         os.set_blocking(results_r, False)
         host = Host(seq=seq, jobs_fd=jobs_w, fd=results_r)
-        self.hosts[seq] = host
+        self.pool.add(host)
         self.selector.register(results_r, selectors.EVENT_READ, ("host", host))
         return host
 
@@ -576,9 +520,7 @@ class Engine:
 
     def _drop_host(self, host: Host) -> None:
         """Forget ``host`` (dead, killed or leaving); its item, if any, is handled apart."""
-        self._idle.pop(host.seq, None)
-        self._open.pop(host.seq, None)
-        if self.hosts.pop(host.seq, None) is None:
+        if not self.pool.forget(host):
             return
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(host.fd)
@@ -665,14 +607,14 @@ class Engine:
         for event in server.events():
             if event[0] == "forked":
                 _, seq, pid = event
-                host = self.hosts.get(seq)
+                host = self.pool.hosts.get(seq)
                 if host is not None:
                     host.pid = pid
                     for child in host.children.values():
                         child.pid = pid
             elif event[0] == "exit":
                 _, pid, status = event
-                host = next((h for h in self.hosts.values() if h.pid == pid), None)
+                host = next((h for h in self.pool.hosts.values() if h.pid == pid), None)
                 if host is not None:
                     self._host_exited(host, status)
             elif event[0] == "gone":  # the server died: from now on items fork from pytest
@@ -680,7 +622,7 @@ class Engine:
                 self.selector.unregister(server.fileno())
                 server.close()
                 self.server, self.use_server = None, False
-                for host in list(self.hosts.values()):
+                for host in list(self.pool.hosts.values()):
                     # Hosts re-parent to us (subreaper); each leaves at the end of its job
                     # pipe, after its current item, whose result still arrives on its pipe.
                     # A host whose pipe closed already (it died with the server: parent-death
@@ -696,7 +638,7 @@ class Engine:
                                 self._fork_local(child.job, child.token, child.started,
                                                  child.deadline)
                     else:
-                        self._retire(host)
+                        self.pool.retire(host)
 
     def _host_output(self, host: Host) -> None:
         """Read what ``host`` sent: its item's events, ``result``, ``idle``; or its end."""
@@ -748,11 +690,11 @@ class Engine:
         """``host`` said ``idle`` (room for a job) or ``leave`` (it takes no more)."""
         if leave:
             host.leaving = True
-            self._retire(host)
+            self.pool.retire(host)
         if host.jobs_fd < 0 and not host.children and not host.doomed:
             self._drop_host(host)  # it leaves now (end of its job pipe)
         else:
-            self._place(host)
+            self.pool.place(host)
 
     def _host_item_done(self, host: Host, child: Child, result: ItemResult) -> None:
         host.children.pop(child.token, None)
@@ -771,7 +713,7 @@ class Engine:
 
     def _host_exited(self, host: Host, status: int | None) -> None:
         """The host is gone (its pipe closed, or the server reaped it)."""
-        if host.seq not in self.hosts:
+        if host.seq not in self.pool.hosts:
             return
         for line in read_lines(host.fd, host.buffer)[0]:
             self._host_event(host, line)
@@ -948,7 +890,7 @@ class Engine:
                     # Items share the host and run on: it dies once they are done, and
                     # meanwhile takes no more.
                     host.doomed.append(child)
-                    self._place(host)
+                    self.pool.place(host)
                     continue
                 now.extend(host.doomed)
                 host.doomed = []
@@ -1004,7 +946,7 @@ class Engine:
             self._close(child)
             with contextlib.suppress(OSError):
                 self.store.release(child.job.key, self.holder)
-        for host in list(self.hosts.values()):
+        for host in list(self.pool.hosts.values()):
             self._drop_host(host)  # an idle host leaves at the end of its job pipe
         if self.server is not None:
             self.server.close()
