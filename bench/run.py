@@ -20,6 +20,7 @@ import argparse
 import compileall
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -129,6 +130,19 @@ class Sim:
         return []
 
 
+@functools.cache
+def served_model(url: str) -> str:
+    """The first model id the server at ``url`` lists (``GET /models``): the plugin's
+    preflight refuses a model id its endpoint does not serve (the neutral server serves
+    ``neutral``). ``bench`` if the list cannot be read: the preflight then says why."""
+    try:
+        with urllib.request.urlopen(url + "/models", timeout=5) as response:
+            listed = json.load(response).get("data") or []
+        return str(listed[0]["id"])
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):
+        return "bench"
+
+
 class Neutral(Sim):
     """A server the project did not write (``--neutral-server PATH``: the shared
     ``neutral_server.py``, aiohttp), started per workload with the workload's latency and a
@@ -168,7 +182,7 @@ class Neutral(Sim):
         return (int(fields[11]) + int(fields[12])) / TICKS
 
     def model_args(self) -> list[str]:
-        return ["--llmbench-model", f"bench@{self._url}"]
+        return ["--llmbench-model", f"{served_model(self._url)}@{self._url}"]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -197,7 +211,7 @@ class External(Sim):
         return []
 
     def model_args(self) -> list[str]:
-        return ["--llmbench-model", f"bench@{self._url}"]
+        return ["--llmbench-model", f"{served_model(self._url)}@{self._url}"]
 
     def stop(self) -> None:
         pass
@@ -514,8 +528,12 @@ def table(out: Out, sides: Sequence[Side], baselines: Sequence[Side]) -> None:
         out(line)
 
 
-def verdict(out: Out, what: str, ok: bool, figure: str) -> None:
-    out(f"  target {what}: {figure} -> {'PASS' if ok else 'MISS'}")
+def verdict(out: Out, what: str, ok: bool, figure: str, *sides: Side) -> None:
+    """One target's line. A figure from ``sides`` of which a run failed (a usage error, an
+    item not passed) proves nothing: the target is then INVALID, whatever the figure."""
+    failed = sum(len(side.problems) for side in sides)
+    outcome = f"INVALID ({failed} failed run(s))" if failed else "PASS" if ok else "MISS"
+    out(f"  target {what}: {figure} -> {outcome}")
 
 
 def header(out: Out, title: str) -> None:
@@ -599,10 +617,10 @@ def throughput(ctx: Ctx) -> None:
         for side in (one, two):
             assert side.ideal
             verdict(ctx.out, f"{side.name} <= 1.2x ideal", side.wall <= 1.2 * side.ideal,
-                    f"{side.wall / side.ideal:.2f}x")
+                    f"{side.wall / side.ideal:.2f}x", side)
             if insp is not None:
                 verdict(ctx.out, f"{side.name} >= 5x faster than inspect",
-                        insp.wall >= 5 * side.wall, f"{insp.wall / side.wall:.2f}x")
+                        insp.wall >= 5 * side.wall, f"{insp.wall / side.wall:.2f}x", side, insp)
     finally:
         sim.stop()
 
@@ -639,10 +657,10 @@ def overhead(ctx: Ctx) -> None:
         # Issue 12: <= 8 ms with the openai SDK doing the calls (the old transport's 1-process
         # figure was ~6 ms); issue 16: <= 6 ms, every process counted.
         verdict(ctx.out, f"{one.name} <= 8 ms CPU/item with the SDK (issue 12)",
-                one.cpu_per_item() <= 0.008, f"{one.cpu_per_item() * 1000:.1f} ms")
+                one.cpu_per_item() <= 0.008, f"{one.cpu_per_item() * 1000:.1f} ms", one)
         for side in (one, two):
             verdict(ctx.out, f"{side.name} <= 6 ms CPU/item (all processes, start-up included)",
-                    side.cpu_per_item() <= 0.006, f"{side.cpu_per_item() * 1000:.1f} ms")
+                    side.cpu_per_item() <= 0.006, f"{side.cpu_per_item() * 1000:.1f} ms", side)
     finally:
         sim.stop()
 
@@ -671,7 +689,7 @@ def xdist(ctx: Ctx) -> None:
                         " flight at once (last run, from the server's request log)")
             need = 4.0 if w == 32 else 1.0
             verdict(ctx.out, f"-n {w} >= {need:g}x faster than bare xdist", bare.wall >= need * plug.wall,
-                    f"{bare.wall / plug.wall:.2f}x")
+                    f"{bare.wall / plug.wall:.2f}x", plug, bare)
     finally:
         sim.stop()
 
@@ -702,15 +720,16 @@ def wide(ctx: Ctx) -> None:
         good = [r for r in one.runs if r.rc == 0 and r.count("passed") == n]
         verdict(ctx.out, "completes, every item passed", len(good) == len(one.runs),
                 f"{len(good)} of {len(one.runs)} runs")
-        verdict(ctx.out, "<= 1.5x the floor", one.wall <= 1.5 * floor, f"{one.wall / floor:.2f}x")
+        verdict(ctx.out, "<= 1.5x the floor", one.wall <= 1.5 * floor, f"{one.wall / floor:.2f}x",
+                one)
         if insp is not None:
             verdict(ctx.out, ">= 6x faster than inspect", insp.wall >= 6 * one.wall,
-                    f"{insp.wall / one.wall:.2f}x")
+                    f"{insp.wall / one.wall:.2f}x", one, insp)
         zero = ctx.figures.get("cpu_zero")
         if zero:
             verdict(ctx.out, f"CPU/item at {c} in flight <= 1.5x CPU/item at zero latency",
                     cpu_item <= 1.5 * zero, f"{cpu_item * 1000:.1f} ms vs {zero * 1000:.1f} ms:"
-                    f" {cpu_item / zero:.2f}x")
+                    f" {cpu_item / zero:.2f}x", one)
         else:
             ctx.out("  (CPU/item at zero latency: run the overhead workload too for that ratio)")
     finally:
@@ -752,7 +771,8 @@ def scale(ctx: Ctx) -> None:
             cached, bare = sides[2], sides[3]
             if n == big:
                 verdict(ctx.out, f"cached re-run of {n} items <= 1.5x bare pytest",
-                        cached.wall <= 1.5 * bare.wall, f"{cached.wall / bare.wall:.2f}x")
+                        cached.wall <= 1.5 * bare.wall, f"{cached.wall / bare.wall:.2f}x",
+                        cached, bare)
         for name, walls in per.items():
             growth = walls[big] / walls[big // 10]
             ctx.out(f"  {name:<34} wall per item at N={big} / at N={big // 10}: {growth:.2f}"
@@ -816,7 +836,7 @@ def stuck(ctx: Ctx) -> None:
         table(ctx.out, [side], [])
         assert side.ideal
         verdict(ctx.out, "<= 1.2x (ideal + deadline)", side.wall <= 1.2 * side.ideal,
-                f"{side.wall / side.ideal:.2f}x")
+                f"{side.wall / side.ideal:.2f}x", side)
         bad = [p for p in side.problems if p]
         verdict(ctx.out, "every hung item task_timeout, every other passed (JSONL)", not bad,
                 "all runs correct" if not bad else bad[0])
@@ -880,7 +900,7 @@ def ratelimit(ctx: Ctx) -> None:
             f" 429s {limited:.2%} of requests; requests per run {[s[2] for s in stats]};"
             f" ideal = N/R + start-up")
     table(ctx.out, [side], [])
-    verdict(ctx.out, ">= 90 % of quota used", used >= 0.90, f"{used:.1%}")
+    verdict(ctx.out, ">= 90 % of quota used", used >= 0.90, f"{used:.1%}", side)
     verdict(ctx.out, "<= 1 % of requests answered 429", limited <= 0.01, f"{limited:.2%}")
 
 
