@@ -26,6 +26,7 @@ import pytest
 
 from pytest_llmbench.engine.runner import Job, execute
 from pytest_llmbench.errors import APIError, APITimeoutError, LLMBenchError
+from pytest_llmbench.providers import api as api_module
 from pytest_llmbench.providers.api import (
     BACKOFF_BASE,
     BACKOFF_CAP,
@@ -426,17 +427,25 @@ def test_task_deadline_caps_a_later_attempt(calls: Calls,
 
 
 def test_no_task_time_left_for_a_retry_is_task_timeout(
-        calls: Calls, conv: Callable[[str], list[Message]]) -> None:
+        calls: Calls, conv: Callable[[str], list[Message]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """An uncapped attempt times out with less than MIN_ATTEMPT_TIME of task time left: no
-    backoff, no further attempt, and the task layer is what ended the call."""
+    backoff, no further attempt, and the task layer is what ended the call.
+
+    The attempt must start with at least ``api_timeout`` left (else it is capped, another
+    ending) and end with less than MIN_ATTEMPT_TIME left: a window as wide as
+    MIN_ATTEMPT_TIME, raised here to 0.4 s. At its 0.05 s the request's set-up on a loaded
+    CI machine (three suites on 2 cores) took longer than the window and capped the
+    attempt."""
+    monkeypatch.setattr(api_module, "MIN_ATTEMPT_TIME", 0.4)
     started = time.monotonic()
     with pytest.raises(APITimeoutError) as info:
         calls.chat(conv("What is 2 + 3? [[sim:hang=1]]"), api_timeout=0.5, retries=2,
-                   task_timeout=0.52, task_deadline=started + 0.52)
+                   task_timeout=0.8, task_deadline=started + 0.8)
     assert calls.outcomes == ["timeout"] and calls.sleeps == []
     assert len(calls.new_requests()) == 1
     assert info.value.error_class == "task_timeout"
-    assert "task deadline of 0.52 s reached after attempt 1, not retried" in str(info.value)
+    assert "task deadline of 0.8 s reached after attempt 1, not retried" in str(info.value)
 
 
 def test_api_timeout_with_task_time_to_spare_stays_api_timeout(
