@@ -67,7 +67,7 @@ def suite_source(path: Path, rootdir: Path, patterns: Sequence[str],
         parsed = read_toml(path, display_path(path, rootdir), raw)
     except SuiteError as exc:
         try:
-            head = path.read_bytes()
+            head = raw if raw is not None else path.read_bytes()
         except OSError:
             return SuiteSource(None, exc)
         return SuiteSource(None, exc) if SUITE_HINT_RE.search(head) else None

@@ -43,11 +43,11 @@ def usable_cpus() -> int:
 class HostPool:
     """The engine's live item hosts, by request sequence number, filed idle or open."""
 
-    def __init__(self, host_threads: int, min_hosts: int | None = None) -> None:
+    def __init__(self, host_threads: int) -> None:
         self.hosts: dict[int, Host] = {}
         self.host_threads = max(1, host_threads)
         """How many ``shareable`` items one host runs at once (``child._Shared``)."""
-        self.min_hosts = usable_cpus() if min_hosts is None else max(1, min_hosts)
+        self.min_hosts = usable_cpus()
         """Shareable items spread over at least this many hosts before they share one."""
         self._idle: dict[int, Host] = {}
         """Hosts waiting for a job (a lookup per item start, not a scan of every host)."""

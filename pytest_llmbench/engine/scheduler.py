@@ -137,11 +137,11 @@ class Engine:
         self.server: forkserver.ForkServer | None = None
         self.use_server = forkserver.enabled()
         self.server_path = fork_server
+        """Where the run's shared fork server listens (xdist), or None: start our own."""
         self.tls = tls
         """A model is reached over HTTPS: our own fork server prepares the TLS context."""
         self.run_slots = run_slots
         """xdist with the default concurrency: the run-wide count every worker shares."""
-        """Where the run's shared fork server listens (xdist), or None: start our own."""
         self.pool = HostPool(host_threads)
         """The live item hosts and where the next job goes (``hostpool.py``)."""
         self._server_writing = False

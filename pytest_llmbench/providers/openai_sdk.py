@@ -15,7 +15,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
@@ -45,20 +45,35 @@ def _plain_context() -> ssl.SSLContext:
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
-_clients: dict[tuple[Any, ...], openai.OpenAI] = {}
-_clients_lock = threading.Lock()
+class _Clients:
+    """This process's SDK clients, one per endpoint, key and connection settings: an item
+    host keeps its connections alive from one item to the next, and the items sharing it
+    (threads) build one client, not one each."""
+
+    def __init__(self) -> None:
+        self._by_ident: dict[tuple[Any, ...], openai.OpenAI] = {}
+        self._lock = threading.Lock()
+
+    def get(self, ident: tuple[Any, ...], build: Callable[[], openai.OpenAI]) -> openai.OpenAI:
+        cached = self._by_ident.get(ident)
+        if cached is not None:
+            return cached
+        with self._lock:
+            cached = self._by_ident.get(ident)
+            if cached is None:
+                cached = self._by_ident[ident] = build()
+            return cached
+
+    def reset(self) -> None:
+        """Forget every client. Also after a fork: a forked process must not share its
+        parent's kept-alive connections (both would read the same socket), nor a lock
+        another thread held at the fork (never released in the child)."""
+        self._by_ident = {}
+        self._lock = threading.Lock()
 
 
-def _after_fork() -> None:
-    """A process forked from one that used a client must not share its kept-alive
-    connections (both would read the same socket): it builds its own (and a lock another
-    thread held at the fork would never be released here)."""
-    global _clients_lock
-    _clients.clear()
-    _clients_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork)
+_clients = _Clients()
+os.register_at_fork(after_in_child=_clients.reset)
 
 
 def _client(request: ChatRequest, ep: Endpoint, proxy: str | None) -> openai.OpenAI:
@@ -70,14 +85,7 @@ def _client(request: ChatRequest, ep: Endpoint, proxy: str | None) -> openai.Ope
     headers = tuple(sorted(model.headers.items()))
     ident = (ep.base, ep.query, key, model.api_version, headers, proxy, context,
              model.max_connections)
-    cached = _clients.get(ident)
-    if cached is not None:
-        return cached
-    with _clients_lock:  # items sharing a host (threads) build one client, not one each
-        cached = _clients.get(ident)
-        if cached is None:
-            cached = _clients[ident] = _new_client(model, key, ep, proxy, context)
-        return cached
+    return _clients.get(ident, lambda: _new_client(model, key, ep, proxy, context))
 
 
 def _new_client(model: ModelSpec, key: str | None, ep: Endpoint, proxy: str | None,
@@ -301,4 +309,4 @@ def warm_up() -> None:
         {"index": 0, "finish_reason": "stop", "logprobs": logprobs,
          "delta": {"role": "assistant", "content": "a", "tool_calls": [call]}}]})
     stream.completion()
-    _clients.clear()  # a host builds its own (its connections are its own)
+    _clients.reset()  # a host builds its own (its connections are its own)
