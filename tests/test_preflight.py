@@ -130,3 +130,35 @@ def test_collect_only_needs_no_preflight(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-p", "no:cacheprovider", "--collect-only",
                                 f"--llmbench-model=down@{url}")
     assert result.ret == pytest.ExitCode.OK
+
+
+def test_the_fork_server_runs_the_preflight_and_pytest_never_imports_the_sdk(
+    pytester: pytest.Pytester, keyed_sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check costs ``import openai`` (~1 CPU-s): the fork server, which imports it
+    anyway, runs it right after its warm-up, and what it logged is logged by pytest."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    pytester.makeconftest(
+        "import sys\n"
+        "def pytest_sessionfinish(session):\n"
+        "    open('sdk-in-pytest.txt', 'w').write(str('openai' in sys.modules))\n")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--llmbench-model=m1@{keyed_sim.base_url}",
+        "-o", "log_cli=true", "--log-cli-level=INFO")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*preflight: 1 endpoint(s) checked in *, 0 problem(s)*"])
+    assert (pytester.path / "sdk-in-pytest.txt").read_text() == "False"
+    assert SECRET not in result.stdout.str() + result.stderr.str()
+
+
+def test_without_a_fork_server_pytest_runs_the_preflight_itself(
+    pytester: pytest.Pytester, keyed_sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMBENCH_FORK_SERVER", "0")
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET + "-wrong")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
+                                           f"--llmbench-model=m1@{keyed_sim.base_url}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    (line,) = _error_lines(result)
+    assert "model 'm1'" in line and "fix: set OPENAI_API_KEY" in line
+    _no_item_ran(pytester, keyed_sim)

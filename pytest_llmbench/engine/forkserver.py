@@ -21,10 +21,18 @@ Protocol, over ``AF_UNIX``/``SOCK_SEQPACKET`` connections (message boundaries ke
 
 - client -> server: ``pickle(seq)`` with the host's job pipe (read end) and result pipe
   (write end) attached (``SCM_RIGHTS``);
-- server -> client: ``("ready",)`` first, once the server has warmed up (``import openai``
-  takes ~1 CPU-s: a client waits for it when it connects, so that no item's task deadline
-  runs while the server is still importing); ``("forked", seq, pid)`` once the host exists; ``("exit", pid,
-  status)`` when a host is reaped, to the connection that asked for that host.
+- server -> client: ``("ready", preflight)`` first, once the server has warmed up
+  (``import openai`` takes ~1 CPU-s: a client waits for it when it connects, so that no
+  item's task deadline runs while the server is still importing); ``("forked", seq, pid)``
+  once the host exists; ``("exit", pid, status)`` when a host is reaped, to the connection
+  that asked for that host.
+- The preflight (``session/preflight.py``: ``GET /models`` per endpoint, through the SDK)
+  runs here, right after the warm-up, when the starting process asks for it: the server
+  imports the SDK anyway, and the pytest process then never does (~1 CPU-s, and ~1 s of
+  wall time before the first item when it ran in pytest's ``sessionstart``). Its request
+  is the primary connection's first message; its answer (problems and log lines, or None
+  when it could not run) rides in the primary connection's ``ready`` message. It runs
+  before any host is forked, in threads joined before the first fork.
 
 Every end of every connection is non-blocking and keeps what the socket does not take yet
 in a queue, sent when the socket is writable: each side reads whatever arrives whatever it
@@ -115,17 +123,21 @@ _MAIN = "import sys; from pytest_llmbench.engine.forkserver import main; sys.exi
 
 #: Set in the server's environment when a model of the run is reached over HTTPS.
 _TLS_ENV = "LLMBENCH_FORK_SERVER_TLS"
+#: Set when the primary connection's first message is a preflight request.
+_PREFLIGHT_ENV = "LLMBENCH_FORK_SERVER_PREFLIGHT"
 #: The starting pytest process's pid, when its main thread started the server (the kernel's
 #: parent-death signal follows the *thread* that forked: another thread's end would fire it).
 _PARENT_ENV = "LLMBENCH_FORK_SERVER_PARENT"
 
 
-def _start(fds: list[int], tls: bool) -> subprocess.Popen[bytes]:
+def _start(fds: list[int], tls: bool, preflight: bool = False) -> subprocess.Popen[bytes]:
     """The server process, given the primary connection (and the listening socket)."""
     env = dict(os.environ)
     env.pop("PYTHONSTARTUP", None)
     if tls:
         env[_TLS_ENV] = "1"
+    if preflight:
+        env[_PREFLIGHT_ENV] = "1"
     env[_PARENT_ENV] = str(os.getpid()) if threading.current_thread() is threading.main_thread() else ""
     return subprocess.Popen(
         # ``-c``, not ``-m``: the module is imported under its own name, once (a host
@@ -146,11 +158,15 @@ class ForkServer:
 
     process: subprocess.Popen[bytes] | None
 
-    def __init__(self, *, tls: bool = False) -> None:
+    def __init__(self, *, tls: bool = False, preflight: bytes | None = None) -> None:
+        """``preflight``: a request for the server to run the preflight (``Preflight``)
+        before it says it is ready; its answer is ``preflight_answer()``."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
         try:
-            self.process = _start([theirs.fileno()], tls)
+            self.process = _start([theirs.fileno()], tls, preflight is not None)
+            if preflight is not None:
+                ours.send(preflight)  # an empty socket takes it whole, at once
         except BaseException:
             ours.close()
             raise
@@ -167,6 +183,8 @@ class ForkServer:
         a run whose items are all stored never waits for ``import openai``."""
         self.outbox: deque[tuple[bytes, tuple[int, int]]] = deque()
         """Requests not sent yet, with the descriptors they carry (ours until sent)."""
+        self.preflight: PreflightAnswer | None = None
+        """What the server's preflight found (None: none asked for, or it could not run)."""
 
     @classmethod
     def connect(cls, path: str) -> ForkServer:
@@ -188,10 +206,16 @@ class ForkServer:
             return
         self.sock.setblocking(True)
         try:
-            _wait_ready(self.sock)
+            self.preflight = _wait_ready(self.sock)
         finally:
             self.sock.setblocking(False)
         self.ready = True
+
+    def preflight_answer(self) -> PreflightAnswer | None:
+        """Wait for the server's warm-up and preflight; what the preflight found, or None
+        (the server could not run it, or is gone: the caller runs it itself)."""
+        self.wait_ready()
+        return self.preflight
 
     def spawn_host(self, jobs_fd: int, results_fd: int) -> int:
         """Ask for an item host reading jobs from ``jobs_fd``, writing to ``results_fd``;
@@ -255,8 +279,9 @@ class ForkServer:
                 out.append(("gone",))
                 return out
             message = pickle.loads(data)
-            if message == ("ready",):
+            if message[0] == "ready":
                 self.ready = True
+                self.preflight = _preflight_of(message)
                 continue
             out.append(message)
 
@@ -286,14 +311,16 @@ class SharedForkServer:
     name with ``@`` for its leading NUL byte (``connect`` takes it so). The controller holds
     the primary connection; closing it ends the server."""
 
-    def __init__(self, *, tls: bool = False) -> None:
+    def __init__(self, *, tls: bool = False, preflight: bytes | None = None) -> None:
         self.path = "@llmbench-fs-" + secrets.token_hex(12)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             listener.bind(_address(self.path))
             listener.listen(64)
-            self.process = _start([theirs.fileno(), listener.fileno()], tls)
+            self.process = _start([theirs.fileno(), listener.fileno()], tls, preflight is not None)
+            if preflight is not None:
+                ours.send(preflight)
         except BaseException:
             ours.close()
             raise
@@ -302,6 +329,11 @@ class SharedForkServer:
             listener.close()
         self.sock = ours
         self.closed = False
+
+    def preflight_answer(self) -> PreflightAnswer | None:
+        """Wait for the server's warm-up and preflight (the controller's connection is
+        otherwise never read); what the preflight found, or None (run it yourself)."""
+        return _wait_ready(self.sock)
 
     def close(self) -> None:
         if self.closed:
@@ -319,23 +351,45 @@ class SharedForkServer:
 READY_TIMEOUT = 60.0
 
 
-def _say_ready(conn: socket.socket) -> None:
-    """First message on every connection, once the warm-up is done."""
+@dataclass(frozen=True)
+class PreflightAnswer:
+    """What the server's preflight found: one line per problem (empty: every endpoint
+    answered), and what it logged, for the pytest process to log again."""
+
+    problems: list[str]
+    notes: list[tuple[int, str]]
+    """``(level, message)`` of each record the preflight logged."""
+
+
+def _say_ready(conn: socket.socket, preflight: PreflightAnswer | None = None) -> None:
+    """First message on every connection, once the warm-up (and preflight) is done."""
     with contextlib.suppress(OSError):
-        conn.send(pickle.dumps(("ready",)))
+        conn.send(pickle.dumps(("ready", preflight)))
 
 
-def _wait_ready(sock: socket.socket) -> None:
+def _preflight_of(message: tuple[Any, ...]) -> PreflightAnswer | None:
+    answer = message[1] if len(message) > 1 else None
+    return answer if isinstance(answer, PreflightAnswer) else None
+
+
+def _wait_ready(sock: socket.socket) -> PreflightAnswer | None:
     """Block until the server has warmed up (its first message), so that no item's task
-    deadline starts ticking while the server is still importing the SDK. A server that
-    never says so is left to the engine's usual handling of a dead one."""
+    deadline starts ticking while the server is still importing the SDK; its preflight's
+    answer, if it ran one. A server that never says so is left to the engine's usual
+    handling of a dead one."""
     sock.settimeout(READY_TIMEOUT)
     try:
-        sock.recv(65536)
+        data = sock.recv(65536)
     except OSError as exc:
         log.warning("the fork server did not become ready: %s", exc)
+        return None
     finally:
         sock.settimeout(None)
+    try:
+        message = pickle.loads(data) if data else None
+    except Exception:  # noqa: BLE001 - a server that broke mid-message: no answer
+        return None
+    return _preflight_of(message) if isinstance(message, tuple) and message else None
 
 
 def _address(path: str) -> str:
@@ -678,6 +732,51 @@ def warm_up() -> None:
         openai_compat.default_ssl_context()
 
 
+def _read_preflight_request(sock: socket.socket) -> bytes | None:
+    """The preflight request, when the starting process sent one (the primary connection's
+    first message, sent before this process started)."""
+    if os.environ.pop(_PREFLIGHT_ENV, "") != "1":
+        return None
+    sock.settimeout(READY_TIMEOUT)
+    try:
+        return sock.recv(1 << 20) or None
+    except OSError:
+        return None
+    finally:
+        sock.settimeout(None)
+
+
+def _run_preflight(request: bytes) -> PreflightAnswer | None:
+    """Run the preflight the request describes, here, before any host is forked: its
+    threads are joined and its clients closed when it returns. None when it cannot run
+    (the pytest process then runs it itself)."""
+    from pytest_llmbench.session import preflight
+
+    notes: list[tuple[int, str]] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append((record.levelno, record.getMessage()))
+
+    keep = _Keep(logging.INFO)
+    preflight.log.addHandler(keep)
+    preflight.log.setLevel(logging.INFO)
+    preflight.log.propagate = False  # the pytest process logs them again
+    try:
+        pairs, timeout = pickle.loads(request)
+        keys = {id(model): key for model, key in pairs}
+        problems = preflight.check_models([m for m, _ in pairs], lambda m: keys[id(m)],
+                                          timeout=timeout)
+        return PreflightAnswer(problems, notes)
+    except Exception as exc:  # noqa: BLE001 - the pytest process runs it itself
+        log.debug("preflight in the fork server failed: %r", exc)
+        return None
+    finally:
+        preflight.log.removeHandler(keep)
+        preflight.log.setLevel(logging.NOTSET)
+        preflight.log.propagate = True
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -694,11 +793,11 @@ def _watch_parent() -> None:
 
 def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server process
     _watch_parent()
-    warm_up()
-
     sock = socket.socket(fileno=int(argv[0]))
+    request = _read_preflight_request(sock)
+    warm_up()
     listener = socket.socket(fileno=int(argv[1])) if len(argv) > 1 else None
-    _say_ready(sock)
+    _say_ready(sock, _run_preflight(request) if request is not None else None)
     _Server(sock, listener).run()
     return 0
 

@@ -109,6 +109,7 @@ class Engine:
         tls: bool = False,
         run_slots: RunSlots | None = None,
         host_threads: int = 1,
+        server: forkserver.ForkServer | None = None,
     ) -> None:
         # ``fresh``: stored results of earlier runs are ignored (they are overwritten).
         # ``rescore``: stored answers are judged again, so a stored verdict never suffices.
@@ -162,6 +163,8 @@ class Engine:
         self._stop_prefetch = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        if server is not None:  # started already (it ran the preflight): ours from now on
+            self._adopt(server)
 
     # --- before the first item: xdist workers wait for every other worker ----------------
 
@@ -173,12 +176,16 @@ class Engine:
         if not self.use_server or self.server is not None:
             return
         try:
-            self.server = self._connect_server()
+            server = self._connect_server()
         except OSError as exc:
             log.warning("could not start the fork server (%s): items fork from pytest", exc)
             self.use_server = False
             return
-        self.selector.register(self.server.fileno(), selectors.EVENT_READ, ("server", None))
+        self._adopt(server)
+
+    def _adopt(self, server: forkserver.ForkServer) -> None:
+        self.server = server
+        self.selector.register(server.fileno(), selectors.EVENT_READ, ("server", None))
         self._server_writing = False
 
     @staticmethod

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pytest_llmbench.coord.breaker import CircuitBreaker
     from pytest_llmbench.coord.lease import LeaseManager
     from pytest_llmbench.coord.ratelimit import SharedLimiter
-    from pytest_llmbench.engine.forkserver import SharedForkServer
+    from pytest_llmbench.engine.forkserver import ForkServer, PreflightAnswer, SharedForkServer
     from pytest_llmbench.engine.runner import Job, Scorer
     from pytest_llmbench.engine.runslots import RunSlots
     from pytest_llmbench.engine.scheduler import Engine
@@ -56,6 +56,10 @@ class LLMBenchSession:
         self._sim: SimServer | None = None
         self._fork_server: SharedForkServer | None = None
         self._fork_server_failed = False
+        self._early_server: ForkServer | None = None
+        """A plain run's fork server, started at session start to run the preflight; the
+        engine adopts it when it is created (closed here if it never is)."""
+        self._preflight_pending: tuple[ForkServer, list[ModelSpec], float] | None = None
         self._run_slots_path: Path | None = None
         """xdist controller: the run-wide in-flight count file (engine/runslots.py)."""
         self._store: ResultStore | None = None
@@ -119,7 +123,9 @@ class LLMBenchSession:
                 tls=self.uses_tls(),
                 run_slots=run_slots,
                 host_threads=self.settings.host_threads,
+                server=self._early_server,
             )
+            self._early_server = None
         return self._engine
 
     def _run_slots(self) -> RunSlots | None:
@@ -458,26 +464,79 @@ class LLMBenchSession:
                 self.store  # noqa: B018 - opened (and checked) here for the message's sake
         except StoreError as exc:
             raise pytest.UsageError(str(exc)) from None
-        self.preflight()
+        self.start_preflight()
 
-    def preflight(self) -> None:
-        """Check every selected model's endpoint once; one ``UsageError`` for all failures.
+    def start_preflight(self) -> None:
+        """Check every selected model's endpoint once; one ``UsageError`` for all failures,
+        before any item runs.
 
         Not on xdist workers (the controller did it), with ``--collect-only``,
-        ``--llmbench-rescore`` (no API call is made) or ``--llmbench-no-preflight``."""
+        ``--llmbench-rescore`` (no API call is made) or ``--llmbench-no-preflight``.
+
+        The check goes through the ``openai`` SDK, and importing it costs ~1 CPU-s: so the
+        fork server, which imports it anyway, runs the check right after its warm-up (its
+        request and answer: ``engine/forkserver.py``). A plain run starts its fork server
+        now and awaits the answer when collection ends (``finish_preflight``): the server
+        starts up beside the collection, and pytest never imports the SDK. The xdist
+        controller awaits it here, before xdist starts the workers. Without a fork server
+        the check runs here, in this process."""
         opt = self.config.option
         if (self.is_worker or not self.settings.preflight or self.settings.rescore
                 or getattr(opt, "collectonly", False)):
             return
+        from pytest_llmbench.engine import forkserver
         from pytest_llmbench.providers.openai_compat import OpenAIProvider
-        from pytest_llmbench.session.preflight import PREFLIGHT_TIMEOUT, check_models
+        from pytest_llmbench.session.preflight import PREFLIGHT_TIMEOUT
 
         # Only endpoints our OpenAI-compatible provider serves: a third-party provider's
-        # endpoint need not list models (or speak HTTP at all).
+        # endpoint need not list models (or speak HTTP at all). The simulator is ours.
         models = [m for m in self.settings.models
-                  if isinstance(self.provider_for(m), OpenAIProvider)]
+                  if not m.simulated and isinstance(self.provider_for(m), OpenAIProvider)]
+        if not models:
+            return
         timeout = min(PREFLIGHT_TIMEOUT, self.settings.deadlines.api_timeout)
-        problems = check_models(models, self.settings.api_key, timeout=timeout)
+        if forkserver.enabled():
+            import pickle
+
+            request = pickle.dumps(([(m, self.settings.api_key(m)) for m in models], timeout))
+            if self.config.pluginmanager.has_plugin("dsession"):  # the xdist controller
+                self.ensure_fork_server(preflight=request)
+                if self._fork_server is not None:
+                    self._preflight_done(self._fork_server.preflight_answer(), models, timeout)
+                    return
+            elif self._engine is None:
+                try:
+                    self._early_server = forkserver.ForkServer(tls=self.uses_tls(),
+                                                               preflight=request)
+                except OSError as exc:
+                    log.warning("could not start the fork server (%s): items fork from "
+                                "pytest", exc)
+                else:
+                    self._preflight_pending = (self._early_server, models, timeout)
+                    return
+        self._preflight_done(None, models, timeout)
+
+    def finish_preflight(self) -> None:
+        """A plain run: await the fork server's preflight (see ``start_preflight``)."""
+        if self._preflight_pending is None:
+            return
+        server, models, timeout = self._preflight_pending
+        self._preflight_pending = None
+        self._preflight_done(server.preflight_answer(), models, timeout)
+
+    def _preflight_done(self, answer: PreflightAnswer | None, models: list[ModelSpec],
+                        timeout: float) -> None:
+        """Log what the fork server's preflight logged and raise its problems; run the
+        check here when it could not (``answer`` None)."""
+        from pytest_llmbench.session.preflight import check_models
+        from pytest_llmbench.session.preflight import log as preflight_log
+
+        if answer is None:
+            problems = check_models(models, self.settings.api_key, timeout=timeout)
+        else:
+            for level, message in answer.notes:
+                preflight_log.log(level, "%s", message)
+            problems = answer.problems
         if problems:
             raise pytest.UsageError("\n".join(problems))
 
@@ -506,15 +565,17 @@ class LLMBenchSession:
                 self._run_slots_path = runslots.create(int(node.workerinput.get("workercount", 1)))
             node.workerinput["llmbench_run_slots"] = str(self._run_slots_path)
 
-    def ensure_fork_server(self) -> str | None:
+    def ensure_fork_server(self, preflight: bytes | None = None) -> str | None:
         """xdist controller: the path of the fork server every worker shares (one for the
-        run instead of one per worker), started on first call; None if switched off or it
-        could not start (each worker then starts its own)."""
+        run instead of one per worker), started on first call (at session start when it
+        runs the preflight: ``start_preflight``); None if switched off or it could not
+        start (each worker then starts its own)."""
         from pytest_llmbench.engine import forkserver
 
         if self._fork_server is None and not self._fork_server_failed and forkserver.enabled():
             try:
-                self._fork_server = forkserver.SharedForkServer(tls=self.uses_tls())
+                self._fork_server = forkserver.SharedForkServer(tls=self.uses_tls(),
+                                                                preflight=preflight)
             except OSError as exc:
                 log.warning("could not start the shared fork server (%s): each worker "
                             "starts its own", exc)
@@ -537,11 +598,14 @@ class LLMBenchSession:
         """
         if self.suite_errors and not self.other_collect_errors:
             session.config.option.continue_on_collection_errors = True
+        self.finish_preflight()
         self._start_prefetch(session)
 
     def warm(self) -> None:
-        """A suite file is being collected: start the fork server beside the collection."""
-        if not getattr(self.config.option, "collectonly", False):
+        """A suite file is being collected: start the fork server beside the collection
+        (unless it started already, for the preflight: the engine is then created when the
+        first item runs, after the preflight passed, not here)."""
+        if self._early_server is None and not getattr(self.config.option, "collectonly", False):
             self.engine.warm()  # once: the engine knows whether its server runs already
 
     def _start_prefetch(self, session: pytest.Session) -> None:
@@ -649,12 +713,20 @@ class LLMBenchSession:
                 self._engine.drain()  # items claimed for other workers: finish, do not waste
             self._engine.shutdown()
             self._engine = None
+        self._close_early_server()
         self.write_manifest(exitstatus)
+
+    def _close_early_server(self) -> None:
+        self._preflight_pending = None
+        if self._early_server is not None:  # no engine adopted it: no item ran here
+            self._early_server.close()
+            self._early_server = None
 
     def pytest_unconfigure(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+        self._close_early_server()
         if self._fork_server is not None:
             self._fork_server.close()
             self._fork_server = None
