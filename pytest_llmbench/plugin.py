@@ -133,6 +133,7 @@ def pytest_configure(config: pytest.Config) -> None:
         progress.install(config, session)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+    session.start_early()
 
 
 def _ensure_open_files(config: pytest.Config, concurrency: int, *, default: bool) -> None:

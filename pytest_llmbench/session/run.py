@@ -60,6 +60,7 @@ class LLMBenchSession:
         """A plain run's fork server, started at session start to run the preflight; the
         engine adopts it when it is created (closed here if it never is)."""
         self._preflight_pending: tuple[ForkServer, list[ModelSpec], float] | None = None
+        self._preflight_started = False
         self._run_slots_path: Path | None = None
         """xdist controller: the run-wide in-flight count file (engine/runslots.py)."""
         self._store: ResultStore | None = None
@@ -476,14 +477,16 @@ class LLMBenchSession:
         The check goes through the ``openai`` SDK, and importing it costs ~1 CPU-s: so the
         fork server, which imports it anyway, runs the check right after its warm-up (its
         request and answer: ``engine/forkserver.py``). A plain run starts its fork server
-        now and awaits the answer when collection ends (``finish_preflight``): the server
-        starts up beside the collection, and pytest never imports the SDK. The xdist
-        controller awaits it here, before xdist starts the workers. Without a fork server
-        the check runs here, in this process."""
+        from ``pytest_configure`` (``start_early``) and awaits the answer when collection
+        ends (``finish_preflight``): the server starts up beside pytest's own start-up and
+        the collection, and pytest never imports the SDK. The xdist controller starts it at
+        session start and awaits it there, before xdist starts the workers. Without a fork
+        server the check runs here, in this process, at session start."""
         opt = self.config.option
-        if (self.is_worker or not self.settings.preflight or self.settings.rescore
-                or getattr(opt, "collectonly", False)):
+        if (self._preflight_started or self.is_worker or not self.settings.preflight
+                or self.settings.rescore or getattr(opt, "collectonly", False)):
             return
+        self._preflight_started = True
         from pytest_llmbench.engine import forkserver
         from pytest_llmbench.providers.openai_compat import OpenAIProvider
         from pytest_llmbench.session.preflight import PREFLIGHT_TIMEOUT
@@ -515,6 +518,15 @@ class LLMBenchSession:
                     self._preflight_pending = (self._early_server, models, timeout)
                     return
         self._preflight_done(None, models, timeout)
+
+    def start_early(self) -> None:
+        """From ``pytest_configure``: a plain run (no xdist: the controller knows itself
+        only at session start) starts its preflight now, ~0.05-0.1 s before session start:
+        the fork server's warm-up is what the first item waits for."""
+        opt = self.config.option
+        if getattr(opt, "numprocesses", None) or getattr(opt, "dist", "no") != "no":
+            return
+        self.start_preflight()
 
     def finish_preflight(self) -> None:
         """A plain run: await the fork server's preflight (see ``start_preflight``)."""
