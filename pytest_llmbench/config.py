@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,10 @@ from typing import Any
 from pytest_llmbench.errors import ConfigError
 from pytest_llmbench.records import Deadlines, ModelSpec
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+try:  # compiled wheels: 1.5-2.7x faster than the stdlib's pure-Python copy (pyproject.toml)
+    import tomli as tomllib
+except ImportError:  # pragma: no cover - a tomli-less environment (not as installed)
+    import tomllib  # type: ignore[no-redef, import-not-found, unused-ignore]
 
 #: The built-in simulated model, used when nothing else is configured.
 SIM_MODEL = ModelSpec(name="sim", model="sim-1", base_url="sim")

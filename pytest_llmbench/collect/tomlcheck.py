@@ -17,18 +17,16 @@ import difflib
 import json
 import os
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pytest_llmbench.errors import SuiteError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    # mypy checks this branch (python_version = 3.10) where tomli may not be installed.
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+try:  # compiled wheels: 1.5-2.7x faster than the stdlib's pure-Python copy (pyproject.toml)
+    import tomli as tomllib
+except ImportError:  # pragma: no cover - a tomli-less environment (not as installed)
+    import tomllib  # type: ignore[no-redef, import-not-found, unused-ignore]
 
 __all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "MAX_STRING_CHARS", "Checker", "describe",
            "display_path", "read_toml", "sub"]
