@@ -159,8 +159,9 @@ class ForkServer:
     process: subprocess.Popen[bytes] | None
 
     def __init__(self, *, tls: bool = False, preflight: bytes | None = None) -> None:
-        """``preflight``: a request for the server to run the preflight (``Preflight``)
-        before it says it is ready; its answer is ``preflight_answer()``."""
+        """``preflight``: a request for the server to run the preflight before it says it
+        is ready (built by ``session/run.py``'s ``start_preflight``, run by
+        ``_run_preflight``); its answer is ``preflight_answer()``."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
         try:

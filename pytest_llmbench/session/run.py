@@ -57,8 +57,8 @@ class LLMBenchSession:
         self._fork_server: SharedForkServer | None = None
         self._fork_server_failed = False
         self._early_server: ForkServer | None = None
-        """A plain run's fork server, started at session start to run the preflight; the
-        engine adopts it when it is created (closed here if it never is)."""
+        """A plain run's fork server, started from ``pytest_configure`` to run the preflight;
+        the engine adopts it when it is created (closed here if it never is)."""
         self._preflight_pending: tuple[ForkServer, list[ModelSpec], float] | None = None
         self._preflight_started = False
         self._run_slots_path: Path | None = None
@@ -526,6 +526,9 @@ class LLMBenchSession:
         opt = self.config.option
         if getattr(opt, "numprocesses", None) or getattr(opt, "dist", "no") != "no":
             return
+        if any(getattr(opt, name, False) for name in ("markers", "showfixtures",
+                                                       "show_fixtures_per_test")):
+            return  # pytest lists something and runs nothing (no session start either)
         self.start_preflight()
 
     def finish_preflight(self) -> None:
