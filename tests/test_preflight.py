@@ -162,3 +162,28 @@ def test_without_a_fork_server_pytest_runs_the_preflight_itself(
     (line,) = _error_lines(result)
     assert "model 'm1'" in line and "fix: set OPENAI_API_KEY" in line
     _no_item_ran(pytester, keyed_sim)
+
+
+def test_a_plugin_that_runs_the_items_itself_still_waits_for_the_preflight(
+    pytester: pytest.Pytester, keyed_sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pytest_runtestloop`` is ``firstresult``: a plugin's own loop may answer before
+    ours. The preflight's answer is awaited when collection ends, before any loop."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET + "-wrong")
+    pytester.makeconftest(  # registered after ours, so called before ours
+        "import pytest\n"
+        "class OwnLoop:\n"
+        "    @pytest.hookimpl(tryfirst=True)\n"
+        "    def pytest_runtestloop(self, session):\n"
+        "        for item in session.items:\n"
+        "            item.config.hook.pytest_runtest_protocol(item=item, nextitem=None)\n"
+        "        return True\n"
+        "@pytest.hookimpl(trylast=True)\n"
+        "def pytest_configure(config):\n"
+        "    config.pluginmanager.register(OwnLoop(), 'own-loop')\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
+                                           f"--llmbench-model=m1@{keyed_sim.base_url}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    (line,) = _error_lines(result)
+    assert "model 'm1'" in line and "fix: set OPENAI_API_KEY" in line
+    _no_item_ran(pytester, keyed_sim)

@@ -605,6 +605,13 @@ class LLMBenchSession:
                 self.other_collect_errors += 1
 
     @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """A plain run's preflight answer, awaited once collection ends: here rather than
+        in ``pytest_runtestloop``, a ``firstresult`` hook another plugin may answer first
+        (no item may run before the answer)."""
+        self.finish_preflight()
+
+    @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> None:
         """A broken suite file is its own collection error; the other files still run.
 
@@ -613,7 +620,6 @@ class LLMBenchSession:
         """
         if self.suite_errors and not self.other_collect_errors:
             session.config.option.continue_on_collection_errors = True
-        self.finish_preflight()
         self._start_prefetch(session)
 
     def warm(self) -> None:
