@@ -155,13 +155,7 @@ def test_without_a_fork_server_pytest_runs_the_preflight_itself(
     pytester: pytest.Pytester, keyed_sim: SimServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLMBENCH_FORK_SERVER", "0")
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET + "-wrong")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
-                                           f"--llmbench-model=m1@{keyed_sim.base_url}")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    (line,) = _error_lines(result)
-    assert "model 'm1'" in line and "fix: set OPENAI_API_KEY" in line
-    _no_item_ran(pytester, keyed_sim)
+    _wrong_key_is_refused(pytester, keyed_sim, monkeypatch)
 
 
 def test_a_plugin_that_runs_the_items_itself_still_waits_for_the_preflight(
@@ -169,7 +163,6 @@ def test_a_plugin_that_runs_the_items_itself_still_waits_for_the_preflight(
 ) -> None:
     """``pytest_runtestloop`` is ``firstresult``: a plugin's own loop may answer before
     ours. The preflight's answer is awaited when collection ends, before any loop."""
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET + "-wrong")
     pytester.makeconftest(  # registered after ours, so called before ours
         "import pytest\n"
         "class OwnLoop:\n"
@@ -181,9 +174,16 @@ def test_a_plugin_that_runs_the_items_itself_still_waits_for_the_preflight(
         "@pytest.hookimpl(trylast=True)\n"
         "def pytest_configure(config):\n"
         "    config.pluginmanager.register(OwnLoop(), 'own-loop')\n")
+    _wrong_key_is_refused(pytester, keyed_sim, monkeypatch)
+
+
+def _wrong_key_is_refused(pytester: pytest.Pytester, sim: SimServer,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of model ``m1`` with a wrong key: one usage error naming the fix, no item."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET + "-wrong")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
-                                           f"--llmbench-model=m1@{keyed_sim.base_url}")
+                                           f"--llmbench-model=m1@{sim.base_url}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     (line,) = _error_lines(result)
     assert "model 'm1'" in line and "fix: set OPENAI_API_KEY" in line
-    _no_item_ran(pytester, keyed_sim)
+    _no_item_ran(pytester, sim)
