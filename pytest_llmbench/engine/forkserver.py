@@ -77,9 +77,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pytest_llmbench.coord import cgroup, proc
 from pytest_llmbench.engine.runner import Job
@@ -116,6 +116,25 @@ class Spawn:
 
 def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_S = TypeVar("_S")
+
+
+def started(start: Callable[[], _S], instead: str) -> _S | None:
+    """``start()`` (a server, or a connection to one); None, logged with what happens
+    ``instead``, when it cannot be had (``OSError``)."""
+    try:
+        return start()
+    except OSError as exc:
+        log.warning("could not start the fork server (%s): %s", exc, instead)
+        return None
+
+
+def preflight_request(checks: Sequence[tuple[Any, str | None]], timeout: float) -> bytes:
+    """The request for a server's preflight (``_run_preflight`` reads it): each model with
+    its key, and the timeout."""
+    return pickle.dumps((list(checks), timeout))
 
 
 _MAIN = "import sys; from pytest_llmbench.engine.forkserver import main; sys.exit(main(sys.argv[1:]))"
@@ -748,9 +767,9 @@ def _read_preflight_request(sock: socket.socket) -> bytes | None:
 
 
 def _run_preflight(request: bytes) -> PreflightAnswer | None:
-    """Run the preflight the request describes, here, before any host is forked: its
-    threads are joined and its clients closed when it returns. None when it cannot run
-    (the pytest process then runs it itself)."""
+    """Run the preflight ``request`` (``preflight_request``) describes, here, before any
+    host is forked: its threads are joined and its clients closed when it returns. None
+    when it cannot run (the pytest process then runs it itself)."""
     from pytest_llmbench.session import preflight
 
     notes: list[tuple[int, str]] = []

@@ -175,10 +175,8 @@ class Engine:
         are stored already.)"""
         if not self.use_server or self.server is not None:
             return
-        try:
-            server = self._connect_server()
-        except OSError as exc:
-            log.warning("could not start the fork server (%s): items fork from pytest", exc)
+        server = forkserver.started(self._connect_server, "items fork from pytest")
+        if server is None:
             self.use_server = False
             return
         self._adopt(server)

@@ -499,22 +499,18 @@ class LLMBenchSession:
             return
         timeout = min(PREFLIGHT_TIMEOUT, self.settings.deadlines.api_timeout)
         if forkserver.enabled():
-            import pickle
-
-            request = pickle.dumps(([(m, self.settings.api_key(m)) for m in models], timeout))
+            request = forkserver.preflight_request(
+                [(m, self.settings.api_key(m)) for m in models], timeout)
             if self.config.pluginmanager.has_plugin("dsession"):  # the xdist controller
                 self.ensure_fork_server(preflight=request)
                 if self._fork_server is not None:
                     self._preflight_done(self._fork_server.preflight_answer(), models, timeout)
                     return
             elif self._engine is None:
-                try:
-                    self._early_server = forkserver.ForkServer(tls=self.uses_tls(),
-                                                               preflight=request)
-                except OSError as exc:
-                    log.warning("could not start the fork server (%s): items fork from "
-                                "pytest", exc)
-                else:
+                self._early_server = forkserver.started(
+                    lambda: forkserver.ForkServer(tls=self.uses_tls(), preflight=request),
+                    "items fork from pytest")
+                if self._early_server is not None:
                     self._preflight_pending = (self._early_server, models, timeout)
                     return
         self._preflight_done(None, models, timeout)
@@ -588,13 +584,10 @@ class LLMBenchSession:
         from pytest_llmbench.engine import forkserver
 
         if self._fork_server is None and not self._fork_server_failed and forkserver.enabled():
-            try:
-                self._fork_server = forkserver.SharedForkServer(tls=self.uses_tls(),
-                                                                preflight=preflight)
-            except OSError as exc:
-                log.warning("could not start the shared fork server (%s): each worker "
-                            "starts its own", exc)
-                self._fork_server_failed = True
+            self._fork_server = forkserver.started(
+                lambda: forkserver.SharedForkServer(tls=self.uses_tls(), preflight=preflight),
+                "each xdist worker starts its own")
+            self._fork_server_failed = self._fork_server is None
         return self._fork_server.path if self._fork_server is not None else None
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
