@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -139,6 +140,43 @@ def test_workers_share_the_run_wide_budget_through_the_slot_file() -> None:
     finally:
         runslots.remove(path)
     assert not path.exists()
+
+
+def test_a_worker_publishes_each_item_it_starts_ahead_so_the_run_wide_budget_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers filling at the same instant each took the whole budget: a fill read the
+    others' counts once and published its own after the batch (under -n 32, 322 items ran
+    at once for a budget of 64). Here another worker takes 6 of 8 slots right after this
+    one's first start: this one must stop at 2."""
+    from pytest_llmbench.engine import runslots
+    from pytest_llmbench.engine.scheduler import Engine
+    from pytest_llmbench.store.filestore import Store
+
+    path = runslots.create(2)
+    engine = None
+    try:
+        mine, other = runslots.RunSlots(path, 0, 8), runslots.RunSlots(path, 1, 8)
+        engine = Engine(store=Store.open(tmp_path / "store"), coord_dir=tmp_path, run_id="r",
+                        concurrency=8, make_job=lambda item: item, key_of=lambda item: item,
+                        run_slots=mine)
+        started: list[str] = []
+
+        def look_ahead(item: str, *, skip_stored: bool = False) -> int:
+            engine.running[item] = object()  # type: ignore[union-attr,assignment]
+            started.append(item)
+            if len(started) == 1:
+                other.publish(6)
+            return 1
+
+        monkeypatch.setattr(engine, "_look_ahead", look_ahead)
+        engine._fill([f"item{i}" for i in range(20)])
+        assert started == ["item0", "item1"]
+        engine.running.clear()
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        runslots.remove(path)
 
 
 def test_under_xdist_every_worker_may_use_the_whole_default_budget(

@@ -217,7 +217,8 @@ class Engine:
                 while free > 0 and cursor < len(order) and not self._stop_prefetch.is_set():
                     # An item stored by an earlier run is skipped: its owner reads it (or
                     # retries an error); every worker reading every stored result is waste.
-                    free -= self._look_ahead(items[order[cursor]], skip_stored=not self.fresh)
+                    free = self._less(free, self._look_ahead(items[order[cursor]],
+                                                             skip_stored=not self.fresh))
                     cursor += 1
                 if cursor >= len(order) and not self.running:
                     return
@@ -275,8 +276,17 @@ class Engine:
         """Start lookahead items until ``concurrency`` children run."""
         free = self.free_slots()
         while free > 0 and self.scan_pos < len(items):
-            free -= self._look_ahead(items[self.scan_pos])
+            free = self._less(free, self._look_ahead(items[self.scan_pos]))
             self.scan_pos += 1
+
+    def _less(self, free: int, started: int) -> int:
+        """``free`` slots after ``started`` more items. Under a run-wide budget the count is
+        published and the others' read again at once, not after the batch: workers filling
+        at the same time each took the whole budget (measured under -n 32: 322 items in
+        flight for a budget of 64)."""
+        if started and self.run_slots is not None:
+            return self.free_slots()
+        return free - started
 
     def _look_ahead(self, item: Any, *, skip_stored: bool = False) -> int:
         """Start ``item`` ahead of its turn unless it is running, done or taken (here or
