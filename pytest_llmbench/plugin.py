@@ -37,6 +37,11 @@ NO_PREFLIGHT_HELP = (
 PROGRESS_HELP = (
     "Live progress line on a terminal: auto (on a terminal, not with -q), on or off (default auto)"
 )
+WORKER_FORK_HELP = (
+    "xdist workers forked from a process that has imported pytest and its plugins once,"
+    " instead of each starting Python from nothing: auto (when the run starts 4 or more"
+    " local workers), on or off (default auto)"
+)
 SUITE_FILES_HELP = (
     "Glob patterns of the .toml file names that may be suites (default *.toml); a matching"
     " file with a prompts or suite table is a suite, and one that mentions them but does not"
@@ -91,6 +96,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llmbench-progress", dest="llmbench_progress", default=None,
                     choices=("auto", "on", "off"), help=PROGRESS_HELP)
     parser.addini("llmbench_progress", PROGRESS_HELP, default="auto")
+    group.addoption("--llmbench-worker-fork", dest="llmbench_worker_fork", default=None,
+                    choices=("auto", "on", "off"), help=WORKER_FORK_HELP)
+    parser.addini("llmbench_worker_fork", WORKER_FORK_HELP, default="auto")
     parser.addini("llmbench_suite_files", SUITE_FILES_HELP, type="linelist", default=[])
 
 
@@ -127,12 +135,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[EXPORT_KEY] = hub
     config.pluginmanager.register(hub, "llmbench-export")
     from pytest_llmbench.session import progress
+    from pytest_llmbench.workers import controller as workers
 
     try:
         hub.check()
         progress.install(config, session)
+        template = workers.install(config)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if template is not None:
+        config.add_cleanup(template.close)
     session.start_early()
 
 

@@ -1,0 +1,309 @@
+"""The worker template: imports what an xdist worker imports at start-up, then forks one
+worker per launcher (``launch.py``) that asks.
+
+Runs by path (``controller.py`` starts it), stdlib only. Its standard input is the
+controller's control pipe: the first line is the JSON list of modules to import ahead;
+end of file means "no more workers". It exits once every worker it forked has exited.
+
+Protocol, per launcher connection (a unix socket in a private directory):
+
+- the launcher sends an 8-byte length with its fds 0, 1 and 2 attached (``SCM_RIGHTS``),
+  then that many bytes of JSON: its argv after the interpreter, cwd and environment;
+- the template answers ``fallback REASON`` (the launcher then execs a real interpreter),
+  or ``forking``, then ``started PID``, and later ``exit CODE`` when that worker ends
+  (negative: its signal);
+- the connection closing before the worker ends (the launcher was killed, as execnet
+  kills a gateway) kills the worker: a worker never outlives its launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import io
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import types
+from typing import Any, NoReturn
+
+#: execnet's ``popen`` bootstrap, the ``-c`` program a worker is started with.
+BOOTSTRAP = "import sys;exec(eval(sys.stdin.readline()))"
+_HEADER = struct.Struct("!Q")
+_MAX_REQUEST = 16 << 20
+#: Environment variables that change what an interpreter imports or how it starts: a
+#: launcher whose values differ from the template's gets a fresh interpreter instead.
+_INTERPRETER_ENV = ("PYTHON", "LC_", "LANG")
+
+
+def interpreter_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(_INTERPRETER_ENV)}
+
+
+def rewritten_names() -> set[str]:
+    """Top-level names pytest marks for assertion rewriting (those of every distribution
+    with a ``pytest11`` entry point): importing one here would make each worker's pytest
+    warn that it cannot rewrite it, so those are left to the worker."""
+    try:
+        import importlib.metadata as metadata
+
+        from _pytest.config import _iter_rewritable_modules
+    except ImportError:
+        return set()
+    files = (str(file) for dist in metadata.distributions()
+             if any(ep.group == "pytest11" for ep in dist.entry_points)
+             for file in dist.files or [])
+    return set(_iter_rewritable_modules(files))
+
+
+def preload(names: list[str]) -> int:
+    """Import ``names`` (the controller's modules, already filtered to the interpreter's
+    own and installed packages), skipping rewritable ones and any that fail."""
+    skip = rewritten_names()
+    done = 0
+    for name in names:
+        if name.partition(".")[0] in skip or name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+            done += 1
+        except BaseException:  # noqa: BLE001 - a module that will not import is the worker's business
+            continue
+    return done
+
+
+class Template:
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        # Launchers that arrive during the preload wait in the backlog, not fall back.
+        self.listener.listen(1024)
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.children: dict[int, socket.socket] = {}
+        self.open = True
+        self.env = interpreter_env(dict(os.environ))
+
+    def serve(self) -> Worker | None:
+        """Serve until done (None), or, in a forked child, return the worker it is to become."""
+        for sock in (self.wake_r, self.wake_w):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno())
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        self.sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "control")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        while self.open or self.children:
+            for key, _ in self.sel.select():
+                if key.data == "accept":
+                    worker = self.accept()
+                    if worker is not None:  # in a forked child: leave the loop, and the server
+                        return worker
+                elif key.data == "control":
+                    if not os.read(sys.stdin.fileno(), 4096):
+                        self.close_listener()
+                elif key.data == "wake":
+                    while True:
+                        try:
+                            if not self.wake_r.recv(4096):
+                                break
+                        except BlockingIOError:
+                            break
+                else:
+                    self.launcher_gone(key.data)
+            self.reap()
+        return None
+
+    def close_listener(self) -> None:
+        if self.open:
+            self.open = False
+            self.sel.unregister(sys.stdin.fileno())
+            self.sel.unregister(self.listener)
+            self.listener.close()
+
+    def accept(self) -> Worker | None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(10)
+        try:
+            request, fds = self._read(conn)
+        except (OSError, ValueError):
+            conn.close()
+            return None
+        reason = self._refusal(request, fds)
+        pid = -1
+        if not reason:
+            try:
+                # Said before the fork: a launcher that then sees this connection end without
+                # a pid must not start a second interpreter on the same pipes.
+                conn.sendall(b"forking\n")
+                pid = os.fork()
+            except OSError as exc:
+                reason = f"fork: {exc}"
+        if pid == 0:  # pragma: no cover - the worker-to-be: coverage would not see it anyway
+            return Worker(self, conn, fds, request)
+        for fd in fds:
+            os.close(fd)
+        try:
+            if reason:
+                conn.sendall(f"fallback {reason}\n".encode())
+                conn.close()
+                return None
+            self.children[pid] = conn
+            conn.sendall(f"started {pid}\n".encode())
+            self.sel.register(conn, selectors.EVENT_READ, pid)
+        except OSError:
+            pass  # the launcher is gone: its worker is killed when its end is seen closed
+        return None
+
+    def _read(self, conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+        head, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
+        if len(head) != _HEADER.size:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("short header")
+        (size,) = _HEADER.unpack(head)
+        if size > _MAX_REQUEST:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("request too large")
+        data = bytearray()
+        while len(data) < size:
+            chunk = conn.recv(size - len(data))
+            if not chunk:
+                for fd in fds:
+                    os.close(fd)
+                raise ValueError("short request")
+            data += chunk
+        return json.loads(data), fds
+
+    def _refusal(self, request: dict[str, Any], fds: list[int]) -> str:
+        """Why this launcher gets a fresh interpreter instead (empty: it does not)."""
+        argv = request.get("argv")
+        if not isinstance(argv, list) or argv[-2:] != ["-c", BOOTSTRAP]:
+            return "argv"
+        if any(flag not in ("-u", "-B") for flag in argv[:-2]):
+            return "flags"
+        if len(fds) != 3:
+            return "fds"
+        env = request.get("env")
+        if not isinstance(env, dict) or interpreter_env(env) != self.env:
+            return "environment"
+        return ""
+
+    def launcher_gone(self, pid: int) -> None:
+        """The launcher's end closed (killed, as execnet kills a gateway): so is its worker."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        conn = self.children.get(pid)
+        if conn is not None and conn.fileno() >= 0:
+            self.sel.unregister(conn)
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is None:
+                continue
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(conn)
+            with contextlib.suppress(OSError):
+                conn.sendall(f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
+            conn.close()
+
+class Worker:
+    """A forked child of the template, about to become an xdist worker."""
+
+    def __init__(self, template: Template, conn: socket.socket, fds: list[int],
+                 request: dict[str, Any]) -> None:
+        self.template, self.conn, self.fds, self.request = template, conn, fds, request
+
+    def run(self) -> NoReturn:
+        """Drop the template's state, take the launcher's pipes, cwd and environment, and run
+        execnet's bootstrap as ``python -c`` would. Called at the top of the stack: the
+        worker's end (a SystemExit, or an uncaught error: traceback, status 1) is the
+        interpreter's normal exit, atexit handlers included."""
+        template = self.template
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        template.sel.close()
+        for sock in (self.conn, template.listener, template.wake_r, template.wake_w,
+                     *template.children.values()):
+            sock.close()
+        for target, fd in enumerate(self.fds):
+            os.dup2(fd, target)
+        for fd in self.fds:
+            if fd > 2:
+                os.close(fd)
+        os.chdir(self.request["cwd"])
+        os.environ.clear()
+        os.environ.update(self.request["env"])
+        argv: list[str] = self.request["argv"]
+        sys.dont_write_bytecode = "-B" in argv
+        _fresh_stdio()
+        main = types.ModuleType("__main__")
+        sys.modules["__main__"] = main
+        sys.argv = ["-c"]
+        exec(compile(argv[-1], "<string>", "exec"), main.__dict__)
+        raise SystemExit(0)
+
+
+def _fresh_stdio() -> None:
+    """Standard streams on fds 0-2 as ``python -u`` creates them (stdout and stderr
+    unbuffered, write-through)."""
+    encoding = sys.__stdout__.encoding if sys.__stdout__ is not None else "utf-8"
+    errors = sys.__stdout__.errors if sys.__stdout__ is not None else "strict"
+    streams = {
+        "stdin": io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
+                                  encoding=encoding, errors=errors),
+        "stdout": io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding=encoding,
+                                   errors=errors, write_through=True),
+        "stderr": io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding=encoding,
+                                   errors="backslashreplace", write_through=True),
+    }
+    for name, stream in streams.items():
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)  # what pytest's capture and faulthandler use
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def main(argv: list[str]) -> int:
+    path = argv[0]
+    template = Template(path)
+    names = json.loads(sys.stdin.readline() or "[]")
+    preload(names)
+    if _threads() > 1:
+        # A module started a thread (a native one counts too): forking would copy its locks,
+        # not the thread. Refuse, and every launcher starts a fresh interpreter.
+        return 3
+    # The preloaded objects live as long as any worker: keep the collector off their pages
+    # (each worker's full collections would otherwise walk, and copy, all of them).
+    gc.collect()
+    gc.freeze()
+    worker = template.serve()
+    if worker is not None:
+        worker.run()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - runs as the template process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the workers, not for this
+    raise SystemExit(main(sys.argv[-1:]))  # ``python -c RUNPY template.py SOCKET``

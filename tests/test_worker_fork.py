@@ -1,0 +1,229 @@
+"""xdist workers forked from the worker template (pytest_llmbench/workers/).
+
+The launcher and the template are driven directly with real processes (a fork, a fresh
+interpreter, a kill), then through pytest with real xdist workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_llmbench.workers import controller
+from pytest_llmbench.workers.template import BOOTSTRAP
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+
+_PROCS: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture
+def template() -> Iterator[controller.WorkerTemplate]:
+    started = controller.WorkerTemplate()
+    yield started
+    started.close()
+    for proc in _PROCS:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+    _PROCS.clear()
+
+
+def launch(template: controller.WorkerTemplate, program: str, *, env: dict[str, str] | None = None,
+           flags: tuple[str, ...] = ("-u",)) -> subprocess.Popen[bytes]:
+    """The launcher as execnet starts it: ``PYTHON -S -I launch.py SOCKET -u -c BOOTSTRAP``,
+    then the bootstrap's one line on its standard input."""
+    argv = [sys.executable, "-S", "-I", str(controller.LAUNCHER), template.path, *flags, "-c", BOOTSTRAP]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    _PROCS.append(proc)
+    assert proc.stdin is not None
+    proc.stdin.write((repr(program) + "\n").encode())
+    proc.stdin.flush()
+    return proc
+
+
+def first_line(proc: subprocess.Popen[bytes]) -> str:
+    assert proc.stdout is not None
+    return proc.stdout.readline().decode().strip()
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+REPORT = ("import os, sys; print(os.getpid(), os.getppid(), os.getcwd(), os.environ.get('MARK'),"
+          " 'pytest' in sys.modules, sys.argv, flush=True)")
+
+
+def test_a_worker_is_forked_from_the_template_with_the_launchers_cwd_and_environment(
+    template: controller.WorkerTemplate, tmp_path: Path
+) -> None:
+    env = dict(os.environ, MARK="from-the-launcher")
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-I", str(controller.LAUNCHER), template.path, "-u", "-c", BOOTSTRAP],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=tmp_path)
+    _PROCS.append(proc)
+    assert proc.stdin is not None
+    proc.stdin.write((repr(REPORT) + "\n").encode())
+    proc.stdin.flush()
+    pid, ppid, cwd, mark, has_pytest, argv = first_line(proc).split(" ", 5)
+    assert proc.wait(timeout=30) == 0
+    assert int(pid) != proc.pid  # not the launcher become Python: a fork of the template
+    assert int(ppid) == template.process.pid
+    assert (cwd, mark, has_pytest, argv) == (str(tmp_path), "from-the-launcher", "True", "['-c']")
+
+
+def test_the_workers_exit_status_and_signal_are_the_launchers(template: controller.WorkerTemplate) -> None:
+    assert launch(template, "raise SystemExit(7)").wait(timeout=30) == 7
+    assert launch(template, "import os, signal; os.kill(os.getpid(), signal.SIGTERM)").wait(
+        timeout=30) == -signal.SIGTERM
+    failed = launch(template, "1/0")
+    assert failed.wait(timeout=30) == 1  # an uncaught error: traceback on stderr, status 1
+
+
+def test_killing_the_launcher_kills_its_worker(template: controller.WorkerTemplate) -> None:
+    """execnet kills a gateway's process (the launcher): the worker must not live on."""
+    proc = launch(template, "import os, time; print(os.getpid(), flush=True); time.sleep(600)")
+    worker = int(first_line(proc))
+    assert worker != proc.pid
+    proc.kill()
+    proc.wait(timeout=10)
+    assert gone(worker)
+
+
+def test_a_launcher_the_template_cannot_serve_becomes_a_fresh_interpreter(
+    template: controller.WorkerTemplate, tmp_path: Path
+) -> None:
+    program = "import os; print(os.getpid(), flush=True)"
+    # An interpreter setting that differs from the template's: a fresh interpreter.
+    changed = launch(template, program, env=dict(os.environ, PYTHONHASHSEED="123"))
+    assert int(first_line(changed)) == changed.pid
+    assert changed.wait(timeout=30) == 0
+    # Flags the template does not know.
+    flagged = launch(template, program, flags=("-u", "-O"))
+    assert int(first_line(flagged)) == flagged.pid
+    flagged.wait(timeout=30)
+    # No template listening at all.
+    template.close()
+    alone = launch(template, program)
+    assert int(first_line(alone)) == alone.pid
+    assert alone.wait(timeout=30) == 0
+
+
+def test_the_template_exits_when_told_and_its_workers_are_done(template: controller.WorkerTemplate) -> None:
+    proc = launch(template, "import sys; sys.stdin.read()")  # runs until its stdin closes
+    assert proc.stdin is not None
+    template.process.stdin.close()  # type: ignore[union-attr]
+    time.sleep(0.3)
+    assert template.process.poll() is None  # a worker is still running
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+    assert template.process.wait(timeout=10) == 0
+
+
+def test_a_template_with_a_thread_refuses_and_launchers_start_fresh_interpreters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preloaded module that starts a thread (a fork would copy its locks, not the thread)."""
+    (tmp_path / "threaded_mod.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    refusing = controller.WorkerTemplate(modules=["threaded_mod"])
+    try:
+        assert refusing.process.wait(timeout=30) == 3
+        proc = launch(refusing, "import os; print(os.getpid(), flush=True)")
+        assert int(first_line(proc)) == proc.pid
+        assert proc.wait(timeout=30) == 0
+    finally:
+        refusing.close()
+        for proc in _PROCS:
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+        _PROCS.clear()
+
+
+@pytest.mark.parametrize(("spec", "forkable"), [
+    ("popen", True), ("popen//env:A=1", True), ("popen//python=python3.12", False),
+    ("popen//chdir=/tmp", False), ("ssh=host", False), ("socket=1.2.3.4:8888", False),
+])
+def test_only_plain_local_popen_specs_are_forked(spec: str, forkable: bool) -> None:
+    assert controller.forkable(spec) is forkable
+
+
+WHO_AM_I = """
+    import os, pathlib
+
+    def test_parent(worker_id):
+        parent = pathlib.Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        pathlib.Path(f"parent-{worker_id}").write_bytes(parent)
+
+    def test_assertions_are_still_rewritten():
+        value = 41
+        assert value + 1 == 43
+"""
+
+
+def forked_parents(pytester: pytest.Pytester) -> list[bool]:
+    files = sorted(pytester.path.glob("parent-gw*"))
+    return [b"template.py" in f.read_bytes() for f in files]
+
+
+@pytest.mark.parametrize(("args", "forked"), [
+    (["--llmbench-worker-fork", "on"], True),
+    ([], False),  # auto: two workers do not pay for the template
+    (["-n", "4", "--llmbench-worker-fork", "off"], False),
+])
+def test_xdist_workers_fork_from_the_template_when_asked(
+    pytester: pytest.Pytester, sim_env: str, args: list[str], forked: bool
+) -> None:
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_who=WHO_AM_I)
+    pytester.makefile(".toml", suite="""
+        [suite]
+        name = "s"
+        scorer = "numeric"
+
+        [[prompts]]
+        id = "add"
+        template = "What is {{a}} + {{b}}?"
+
+        [[prompts.instances]]
+        id = "i0"
+        vars = { a = 2, b = 3 }
+        expected = "5"
+    """)
+    workers = [] if "-n" in args else ["-n", "2"]
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *workers, *args, timeout=120)
+    result.assert_outcomes(passed=2, failed=1)
+    # The test module's asserts are rewritten in a forked worker, and no plugin module was
+    # imported before pytest could rewrite it (pytest would warn).
+    result.stdout.fnmatch_lines(["*assert (41 + 1) == 43*"])
+    result.stdout.no_fnmatch_line("*PytestAssertRewriteWarning*")
+    assert forked_parents(pytester) and all(p is forked for p in forked_parents(pytester))
+
+
+def test_a_bad_worker_fork_value_is_one_usage_error(pytester: pytest.Pytester, sim_env: str) -> None:
+    pytester.makeini("[pytest]\nllmbench_worker_fork = sometimes\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*llmbench_worker_fork: expected one of auto, on, off; got 'sometimes'*"])
