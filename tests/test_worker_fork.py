@@ -41,11 +41,16 @@ def template() -> Iterator[controller.WorkerTemplate]:
 
 
 def launch(template: controller.WorkerTemplate, program: str, *, env: dict[str, str] | None = None,
-           flags: tuple[str, ...] = ("-u",)) -> subprocess.Popen[bytes]:
+           flags: tuple[str, ...] = ("-u",), ignore: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     """The launcher as execnet starts it: ``PYTHON -S -I launch.py SOCKET -u -c BOOTSTRAP``,
     then the bootstrap's one line on its standard input."""
     argv = [sys.executable, "-S", "-I", str(controller.LAUNCHER), template.path, *flags, "-c", BOOTSTRAP]
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    def ignoring() -> None:
+        for sig in ignore:
+            signal.signal(sig, signal.SIG_IGN)
+
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                            preexec_fn=ignoring if ignore else None)
     _PROCS.append(proc)
     assert proc.stdin is not None
     proc.stdin.write((repr(program) + "\n").encode())
@@ -97,6 +102,20 @@ def test_the_workers_exit_status_and_signal_are_the_launchers(template: controll
         timeout=30) == -signal.SIGTERM
     failed = launch(template, "1/0")
     assert failed.wait(timeout=30) == 1  # an uncaught error: traceback on stderr, status 1
+
+
+def test_the_worker_has_the_signal_dispositions_a_fresh_interpreter_would(
+    template: controller.WorkerTemplate,
+) -> None:
+    """Ignored where the launcher found them ignored (``nohup``, a shell's background job),
+    default elsewhere; Ctrl-C a ``KeyboardInterrupt``, not the template's ``SIG_IGN``."""
+    program = ("import signal; g = signal.getsignal; print(g(signal.SIGINT) is signal.default_int_handler,"
+               " g(signal.SIGHUP) == signal.SIG_IGN, g(signal.SIGTERM) == signal.SIG_DFL,"
+               " g(signal.SIGCHLD) == signal.SIG_DFL, flush=True)")
+    assert first_line(launch(template, program)) == "True False True True"
+    assert first_line(launch(template, program, ignore=(signal.SIGHUP,))) == "True True True True"
+    program = "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)"
+    assert first_line(launch(template, program, ignore=(signal.SIGINT,))) == "True"
 
 
 def test_killing_the_launcher_kills_its_worker(template: controller.WorkerTemplate) -> None:

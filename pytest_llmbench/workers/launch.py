@@ -44,10 +44,15 @@ def exit_as(code: int) -> NoReturn:
 
 def main() -> NoReturn:
     path, argv = sys.argv[1], sys.argv[2:]
+    # Signals ignored when this process started (``nohup``, a shell's background job): a
+    # fresh interpreter would have inherited that, so the worker is told.
+    ignored = [int(sig) for sig in signal.valid_signals()
+               if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) == signal.SIG_IGN]
     # A Ctrl-C reaches the worker (same process group) and is its to handle; this process
     # only relays how the worker ended.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                          "ignored": ignored}).encode()
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)

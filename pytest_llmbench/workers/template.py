@@ -235,9 +235,7 @@ class Worker:
         interpreter's normal exit, atexit handlers included."""
         template = self.template
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _signals_as_launched(self.request.get("ignored") or [])
         template.sel.close()
         for sock in (self.conn, template.listener, template.wake_r, template.wake_w,
                      *template.children.values()):
@@ -258,6 +256,26 @@ class Worker:
         sys.argv = ["-c"]
         exec(compile(argv[-1], "<string>", "exec"), main.__dict__)
         raise SystemExit(0)
+
+
+#: The signals whose handling the template changes, or a launcher may have found ignored.
+_RESET = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGCHLD", "SIGUSR1", "SIGUSR2", "SIGALRM")
+
+
+def _signals_as_launched(ignored: list[int]) -> None:
+    """The dispositions a fresh interpreter started by the launcher would have: what the
+    launcher found ignored stays ignored (``nohup``, a shell's background job), the rest
+    default, and SIGINT raises ``KeyboardInterrupt`` unless ignored."""
+    for name in _RESET:
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        if int(sig) in ignored:
+            signal.signal(sig, signal.SIG_IGN)
+        elif sig == signal.SIGINT:
+            signal.signal(sig, signal.default_int_handler)
+        else:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _fresh_stdio() -> None:
