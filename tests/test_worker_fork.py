@@ -246,3 +246,17 @@ def test_a_bad_worker_fork_value_is_one_usage_error(pytester: pytest.Pytester, s
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*llmbench_worker_fork: expected one of auto, on, off; got 'sometimes'*"])
+
+
+def test_the_modules_pytest_will_rewrite_are_never_imported_ahead() -> None:
+    """The pytest11 distributions' packages (xdist, this plugin...) are pytest's to import
+    through its rewrite hook; the fallback reading (a pytest without the private helper)
+    names at least as many."""
+    from pytest_llmbench.workers import template
+
+    names = template.rewritten_names()
+    assert {"xdist", "pytest_llmbench"} <= names
+    assert template._top_level("xdist/__init__.py") == "xdist"
+    assert template._top_level("six.py") == "six"
+    assert template._top_level("pytest_xdist-3.8.0.dist-info/METADATA") == ""
+    assert template._top_level("../../bin/tool") == ""

@@ -50,16 +50,23 @@ def rewritten_names() -> set[str]:
     """Top-level names pytest marks for assertion rewriting (those of every distribution
     with a ``pytest11`` entry point): importing one here would make each worker's pytest
     warn that it cannot rewrite it, so those are left to the worker."""
-    try:
-        import importlib.metadata as metadata
+    import importlib.metadata as metadata
 
-        from _pytest.config import _iter_rewritable_modules
-    except ImportError:
-        return set()
-    files = (str(file) for dist in metadata.distributions()
+    files = [str(file) for dist in metadata.distributions()
              if any(ep.group == "pytest11" for ep in dist.entry_points)
-             for file in dist.files or [])
+             for file in dist.files or []]
+    try:
+        from _pytest.config import _iter_rewritable_modules
+    except ImportError:  # a pytest without it: the same reading, more names rather than fewer
+        return {name for name in (_top_level(file) for file in files) if name}
     return set(_iter_rewritable_modules(files))
+
+
+def _top_level(file: str) -> str:
+    head = file.replace("\\", "/").split("/")[0]
+    if head.endswith((".dist-info", ".egg-info")) or head in ("..", ""):
+        return ""
+    return head[:-3] if head.endswith(".py") else head
 
 
 def preload(names: list[str]) -> int:
