@@ -45,12 +45,14 @@ def launch(template: controller.WorkerTemplate, program: str, *, env: dict[str, 
     """The launcher as execnet starts it: ``PYTHON -S -I launch.py SOCKET -u -c BOOTSTRAP``,
     then the bootstrap's one line on its standard input."""
     argv = [sys.executable, "-S", "-I", str(controller.LAUNCHER), template.path, *flags, "-c", BOOTSTRAP]
-    def ignoring() -> None:
-        for sig in ignore:
-            signal.signal(sig, signal.SIG_IGN)
+    def dispositions() -> None:
+        # As from an interactive shell, whatever this test process inherited (CI may run it
+        # as a background job, with SIGINT ignored), then ``ignore``.
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN if sig in ignore else signal.SIG_DFL)
 
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                            preexec_fn=ignoring if ignore else None)
+                            preexec_fn=dispositions)
     _PROCS.append(proc)
     assert proc.stdin is not None
     proc.stdin.write((repr(program) + "\n").encode())
