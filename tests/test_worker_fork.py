@@ -130,6 +130,42 @@ def test_killing_the_launcher_kills_its_worker(template: controller.WorkerTempla
     assert gone(worker)
 
 
+def test_a_launcher_gone_before_its_answer_still_takes_its_worker_with_it(
+    template: controller.WorkerTemplate,
+) -> None:
+    """A launcher killed right after the fork, before the template could answer ``started``:
+    the template's answer then fails, and the worker must die all the same (CI once caught
+    a worker left running that way, under load)."""
+    import json
+    import socket
+    import struct
+
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    program = "import os, time; print(os.getpid(), flush=True); time.sleep(600)"
+    os.write(stdin_w, (repr(program) + "\n").encode())
+    payload = json.dumps({"argv": ["-u", "-c", BOOTSTRAP], "cwd": os.getcwd(),
+                          "env": dict(os.environ), "ignored": []}).encode()
+    end = time.monotonic() + 30
+    while not os.path.exists(template.path) and time.monotonic() < end:
+        time.sleep(0.01)  # the template binds its socket once its interpreter is up
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(template.path)
+        socket.send_fds(sock, [struct.pack("!Q", len(payload))], [stdin_r, stdout_w, 2])
+        sock.sendall(payload)
+        assert sock.recv(8) == b"forking\n"
+    for fd in (stdin_r, stdout_w):
+        os.close(fd)
+    with os.fdopen(stdout_r) as out:
+        line = out.readline()  # its pid, or nothing: killed before it could print it
+    if line:
+        assert gone(int(line))
+    # (End of file without a line: every holder of the pipe's other end, the worker, ended.)
+    os.close(stdin_w)
+    template.process.stdin.close()  # type: ignore[union-attr]
+    assert template.process.wait(timeout=10) == 0  # no worker left to wait for
+
+
 def test_a_launcher_the_template_cannot_serve_becomes_a_fresh_interpreter(
     template: controller.WorkerTemplate, tmp_path: Path
 ) -> None:

@@ -156,16 +156,19 @@ class Template:
             return Worker(self, conn, fds, request)
         for fd in fds:
             os.close(fd)
-        try:
-            if reason:
+        if reason:
+            with contextlib.suppress(OSError):
                 conn.sendall(f"fallback {reason}\n".encode())
-                conn.close()
-                return None
-            self.children[pid] = conn
+            conn.close()
+            return None
+        # Watched before the answer: a launcher killed as soon as its worker ran (before
+        # this process was scheduled again) must still take its worker with it.
+        self.children[pid] = conn
+        self.sel.register(conn, selectors.EVENT_READ, pid)
+        try:
             conn.sendall(f"started {pid}\n".encode())
-            self.sel.register(conn, selectors.EVENT_READ, pid)
         except OSError:
-            pass  # the launcher is gone: its worker is killed when its end is seen closed
+            self.launcher_gone(pid)
         return None
 
     def _read(self, conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
