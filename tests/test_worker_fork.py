@@ -145,7 +145,7 @@ def test_a_launcher_gone_before_its_answer_still_takes_its_worker_with_it(
     program = "import os, time; print(os.getpid(), flush=True); time.sleep(600)"
     os.write(stdin_w, (repr(program) + "\n").encode())
     payload = json.dumps({"argv": ["-u", "-c", BOOTSTRAP], "cwd": os.getcwd(),
-                          "env": dict(os.environ), "ignored": []}).encode()
+                          "env": dict(os.environ), "ignored": [], "sent": time.monotonic()}).encode()
     end = time.monotonic() + 30
     while not os.path.exists(template.path) and time.monotonic() < end:
         time.sleep(0.01)  # the template binds its socket once its interpreter is up
@@ -164,6 +164,29 @@ def test_a_launcher_gone_before_its_answer_still_takes_its_worker_with_it(
     os.close(stdin_w)
     template.process.stdin.close()  # type: ignore[union-attr]
     assert template.process.wait(timeout=10) == 0  # no worker left to wait for
+
+
+def test_a_request_its_launcher_may_have_given_up_on_is_refused(
+    template: controller.WorkerTemplate,
+) -> None:
+    """A launcher waits ``GIVE_UP`` s for the first answer, then becomes an interpreter
+    itself: the template must not fork a second one onto the same pipes. A request older
+    than ``STALE`` (half that) is refused."""
+    import json
+    import socket
+    import struct
+
+    from pytest_llmbench.workers import launch
+    from pytest_llmbench.workers import template as template_module
+
+    assert template_module.STALE * 2 == launch.GIVE_UP
+    payload = json.dumps({"argv": ["-u", "-c", BOOTSTRAP], "cwd": os.getcwd(), "env": dict(os.environ),
+                          "ignored": [], "sent": time.monotonic() - template_module.STALE - 1}).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(template.path)  # listening before the template's interpreter is up
+        socket.send_fds(sock, [struct.pack("!Q", len(payload))], [0, 1, 2])
+        sock.sendall(payload)
+        assert sock.makefile("rb").readline() == b"fallback stale\n"
 
 
 def test_a_launcher_the_template_cannot_serve_becomes_a_fresh_interpreter(

@@ -15,6 +15,7 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -95,9 +96,20 @@ class WorkerTemplate:
         self.path = os.path.join(self.dir, "template.sock")
         env = dict(os.environ)
         env.pop("PYTHONSTARTUP", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _RUN_TEMPLATE, str(TEMPLATE), self.path],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+        # Listening before the template starts, so a launcher that comes before the
+        # template's interpreter is up waits in the backlog instead of starting a fresh
+        # interpreter (on a loaded machine: the first workers). Our copy is closed once the
+        # template has it: if the template dies, launchers are refused and fall back.
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.path)
+            listener.listen(1024)
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _RUN_TEMPLATE, str(TEMPLATE), str(listener.fileno())],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                pass_fds=(listener.fileno(),))
+        finally:
+            listener.close()
         assert self.process.stdin is not None
         modules = _installed_modules() if modules is None else modules
         self.process.stdin.write((json.dumps(modules) + "\n").encode())

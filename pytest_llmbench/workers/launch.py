@@ -18,8 +18,15 @@ import sys
 import time
 from typing import NoReturn
 
+_SIGINT_AT_START = signal.SIG_DFL
+#: Seconds to wait for the template's first answer (its ``STALE`` is half of it).
+GIVE_UP = 60.0
+
 
 def fresh(argv: list[str]) -> NoReturn:
+    """Become the interpreter execnet asked for, with the SIGINT disposition this process
+    started with (``main`` ignores SIGINT while it waits; an exec would pass that on)."""
+    signal.signal(signal.SIGINT, _SIGINT_AT_START)
     os.execv(sys.executable, [sys.executable, *argv])
 
 
@@ -48,18 +55,26 @@ def main() -> NoReturn:
     # fresh interpreter would have inherited that, so the worker is told.
     ignored = [int(sig) for sig in signal.valid_signals()
                if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) == signal.SIG_IGN]
+    global _SIGINT_AT_START
+    if signal.SIGINT in ignored:
+        _SIGINT_AT_START = signal.SIG_IGN
     # A Ctrl-C reaches the worker (same process group) and is its to handle; this process
     # only relays how the worker ended.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
-                          "ignored": ignored}).encode()
+                          "ignored": ignored, "sent": time.monotonic()}).encode()
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)
         socket.send_fds(sock, [struct.pack("!Q", len(payload))], [0, 1, 2])
         sock.sendall(payload)
+        # A template stuck in its start-up must not hold the worker back for ever. It
+        # refuses a request older than STALE (template.py), well before this gives up, so
+        # it never forks for a launcher that has become an interpreter itself.
+        sock.settimeout(GIVE_UP)
         answers = sock.makefile("rb")
         first = answers.readline().split()
+        sock.settimeout(None)
     except OSError:
         fresh(argv)
     if first != [b"forking"]:

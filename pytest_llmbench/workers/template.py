@@ -5,7 +5,8 @@ Runs by path (``controller.py`` starts it), stdlib only. Its standard input is t
 controller's control pipe: the first line is the JSON list of modules to import ahead;
 end of file means "no more workers". It exits once every worker it forked has exited.
 
-Protocol, per launcher connection (a unix socket in a private directory):
+Protocol, per launcher connection (a unix socket in a private directory, bound and listening
+before this process starts: its descriptor is the last argument):
 
 - the launcher sends an 8-byte length with its fds 0, 1 and 2 attached (``SCM_RIGHTS``),
   then that many bytes of JSON: its argv after the interpreter, cwd and environment;
@@ -30,12 +31,17 @@ import socket
 import struct
 import sys
 import threading
+import time
 import types
 from typing import Any, NoReturn
 
 #: execnet's ``popen`` bootstrap, the ``-c`` program a worker is started with.
 BOOTSTRAP = "import sys;exec(eval(sys.stdin.readline()))"
 _HEADER = struct.Struct("!Q")
+#: A request older than this (seconds, ``time.monotonic``: system-wide) is refused: its
+#: launcher gives up waiting at twice this (launch.py's ``GIVE_UP``) and starts a fresh
+#: interpreter on the same pipes, where a forked worker must never also be.
+STALE = 30.0
 _MAX_REQUEST = 16 << 20
 #: Environment variables that change what an interpreter imports or how it starts: a
 #: launcher whose values differ from the template's gets a fresh interpreter instead.
@@ -86,11 +92,10 @@ def preload(names: list[str]) -> int:
 
 
 class Template:
-    def __init__(self, path: str) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        # Launchers that arrive during the preload wait in the backlog, not fall back.
-        self.listener.listen(1024)
+    def __init__(self, listener_fd: int) -> None:
+        # Bound and listening since before this process started (the controller made it):
+        # launchers that arrive during the start-up and the preload wait in the backlog.
+        self.listener = socket.socket(fileno=listener_fd)
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
         self.children: dict[int, socket.socket] = {}
@@ -204,6 +209,9 @@ class Template:
         env = request.get("env")
         if not isinstance(env, dict) or interpreter_env(env) != self.env:
             return "environment"
+        sent = request.get("sent")
+        if not isinstance(sent, (int, float)) or time.monotonic() - sent > STALE:
+            return "stale"  # its launcher gives up at 2 x STALE: it may be gone, or about to
         return ""
 
     def launcher_gone(self, pid: int) -> None:
@@ -314,8 +322,7 @@ def _threads() -> int:
 
 
 def main(argv: list[str]) -> int:
-    path = argv[0]
-    template = Template(path)
+    template = Template(int(argv[0]))
     names = json.loads(sys.stdin.readline() or "[]")
     preload(names)
     if _threads() > 1:
@@ -334,4 +341,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":  # pragma: no cover - runs as the template process
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the workers, not for this
-    raise SystemExit(main(sys.argv[-1:]))  # ``python -c RUNPY template.py SOCKET``
+    raise SystemExit(main(sys.argv[-1:]))  # ``python -c RUNPY template.py LISTENER_FD``
