@@ -146,7 +146,8 @@ def install(config: pytest.Config) -> WorkerTemplate | None:
     if getattr(config.option, "dist", "no") == "no" or not tx:
         return None
     specs = _expand(list(tx))
-    count = sum(1 for spec in specs if forkable(spec))
+    forked = [forkable(spec) for spec in specs]
+    count = sum(forked)
     if want == "off" or count == 0 or (want == "auto" and count < AUTO_MIN_WORKERS):
         return None
     try:
@@ -154,8 +155,8 @@ def install(config: pytest.Config) -> WorkerTemplate | None:
     except OSError as exc:
         log.warning("could not start the worker template (%s): workers start as usual", exc)
         return None
-    config.option.tx = [f"{spec}//python={template.python}" if forkable(spec) else spec
-                        for spec in specs]
+    config.option.tx = [f"{spec}//python={template.python}" if fork else spec
+                        for spec, fork in zip(specs, forked, strict=True)]
     log.debug("%d of %d xdist workers will fork from the template (pid %d)", count, len(specs),
               template.process.pid)
     return template

@@ -18,15 +18,15 @@ import sys
 import time
 from typing import NoReturn
 
-_SIGINT_AT_START = signal.SIG_DFL
 #: Seconds to wait for the template's first answer (its ``STALE`` is half of it).
 GIVE_UP = 60.0
 
 
-def fresh(argv: list[str]) -> NoReturn:
-    """Become the interpreter execnet asked for, with the SIGINT disposition this process
-    started with (``main`` ignores SIGINT while it waits; an exec would pass that on)."""
-    signal.signal(signal.SIGINT, _SIGINT_AT_START)
+def fresh(argv: list[str], sigint: signal.Handlers) -> NoReturn:
+    """Become the interpreter execnet asked for, with ``sigint``, the SIGINT disposition
+    this process started with (``main`` ignores SIGINT while it waits; an exec would pass
+    that on)."""
+    signal.signal(signal.SIGINT, sigint)
     os.execv(sys.executable, [sys.executable, *argv])
 
 
@@ -55,9 +55,7 @@ def main() -> NoReturn:
     # fresh interpreter would have inherited that, so the worker is told.
     ignored = [int(sig) for sig in signal.valid_signals()
                if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) == signal.SIG_IGN]
-    global _SIGINT_AT_START
-    if signal.SIGINT in ignored:
-        _SIGINT_AT_START = signal.SIG_IGN
+    sigint = signal.SIG_IGN if signal.SIGINT in ignored else signal.SIG_DFL
     # A Ctrl-C reaches the worker (same process group) and is its to handle; this process
     # only relays how the worker ended.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -76,15 +74,15 @@ def main() -> NoReturn:
         first = answers.readline().split()
         sock.settimeout(None)
     except OSError:
-        fresh(argv)
+        fresh(argv, sigint)
     if first != [b"forking"]:
-        fresh(argv)  # refused (``fallback REASON``), or the template went away first
+        fresh(argv, sigint)  # refused (``fallback REASON``), or the template went away first
     try:
         second = answers.readline().split()
     except OSError:
         second = []
     if second[:1] == [b"fallback"]:
-        fresh(argv)  # the fork failed
+        fresh(argv, sigint)  # the fork failed
     if len(second) != 2 or second[0] != b"started":
         os._exit(1)  # a worker may hold our pipes: a second interpreter must not read them
     pid = int(second[1])
