@@ -39,6 +39,9 @@ DEFAULT_CONCURRENCY = 16
 #: Measured in bench/README.md ("shared hosts"): a process per item in flight cost
 #: 2.2x the CPU per item at 1000 in flight and took 6.7 s to start 1000 items.
 DEFAULT_HOST_THREADS = 16
+#: Seconds a stored result may wait for the disk (``store/durable.py``): the run's file
+#: store is flushed this often in one ``syncfs``; 0 fsyncs every result as it is stored.
+DEFAULT_SYNC_INTERVAL = 1.0
 #: Without a configured concurrency, the items in flight of a whole ``-n W`` run: each
 #: worker gets ``max(2, DEFAULT_RUN_CONCURRENCY // W)``. Measured (bench/run.py, xdist):
 #: under ``-n 32`` on 2 cores, 16 per worker (512 in flight) took 21 s for 500 items, 2-4
@@ -116,6 +119,8 @@ class Settings:
     breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN
     preflight: bool = True
     """Check every selected model's endpoint before the first item (session/preflight.py)."""
+    sync_interval: float = DEFAULT_SYNC_INTERVAL
+    """Seconds between flushes of the file store to disk; 0: an fsync per result."""
 
     def api_key(self, model: ModelSpec) -> str | None:
         """The model's key from the environment or ``.env``; never stored anywhere."""
@@ -593,6 +598,11 @@ def load_settings(config: Any) -> Settings:
     fresh = cli("llmbench_fresh")
     rescore = cli("llmbench_rescore")
     no_preflight = cli("llmbench_no_preflight")
+    sync_raw = cli("llmbench_sync_interval")
+    if sync_raw in (None, ""):
+        sync_raw = ini("llmbench_sync_interval")
+    sync_interval = (DEFAULT_SYNC_INTERVAL if sync_raw in (None, "") else parse_seconds(
+        sync_raw, "--llmbench-sync-interval (ini llmbench_sync_interval)", allow_zero=True))
     settings = Settings(
         models=models,
         deadlines=deadlines,
@@ -611,6 +621,7 @@ def load_settings(config: Any) -> Settings:
         breaker_cooldown=breaker_cooldown,
         preflight=not bool(no_preflight if no_preflight is not None
                            else ini("llmbench_no_preflight")),
+        sync_interval=sync_interval,
     )
     if settings.fresh and settings.rescore:
         raise ConfigError("--llmbench-fresh and --llmbench-rescore exclude each other; pick one")

@@ -42,6 +42,11 @@ WORKER_FORK_HELP = (
     " instead of each starting Python from nothing: auto (when the run starts 4 or more"
     " local workers), on or off (default auto)"
 )
+SYNC_INTERVAL_HELP = (
+    "Seconds a stored result may wait to be flushed to disk: the result store is synced"
+    " this often, in one call, instead of fsyncing every result (a kill of any process loses"
+    " nothing either way; a power cut, at most this much). 0: fsync every result (default 1)"
+)
 SUITE_FILES_HELP = (
     "Glob patterns of the .toml file names that may be suites (default *.toml); a matching"
     " file with a prompts or suite table is a suite, and one that mentions them but does not"
@@ -96,6 +101,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--llmbench-progress", dest="llmbench_progress", default=None,
                     choices=("auto", "on", "off"), help=PROGRESS_HELP)
     parser.addini("llmbench_progress", PROGRESS_HELP, default="auto")
+    group.addoption("--llmbench-sync-interval", dest="llmbench_sync_interval", default=None,
+                    metavar="SECONDS", help=SYNC_INTERVAL_HELP)
+    parser.addini("llmbench_sync_interval", SYNC_INTERVAL_HELP, default=None)
     group.addoption("--llmbench-worker-fork", dest="llmbench_worker_fork", default=None,
                     choices=("auto", "on", "off"), help=WORKER_FORK_HELP)
     parser.addini("llmbench_worker_fork", WORKER_FORK_HELP, default="auto")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pytest_llmbench.engine.runner import Job, Scorer
     from pytest_llmbench.engine.runslots import RunSlots
     from pytest_llmbench.engine.scheduler import Engine
+    from pytest_llmbench.store.durable import Syncer
     from pytest_llmbench.providers.base import Provider, RequestHook
     from pytest_llmbench.session.runlog import RunLog
     from pytest_llmbench.session.storeplace import StorePlaces
@@ -64,6 +65,9 @@ class LLMBenchSession:
         self._run_slots_path: Path | None = None
         """xdist controller: the run-wide in-flight count file (engine/runslots.py)."""
         self._store: ResultStore | None = None
+        self._syncer: Syncer | None = None
+        """Flushes the default file store to disk (``store/durable.py``); None when every
+        result is fsynced as it is stored, or the store is a third party's."""
         self._fingerprints: dict[str, str] = {}
         self._runlog: RunLog | None = None
         self._engine: Engine | None = None
@@ -99,9 +103,16 @@ class LLMBenchSession:
     @pytest.hookimpl(trylast=True)
     def pytest_llmbench_get_store(self, config: pytest.Config) -> ResultStore:
         """The default store: files under ``--llmbench-store`` (``store/filestore.py``)."""
+        from pytest_llmbench.store import durable
         from pytest_llmbench.store.filestore import Store
 
-        return Store.open(self.settings.store_dir)
+        interval = self.settings.sync_interval
+        batched = interval > 0 and durable.available()
+        store = Store.open(self.settings.store_dir, fsync=not batched)
+        if batched:
+            self._syncer = durable.Syncer(self.settings.store_dir, interval)
+            self._syncer.start()
+        return store
 
     @property
     def engine(self) -> Engine:
@@ -728,7 +739,13 @@ class LLMBenchSession:
             self._engine.shutdown()
             self._engine = None
         self._close_early_server()
+        self._flush_store()  # every item is done: what they stored goes to disk now
         self.write_manifest(exitstatus)
+
+    def _flush_store(self) -> None:
+        if self._syncer is not None:
+            self._syncer.close()
+            self._syncer = None
 
     def _close_early_server(self) -> None:
         self._preflight_pending = None
@@ -741,6 +758,7 @@ class LLMBenchSession:
             self._engine.shutdown()
             self._engine = None
         self._close_early_server()
+        self._flush_store()
         if self._fork_server is not None:
             self._fork_server.close()
             self._fork_server = None
