@@ -26,11 +26,11 @@ if TYPE_CHECKING:
     from pytest_llmbench.engine.runner import Job, Scorer
     from pytest_llmbench.engine.runslots import RunSlots
     from pytest_llmbench.engine.scheduler import Engine
-    from pytest_llmbench.store.durable import Syncer
     from pytest_llmbench.providers.base import Provider, RequestHook
     from pytest_llmbench.session.runlog import RunLog
     from pytest_llmbench.session.storeplace import StorePlaces
     from pytest_llmbench.sim.control import SimServer
+    from pytest_llmbench.store.durable import Syncer
     from pytest_llmbench.store.protocol import ResultStore
 
 log = logging.getLogger("pytest_llmbench")
