@@ -217,13 +217,30 @@ def test_grants_from_three_processes_never_exceed_the_quota_in_any_window(tmp_pa
 
 def test_concurrent_updates_from_many_processes_are_never_lost(tmp_path: Path) -> None:
     """Every grant is counted in the shared state: the read-modify-write is atomic."""
-    model = _model()  # unlimited: nobody sleeps, the processes hammer the lock
+    # A rate nobody reaches (an unlimited model takes no lock at all: below): nobody
+    # sleeps, the processes hammer the lock.
+    model = _model(rpm=10**12)
     start = time.monotonic() + 1.0
     cfg = _cfg(tmp_path, model, "count", 1e6, start=start, n=400)
     _results([_spawn(cfg) for _ in range(4)])
     # A window of 1e6 s makes the decay over the test negligible (< 1e-4).
     assert SharedLimiter(tmp_path, window=1e6).state(model).recent_grants == pytest.approx(
         1600, rel=1e-4)
+
+
+def test_an_unlimited_model_reads_the_shared_state_without_writing_it(tmp_path: Path) -> None:
+    """No rpm, tpm or connection cap: each request only checks for a shared Retry-After,
+    a read without the lock; the state file is written by the first request alone."""
+    model = _model()
+    lim = SharedLimiter(tmp_path, window=60)
+    lim.before_request(model, 0)
+    lim.on_response(model, 200, None, 0)
+    (state,) = [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size >= 1024]
+    before = (state.stat().st_mtime_ns, state.read_bytes())
+    for _ in range(20):
+        lim.before_request(model, 0)
+        lim.on_response(model, 200, None, 0)
+    assert (state.stat().st_mtime_ns, state.read_bytes()) == before
 
 
 # --- Retry-After, shared ----------------------------------------------------------------------
