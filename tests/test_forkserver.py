@@ -306,3 +306,46 @@ def test_an_optional_module_is_hidden_only_inside_the_block(
         assert importlib.import_module("os") is os  # already imported: left alone
     assert importlib.import_module(name).VALUE == 1
     assert "aiohttp" in forkserver.SKIPPED_AT_WARM_UP
+
+
+EARLY_PROBE = """
+import os
+
+def _forkserver_children():
+    mine = str(os.getpid())
+    found = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                parent = fh.read().rsplit(")", 1)[1].split()[1]
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        found += parent == mine and b"pytest_llmbench.engine.forkserver" in cmdline
+    return found
+
+def pytest_sessionstart(session):
+    with open(os.environ["EARLY_LOG"], "w") as fh:
+        fh.write(str(_forkserver_children()))
+"""
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["suite-file-named", "directory"])
+def test_a_suite_file_named_on_the_command_line_starts_the_fork_server_before_the_session(
+        pytester: pytest.Pytester, sim_env: str, named: bool, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulated model needs no preflight (which would start the server at configure
+    time): a suite file named on the command line does, so its first item does not wait for
+    the server's start-up on top of the collection. A directory starts it at collection."""
+    suites = pytester.mkdir("suites")
+    (suites / "add.toml").write_text(
+        '[[prompts]]\nid = "add"\ntemplate = "What is {{a}} + 1?"\nscorer = "numeric"\n'
+        '[[prompts.instances]]\nid = "one"\nvars = { a = 1 }\nexpected = "2"\n')
+    pytester.makeconftest(EARLY_PROBE)
+    log = tmp_path / "early.log"
+    monkeypatch.setenv("EARLY_LOG", str(log))
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "suites/add.toml" if named else "suites", timeout=120)
+    result.assert_outcomes(passed=1)
+    assert log.read_text() == ("1" if named else "0")

@@ -76,6 +76,24 @@ def suite_source(path: Path, rootdir: Path, patterns: Sequence[str],
     return SuiteSource(parsed)
 
 
+def names_likely_suite(args: Sequence[str], invocation_dir: Path, patterns: Sequence[str]) -> bool:
+    """Whether a command-line argument is a file ``suite_source`` would parse as a likely
+    suite (the same name and content checks, the parse left to the collection): the fork
+    server can then start at configure time, before pytest's session start and collection."""
+    from pytest_llmbench.collect.tomlcheck import MAX_FILE_BYTES
+
+    for arg in args:
+        path = invocation_dir / arg.split("::", 1)[0]
+        if (path.suffix != ".toml" or path.name in NOT_SUITES
+                or not any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns)):
+            continue
+        with contextlib.suppress(OSError):
+            if (path.is_file() and path.stat().st_size <= MAX_FILE_BYTES
+                    and SUITE_HINT_RE.search(path.read_bytes())):
+                return True
+    return False
+
+
 class SuiteFile(pytest.File):
     """One TOML suite; a schema violation is one collection error for this file only."""
 

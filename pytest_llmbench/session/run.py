@@ -537,6 +537,21 @@ class LLMBenchSession:
                                                        "show_fixtures_per_test")):
             return  # pytest lists something and runs nothing (no session start either)
         self.start_preflight()
+        if self._early_server is None and self._engine is None and self._names_a_suite():
+            # No preflight started the fork server (a simulated model, --llmbench-no-preflight),
+            # but a suite file is named on the command line: start it now rather than when
+            # the collection reaches the file, ~0.25 s later, which the first item waited for.
+            from pytest_llmbench.engine import forkserver
+
+            if forkserver.enabled() and not getattr(opt, "collectonly", False):
+                self._early_server = forkserver.started(
+                    lambda: forkserver.ForkServer(tls=self.uses_tls()), "items fork from pytest")
+
+    def _names_a_suite(self) -> bool:
+        from pytest_llmbench.collect.items import DEFAULT_SUITE_FILES, names_likely_suite
+
+        patterns = self.config.getini("llmbench_suite_files") or DEFAULT_SUITE_FILES
+        return names_likely_suite(self.config.args, self.config.invocation_params.dir, patterns)
 
     def finish_preflight(self) -> None:
         """A plain run: await the fork server's preflight (see ``start_preflight``)."""
