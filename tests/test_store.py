@@ -711,3 +711,19 @@ def test_a_claim_file_left_holding_part_of_a_result_is_claimed_afresh(
     assert "holds part of a result" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert store.claim_holder(k) == again
+
+
+def test_the_answer_pointer_names_the_latest_answer_to_a_request(store: Store) -> None:
+    """The first answer to a request is linked in one step; a later one (another scorer's
+    verdict on the same request) replaces the pointer whole, leaving no temp file."""
+    request = key_of("request")
+    first, second = key_of("verdict-1"), key_of("verdict-2")
+    identity = {"suite": "s", "prompt": "p", "instance": "0", "model": "m", "repeat": 0,
+                "nodeid": "s.toml::p[0-m]", "request_key": request}
+    store.put(make_result(first, answer="41", identity=identity))
+    found = store.answer_for(request)
+    assert found is not None and found.key == first and found.answer == "41"
+    store.put(make_result(second, answer="42", identity=identity))
+    found = store.answer_for(request)
+    assert found is not None and found.key == second and found.answer == "42"
+    assert not [p for p in (store.root / "answers").rglob(".*")], "a temp file was left behind"

@@ -656,9 +656,15 @@ class Store:
             return
         folder = self._dir(self._answers, request_key[:2])
         pointer = f"{folder}/{request_key}"
-        tmp = temp_name(pointer)
+        tmp = ""
         try:
             try:
+                # The first answer to a request (the usual case) is one ``link``; only a
+                # pointer that exists already is replaced through a temp name.
+                os.link(final, pointer)
+                return
+            except FileExistsError:
+                tmp = temp_name(pointer)
                 os.link(final, tmp)
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
@@ -667,7 +673,8 @@ class Store:
                 return
             os.replace(tmp, pointer)
         except OSError as exc:
-            _unlink_quiet(tmp)
+            if tmp:
+                _unlink_quiet(tmp)
             log.debug("could not record the answer of %s: %s", result.key[:12], exc)
 
     def results(
