@@ -537,6 +537,8 @@ class LLMBenchSession:
                                                        "show_fixtures_per_test")):
             return  # pytest lists something and runs nothing (no session start either)
         self.start_preflight()
+        if self.is_worker:
+            return  # an xdist worker's items fork from the run's shared server
         if self._early_server is None and self._engine is None and self._names_a_suite():
             # No preflight started the fork server (a simulated model, --llmbench-no-preflight),
             # but a suite file is named on the command line: start it now rather than when
