@@ -19,7 +19,6 @@ again (``filestore``): a lost result is bought again, a wrong one is never repor
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -38,9 +37,10 @@ def _libc_syncfs() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.syncfs
-    except (OSError, AttributeError):  # no libc found, or one without syncfs
+        # The process's own symbols (libc is linked into every CPython on Linux), not
+        # ``ctypes.util.find_library``, which runs ``ldconfig -p`` in a subprocess.
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):  # a libc without syncfs
         return None
 
 
