@@ -177,13 +177,11 @@ def _ensure_open_files(config: pytest.Config, concurrency: int, *, default: bool
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     if file_path.suffix != ".toml":
         return None
-    from pytest_llmbench.collect.items import DEFAULT_SUITE_FILES, SuiteFile, suite_source
-
-    patterns = parent.config.getini("llmbench_suite_files") or DEFAULT_SUITE_FILES
+    from pytest_llmbench.collect.items import SuiteFile, suite_patterns, suite_source
     from pytest_llmbench.session.run import SESSION_KEY
 
     session = parent.config.stash.get(SESSION_KEY, None)
-    source = suite_source(file_path, parent.config.rootpath, patterns,
+    source = suite_source(file_path, parent.config.rootpath, suite_patterns(parent.config),
                           likely_suite=session.warm if session is not None else None)
     if source is None:
         return None

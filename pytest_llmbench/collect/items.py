@@ -37,6 +37,17 @@ class SuiteSource:
     error: SuiteError | None = None
 
 
+def suite_patterns(config: pytest.Config) -> Sequence[str]:
+    """The file name patterns a suite may have (ini ``llmbench_suite_files``)."""
+    patterns: Sequence[str] = config.getini("llmbench_suite_files") or DEFAULT_SUITE_FILES
+    return patterns
+
+
+def _named_like_suite(path: Path, patterns: Sequence[str]) -> bool:
+    return (path.suffix == ".toml" and path.name not in NOT_SUITES
+            and any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns))
+
+
 def suite_source(path: Path, rootdir: Path, patterns: Sequence[str],
                  likely_suite: Callable[[], object] | None = None) -> SuiteSource | None:
     """Is ``path`` a suite? Parsed once here; ``None`` for any other file.
@@ -50,9 +61,7 @@ def suite_source(path: Path, rootdir: Path, patterns: Sequence[str],
     a ``[suite]`` table (the fork server then starts beside the parse: a 2000-instance suite
     takes ~0.3 s to parse, which the first item used to wait for on top of its warm-up).
     """
-    if path.suffix != ".toml" or path.name in NOT_SUITES:
-        return None
-    if not any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns):
+    if not _named_like_suite(path, patterns):
         return None
     from pytest_llmbench.collect.tomlcheck import MAX_FILE_BYTES, display_path, read_toml
 
@@ -76,20 +85,23 @@ def suite_source(path: Path, rootdir: Path, patterns: Sequence[str],
     return SuiteSource(parsed)
 
 
-def names_likely_suite(args: Sequence[str], invocation_dir: Path, patterns: Sequence[str]) -> bool:
-    """Whether a command-line argument is a file ``suite_source`` would parse as a likely
-    suite (the same name and content checks, the parse left to the collection): the fork
-    server can then start at configure time, before pytest's session start and collection."""
-    from pytest_llmbench.collect.tomlcheck import MAX_FILE_BYTES
+#: Bytes of a file named on the command line read at configure time for the hint: a suite
+#: names its prompts or its ``[suite]`` table near the top. One that does not is still
+#: found at collection (its server then starts there); the collection reads it whole.
+_HINT_HEAD = 1 << 16
 
+
+def names_likely_suite(args: Sequence[str], invocation_dir: Path, patterns: Sequence[str]) -> bool:
+    """Whether a command-line argument is a file named like a suite whose head mentions
+    prompts or a ``[suite]`` table (``suite_source``'s checks, the parse left to the
+    collection): the fork server can then start at configure time, before pytest's session
+    start and collection."""
     for arg in args:
         path = invocation_dir / arg.split("::", 1)[0]
-        if (path.suffix != ".toml" or path.name in NOT_SUITES
-                or not any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns)):
+        if not _named_like_suite(path, patterns):
             continue
-        with contextlib.suppress(OSError):
-            if (path.is_file() and path.stat().st_size <= MAX_FILE_BYTES
-                    and SUITE_HINT_RE.search(path.read_bytes())):
+        with contextlib.suppress(OSError), path.open("rb") as fh:
+            if SUITE_HINT_RE.search(fh.read(_HINT_HEAD)):
                 return True
     return False
 

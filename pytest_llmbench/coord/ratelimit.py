@@ -47,7 +47,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from pytest_llmbench.coord.identity import boot_id
 from pytest_llmbench.errors import LLMBenchError
@@ -141,6 +141,11 @@ def default_root() -> Path:
 
 _KEYS = frozenset({"v", "boot", "tat", "ttat", "scale", "learned", "blocked", "bpid", "cut",
                    "cnt", "cnt_t"})
+
+
+def _well_formed(st: Any) -> TypeGuard[dict[str, Any]]:
+    """A state in this module's format (whatever boot wrote it)."""
+    return isinstance(st, dict) and st.keys() == _KEYS and st["v"] == _FORMAT
 
 
 def _fresh_state() -> dict[str, Any]:
@@ -630,14 +635,12 @@ class SharedLimiter:
             return _fresh_state()
         try:
             st = json.loads(raw.decode())
-            if not isinstance(st, dict) or st.keys() != _KEYS or st["v"] != _FORMAT:
+            if not _well_formed(st):
                 raise ValueError("unknown format")
         except ValueError as exc:
             log.warning("[RateLimit] unreadable limit state (%s): starting afresh", exc)
             return _fresh_state()
-        if st["boot"] != boot_id() or not self._sane(st):
-            return _fresh_state()
-        return st
+        return st if self._current(st) else _fresh_state()
 
     def _peek(self, fd: int) -> dict[str, Any] | None:
         """The state read without the lock; ``None`` when it is not a whole state of ours
@@ -647,13 +650,13 @@ class SharedLimiter:
             st = json.loads(raw) if raw and len(raw) <= _STATE_PAD else None
         except (OSError, ValueError):
             return None
-        if (not isinstance(st, dict) or st.keys() != _KEYS or st["v"] != _FORMAT
-                or st["boot"] != boot_id() or not self._sane(st)):
-            return None
-        return st
+        return st if _well_formed(st) and self._current(st) else None
 
-    def _sane(self, st: dict[str, Any]) -> bool:
-        """Monotonic times far in the future come from another boot (no boot id available)."""
+    def _current(self, st: dict[str, Any]) -> bool:
+        """Written during this boot: its monotonic times mean something now. Times far in
+        the future come from another boot (when no boot id is available)."""
+        if st["boot"] != boot_id():
+            return False
         horizon = time.monotonic() + 86400.0
         return all(isinstance(st[k], (int, float)) and st[k] < horizon
                    for k in ("tat", "ttat", "blocked", "cut", "cnt_t"))

@@ -550,10 +550,10 @@ class LLMBenchSession:
                     lambda: forkserver.ForkServer(tls=self.uses_tls()), "items fork from pytest")
 
     def _names_a_suite(self) -> bool:
-        from pytest_llmbench.collect.items import DEFAULT_SUITE_FILES, names_likely_suite
+        from pytest_llmbench.collect.items import names_likely_suite, suite_patterns
 
-        patterns = self.config.getini("llmbench_suite_files") or DEFAULT_SUITE_FILES
-        return names_likely_suite(self.config.args, self.config.invocation_params.dir, patterns)
+        return names_likely_suite(self.config.args, self.config.invocation_params.dir,
+                                  suite_patterns(self.config))
 
     def finish_preflight(self) -> None:
         """A plain run: await the fork server's preflight (see ``start_preflight``)."""

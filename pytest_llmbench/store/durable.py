@@ -75,7 +75,6 @@ class Syncer:
         self.flushes = 0
         """Flushes done so far (the final one included)."""
         self._stop = threading.Event()
-        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -88,16 +87,16 @@ class Syncer:
             self.flush()
 
     def flush(self) -> bool:
-        """One flush now; whether it succeeded."""
-        with self._lock:  # the final flush never runs beside a periodic one
-            try:
-                syncfs(self.root)
-            except OSError as exc:
-                log.warning("could not flush the result store %s to disk: %s (retried)",
-                            self.root, exc)
-                return False
-            self.flushes += 1
-            return True
+        """One flush now; whether it succeeded. (``close`` joins the thread before its own,
+        so two never run at once.)"""
+        try:
+            syncfs(self.root)
+        except OSError as exc:
+            log.warning("could not flush the result store %s to disk: %s (retried)",
+                        self.root, exc)
+            return False
+        self.flushes += 1
+        return True
 
     def close(self) -> None:
         """Stop the thread, then flush what the run stored last. Idempotent."""
