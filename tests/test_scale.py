@@ -245,3 +245,28 @@ def test_reported_records_are_not_kept_until_the_end_of_the_run(
     result.assert_outcomes(passed=6)
     result.stdout.fnmatch_lines(["*llmbench summary*", "wide *sim *6 *6 *0 *"])
     assert "RECORDS seen=6 alive=0" in result.stdout.str()
+
+
+def test_the_interpreter_exit_skips_a_collection_of_the_run(pytester: pytest.Pytester,
+                                                              sim_env: str) -> None:
+    """At exit the interpreter's last cyclic-GC pass walked every object the run left
+    alive (~0.1 s after 2000 items, on every run's wall time): the session freezes them
+    at exit first (``gc.freeze``), objects made after it ended included."""
+    write_suite(pytester, 2, latency=0.0)
+    pytester.makeconftest("""
+        import atexit, gc
+        import pytest
+
+        KEPT = []
+        # Registered before the session's own exit hook, so it runs after it (LIFO).
+        atexit.register(lambda: print(f"FROZEN-SINCE {gc.get_freeze_count() - KEPT[0]}"))
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_unconfigure(config):
+            KEPT.append(gc.get_freeze_count())
+            KEPT.append([[i] for i in range(1000)])  # 1001 objects made after the session
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    line = next(ln for ln in result.stdout.lines if ln.startswith("FROZEN-SINCE"))
+    assert int(line.split()[1]) >= 1001, line

@@ -125,6 +125,27 @@ def test_items_of_our_own_code_share_hosts(pytester: pytest.Pytester, sim_env: s
         assert seen["hosts"] <= 6, seen  # 24 in flight, 8 a host: not one host per item
 
 
+def test_hosts_leave_once_every_item_has_started(pytester: pytest.Pytester, sim_env: str) -> None:
+    """An idle host with no job to come leaves at once, beside the run's last items, not
+    in the clean-up at the run's end (which the run's wall time waited for)."""
+    builtin_suite(pytester, 6, 0.3)
+    pytester.makeconftest("""
+        import pytest
+        from pytest_llmbench.session.run import SESSION_KEY
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_sessionfinish(session):
+            engine = session.config.stash[SESSION_KEY].engine
+            kept = [h for h in engine.pool.hosts.values() if h.jobs_fd >= 0]
+            print(f"HOSTS-KEPT {len(kept)} STARTED {engine.server is not None}")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s",
+                                           "--llmbench-concurrency", "6",
+                                           "--llmbench-host-threads", "2")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(["*HOSTS-KEPT 0 STARTED True*"])
+
+
 def test_one_host_thread_gives_every_item_a_process(pytester: pytest.Pytester, sim_env: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     log = watch(pytester, monkeypatch)

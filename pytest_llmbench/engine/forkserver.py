@@ -305,8 +305,13 @@ class ForkServer:
                 continue
             out.append(message)
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """End the connection: our own server kills what is left of its hosts and exits.
+        ``wait=False``: return at once, and ``wait_closed`` later (the server's clean-up
+        then runs while the caller finishes its own)."""
         if self.closed:
+            if wait:
+                self.wait_closed()
             return
         self.closed = True
         self._drop_outbox()
@@ -315,6 +320,13 @@ class ForkServer:
             return
         if not self.ready:  # still importing, no host forked: nothing to wait for
             self.process.kill()
+        if wait:
+            self.wait_closed()
+
+    def wait_closed(self) -> None:
+        """Wait for the closed server's exit (its hosts are reaped by then)."""
+        if self.process is None or self.process.returncode is not None:
+            return
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -819,7 +831,13 @@ def main(argv: list[str]) -> int:  # pragma: no cover - runs as the server proce
     listener = socket.socket(fileno=int(argv[1])) if len(argv) > 1 else None
     _say_ready(sock, _run_preflight(request) if request is not None else None)
     _Server(sock, listener).run()
-    return 0
+    # Every host is reaped and every cgroup removed: all the interpreter's own exit would
+    # still do is tear down the SDK's modules, on the critical path of the run's end (the
+    # pytest process waits for this exit).
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

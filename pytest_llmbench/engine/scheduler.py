@@ -706,10 +706,20 @@ class Engine:
         if leave:
             host.leaving = True
             self.pool.retire(host)
+        elif not host.children and self._all_started():
+            # No job will come: the host leaves now, beside the run's last items, instead
+            # of being killed and reaped in the run's clean-up. (One is forked again if an
+            # item needs it after all: a holder elsewhere died.)
+            self.pool.retire(host)
         if host.jobs_fd < 0 and not host.children and not host.doomed:
             self._drop_host(host)  # it leaves now (end of its job pipe)
         else:
             self.pool.place(host)
+
+    def _all_started(self) -> bool:
+        """The protocol's lookahead has passed the last item: every item is started, done,
+        stored or another process's."""
+        return self.index is not None and self.scan_pos >= len(self.index)
 
     def _host_item_done(self, host: Host, child: Child, result: ItemResult) -> None:
         host.children.pop(child.token, None)
@@ -952,8 +962,12 @@ class Engine:
         while self.running:
             self._service(self._next_timeout())
 
-    def shutdown(self) -> None:
-        """Kill every running child (interrupted run); their claims die with this process."""
+    def shutdown(self, *, wait: bool = True) -> forkserver.ForkServer | None:
+        """Kill every running child (interrupted run); their claims die with this process.
+        ``wait=False``: the fork server is told to end but not waited for; it is returned,
+        for its ``wait_closed`` later (its hosts' exit then overlaps the caller's last
+        writes)."""
+        closing = None
         self._take_over()
         running = list(self.running.values())
         self.supervisor.kill(running, grace=0.2)
@@ -964,7 +978,8 @@ class Engine:
         for host in list(self.pool.hosts.values()):
             self._drop_host(host)  # an idle host leaves at the end of its job pipe
         if self.server is not None:
-            self.server.close()
+            self.server.close(wait=wait)
+            closing = None if wait else self.server
             self.server = None
         if self.run_slots is not None:
             self.run_slots.close()
@@ -976,4 +991,5 @@ class Engine:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._wake_r = self._wake_w = -1  # a second shutdown closes nothing reused since
+        return closing
 
