@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -109,6 +112,38 @@ def test_a_torn_state_file_starts_over(tmp_path: Path) -> None:
     (state_file,) = (tmp_path / "breakers").iterdir()
     state_file.write_bytes(b'{"state": "op')
     assert br.allow(URL) is False
+
+
+def test_a_closed_breaker_grants_and_counts_success_without_its_lock(tmp_path: Path) -> None:
+    """The usual state (closed, nothing counted) is read without the lock: every attempt
+    of every item took it twice, a queue at 128 items in flight. Anything else still
+    waits for it."""
+    br = CircuitBreaker(tmp_path, BreakerPolicy(threshold=2, cooldown=60))
+    assert br.allow(URL) is False  # the first use writes the state (under the lock)
+    (state_file,) = (tmp_path / "breakers").iterdir()
+    other = os.open(state_file, os.O_RDWR)  # another open file: its flock excludes ours
+    fcntl.flock(other, fcntl.LOCK_EX)
+    done: list[str] = []
+
+    def calls() -> None:
+        assert br.allow(URL) is False
+        br.record(URL, ok=True)
+        done.append("calm")
+        br.record(URL, ok=False, error="refused")  # a failure counts: under the lock
+        done.append("counted")
+
+    thread = threading.Thread(target=calls, daemon=True)
+    try:
+        thread.start()
+        thread.join(5)
+        assert done == ["calm"]  # granted and recorded while the lock was held elsewhere
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    thread.join(5)
+    assert done == ["calm", "counted"]
+    assert br.state(URL).failures == 1
+    assert br.allow(URL) is False  # one failure counted: not calm, the locked path grants
 
 
 def test_fallbacks_resolve_to_declared_models() -> None:
