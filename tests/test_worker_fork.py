@@ -106,6 +106,32 @@ def test_the_workers_exit_status_and_signal_are_the_launchers(template: controll
     assert failed.wait(timeout=30) == 1  # an uncaught error: traceback on stderr, status 1
 
 
+ENDING = """
+import atexit, sys, threading, time
+sys.stdout = open(1, "w", buffering=1 << 16, closefd=False)  # flushed only at the end
+atexit.register(lambda: print("atexit ran"))
+def late():
+    time.sleep(0.3)
+    print("thread done")
+threading.Thread(target=late).start()
+print("main done")
+raise SystemExit(CODE)
+"""
+
+
+@pytest.mark.parametrize(("code", "status"), [("5", 5), ("None", 0), ("'bye'", 1)])
+def test_a_worker_ends_as_an_interpreter_would(template: controller.WorkerTemplate,
+                                               code: str, status: int) -> None:
+    """A forked worker skips only the teardown of its objects at its end: its non-daemon
+    threads are waited for, its atexit handlers run, its buffered output is flushed, and
+    its status follows ``SystemExit``'s rules."""
+    proc = launch(template, ENDING.replace("CODE", code))
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    assert proc.wait(timeout=30) == status
+    assert out.split() == ["main", "done", "thread", "done", "atexit", "ran"]
+
+
 def test_the_worker_has_the_signal_dispositions_a_fresh_interpreter_would(
     template: controller.WorkerTemplate,
 ) -> None:
