@@ -132,6 +132,16 @@ def test_a_worker_ends_as_an_interpreter_would(template: controller.WorkerTempla
     assert out.split() == ["main", "done", "thread", "done", "atexit", "ran"]
 
 
+def test_a_worker_inherits_the_platform_answer_xdist_asks_for(template: controller.WorkerTemplate) -> None:
+    """xdist's worker reports ``platform.platform()``: computed once in the template (it
+    reads the interpreter's binary and runs ``uname -p``), not in every worker."""
+    program = ("import platform, subprocess; calls = []; real = subprocess.Popen.__init__\n"
+               "def spy(self, *a, **k):\n    calls.append(a); real(self, *a, **k)\n"
+               "subprocess.Popen.__init__ = spy\n"
+               "print(platform.platform() != '', len(calls), flush=True)")
+    assert first_line(launch(template, program)) == "True 0"
+
+
 def test_the_worker_has_the_signal_dispositions_a_fresh_interpreter_would(
     template: controller.WorkerTemplate,
 ) -> None:

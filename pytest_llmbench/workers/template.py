@@ -92,6 +92,17 @@ def preload(names: list[str]) -> int:
     return done
 
 
+def warm_caches() -> None:
+    """Compute once here what every worker computes the same way: xdist's worker reports
+    ``platform.platform()``, which reads the interpreter's binary for its libc version and
+    runs ``uname -p`` (~20 ms each, a process started per worker); the answer is cached
+    in the ``platform`` module, which the forks inherit."""
+    import platform
+
+    with contextlib.suppress(Exception):
+        platform.platform()
+
+
 class Template:
     def __init__(self, listener_fd: int) -> None:
         # Bound and listening since before this process started (the controller made it):
@@ -357,6 +368,7 @@ def main(argv: list[str]) -> int:
     template = Template(int(argv[0]))
     names = json.loads(sys.stdin.readline() or "[]")
     preload(names)
+    warm_caches()
     if _threads() > 1:
         # A module started a thread (a native one counts too): forking would copy its locks,
         # not the thread. Refuse, and every launcher starts a fresh interpreter.
