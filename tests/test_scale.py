@@ -270,3 +270,28 @@ def test_the_interpreter_exit_skips_a_collection_of_the_run(pytester: pytest.Pyt
     result.assert_outcomes(passed=2)
     line = next(ln for ln in result.stdout.lines if ln.startswith("FROZEN-SINCE"))
     assert int(line.split()[1]) >= 1001, line
+
+
+def test_finished_items_are_not_kept_by_the_engine_during_the_run(pytester: pytest.Pytester,
+                                                                    sim_env: str) -> None:
+    """The engine's heap of half-deadline warnings kept each started item (its job, its
+    result, its decoded events) until half of its task deadline had passed, 300 s by
+    default: a fresh run of 100,000 items peaked at 1.95 GB. A finished item's record is
+    garbage soon after it is reported, during the run."""
+    write_suite(pytester, 24, latency=0.0)
+    pytester.makeconftest("""
+        import gc, weakref
+
+        refs = []
+
+        def pytest_llmbench_result(result):
+            refs.append(weakref.ref(result))
+            if len(refs) == 24:
+                gc.collect()
+                alive = sum(ref() is not None for ref in refs[:12])
+                print(f"EARLY-RECORDS-ALIVE {alive}")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s",
+                                           "--llmbench-concurrency", "4", timeout=300)
+    result.assert_outcomes(passed=24)
+    result.stdout.fnmatch_lines(["*EARLY-RECORDS-ALIVE 0*"])
