@@ -807,8 +807,9 @@ def _skip_exit_collection() -> None:
     them out of that pass; nothing is lost, since nothing of the run's is collected then
     that the process's exit would not free anyway. Registered at exit (``atexit``), not
     done here: a process that goes on after this session (``pytester``'s in-process runs)
-    keeps collecting its garbage. Registered once per process, the latest registration
-    first (so after anything registered before it)."""
+    keeps collecting its garbage. Registered once per process, afresh at each session's
+    end: exit handlers run last in, first out, so the freeze comes after those registered
+    since and before those registered earlier (logging's), which need no collection."""
     import atexit
     import gc
 
