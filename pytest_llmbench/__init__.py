@@ -4,6 +4,10 @@ This module only re-exports what a scorer, provider, store or exporter author ne
 plugin itself is ``pytest_llmbench.plugin`` (the ``pytest11`` entry point). The records and
 errors are imported at once (they are small and every process has them loaded anyway); the
 protocols are loaded on first use, so ``pytest --help`` and xdist workers stay fast.
+
+PYTEST_DONT_REWRITE: the package has no assertion a test relies on, and xdist workers forked
+from the worker template (``workers/``) inherit it already imported; with this marker pytest
+does not warn that it cannot rewrite it there.
 """
 
 from __future__ import annotations

@@ -357,3 +357,37 @@ def test_the_modules_pytest_will_rewrite_are_never_imported_ahead() -> None:
     assert template._top_level("six.py") == "six"
     assert template._top_level("pytest_xdist-3.8.0.dist-info/METADATA") == ""
     assert template._top_level("../../bin/tool") == ""
+
+
+PRELOADED = """
+    import os, pathlib, sys
+
+    WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+    if WORKER:  # at the conftest's import: what the worker had before its session began
+        pathlib.Path(f"engine-{WORKER}").write_text(
+            str("pytest_llmbench.engine.scheduler" in sys.modules))
+
+    def pytest_configure(config):
+        # What pytest does for this plugin installed from a wheel, before it loads plugins
+        # (an editable install is marked only when the package is on sys.path): the
+        # package is imported by then in a forked worker, and must not make pytest warn
+        # that it cannot rewrite it. (Marked here, it is imported in either mode.)
+        config.pluginmanager.rewrite_hook.mark_rewrite("pytest_llmbench")
+"""
+
+
+@pytest.mark.parametrize(("fork", "preloaded"), [("on", True), ("off", False)])
+def test_a_forked_worker_has_this_plugins_modules_from_the_template(
+    pytester: pytest.Pytester, sim_env: str, fork: str, preloaded: bool
+) -> None:
+    """The template imports this package's modules too (the engine's included), so each
+    worker does not; pytest is told not to rewrite the package, so it does not warn."""
+    pytest.importorskip("xdist")
+    pytester.makeconftest(PRELOADED)
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-n", "2", "--llmbench-worker-fork", fork,
+        "-W", "error::pytest.PytestAssertRewriteWarning", timeout=120)
+    result.assert_outcomes(passed=1)
+    seen = [p.read_text() for p in sorted(pytester.path.glob("engine-gw*"))]
+    assert seen == [str(preloaded)] * 2

@@ -87,6 +87,28 @@ def _installed_modules() -> list[str]:
     return names
 
 
+#: Modules of ours a worker imports and the controller may not have: the worker's engine
+#: runs items ahead (``Engine.prefetch``) and its suites are parsed there. A name missing
+#: here is only imported by each worker itself, as before.
+WORKER_MODULES = (
+    "pytest_llmbench.collect.suite", "pytest_llmbench.collect.template",
+    "pytest_llmbench.collect.tomlcheck", "pytest_llmbench.collect.tools",
+    "pytest_llmbench.coord.lease", "pytest_llmbench.engine.child",
+    "pytest_llmbench.engine.hostpool", "pytest_llmbench.engine.inflight",
+    "pytest_llmbench.engine.scheduler", "pytest_llmbench.engine.supervise",
+    "pytest_llmbench.providers.registry", "pytest_llmbench.scoring.builtin",
+    "pytest_llmbench.scoring.resolve", "pytest_llmbench.store.filestore",
+)
+
+
+def _own_modules() -> list[str]:
+    """This package's modules the controller has, and those a worker will want: wherever
+    the package lives (a source checkout too), it is the code running here."""
+    package = __name__.partition(".")[0]
+    have = {name for name in sys.modules if name == package or name.startswith(package + ".")}
+    return sorted(have | set(WORKER_MODULES))
+
+
 class WorkerTemplate:
     """The running template process, and the ``python=`` value that reaches it."""
 
@@ -111,7 +133,9 @@ class WorkerTemplate:
         finally:
             listener.close()
         assert self.process.stdin is not None
-        modules = _installed_modules() if modules is None else modules
+        if modules is None:
+            modules = _installed_modules()
+            modules += [name for name in _own_modules() if name not in set(modules)]
         self.process.stdin.write((json.dumps(modules) + "\n").encode())
         self.process.stdin.flush()
 
