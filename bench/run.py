@@ -470,6 +470,27 @@ def startup_side(name: str, project: Path, *args: str) -> Side:
     return Side(name, run, check=lambda r: "" if r.rc in (0, 5) else f"rc {r.rc}")
 
 
+def floor_side(name: str, sim: Sim, n: int, c: int, ideal: float) -> Side | None:
+    """``workloads/floor_client.py``: the same requests from a minimal asyncio client (no
+    runner): what the server allows. None without ``aiohttp`` (it comes with inspect-ai)."""
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        return None
+    script = Path(__file__).parent / "workloads" / "floor_client.py"
+
+    def run(folder: Path) -> Run:
+        return measure([PY, str(script), sim.url, str(n), str(c)], cwd=script.parent,
+                       env=clean_env(), sim=sim, folder=folder)
+
+    def check(run: Run) -> str:
+        if run.rc != 0:
+            return f"rc {run.rc}: {run.out.strip()[-200:]}"
+        return "" if len(run.requests) == n else f"{len(run.requests)} requests for {n} calls"
+
+    return Side(name, run, ideal=ideal, n=n, check=check)
+
+
 def inspect_side(name: str, project: Path, sim: Sim, n: int, connections: int) -> Side | None:
     try:
         import inspect_ai  # noqa: F401
@@ -607,13 +628,27 @@ def throughput(ctx: Ctx) -> None:
         two = plugin_side(f"llmbench -n 2 x {c // 2}", project, suite, sim, n, "-n", "2",
                           "--llmbench-concurrency", str(c // 2), ideal=n * latency / c + s2.wall)
         insp = inspect_side(f"inspect --max-connections {c}", project, sim, n, c)
-        sides = [one, two] + ([insp] if insp else [])
+        floor = floor_side(f"floor: asyncio client x {c}", sim, n, c, ideal=n * latency / c)
+        sides = [one, two] + ([insp] if insp else []) + ([floor] if floor else [])
         alternate(sides, ctx.repeat, ctx.scratch, ctx.out)
         ctx.out(f"  start-up with no items: pytest {s0.wall:.2f} s, pytest -n 2 {s2.wall:.2f} s;"
                 f" simulator CPU {one.sim_cpu_per_item() * 1000:.2f} ms/request (not counted)")
         table(ctx.out, sides, [insp] if insp else [])
         if insp is None:
             ctx.out("  inspect: not installed (pip install inspect-ai), skipped")
+        if floor is not None and floor.runs and floor.ideal:
+            # No runner gets its answers sooner than a bare client on the same server, and a
+            # pytest run pays pytest's start-up on top: a ratio to Inspect AI cannot exceed
+            # Inspect's time over that sum in this run. (The span is the floor's first request
+            # to its last answer: its own interpreter's start-up is left out.)
+            span = statistics.median(r.arrivals()[-1] - r.arrivals()[0] + latency
+                                     for r in floor.runs if r.requests)
+            line = (f"  the server's floor (a bare asyncio client, no runner): first request to"
+                    f" last answer {span:.2f} s = {span / floor.ideal:.2f}x N*L/C")
+            if insp is not None and insp.runs:
+                line += (f"; so no pytest run can be more than {insp.wall / (span + s0.wall):.2f}x"
+                         f" faster than Inspect AI here")
+            ctx.out(line)
         for side in (one, two):
             assert side.ideal
             verdict(ctx.out, f"{side.name} <= 1.2x ideal", side.wall <= 1.2 * side.ideal,
