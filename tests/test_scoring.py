@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import pickle
 import sys
 import textwrap
@@ -667,3 +668,61 @@ def test_score_takes_value_and_explanation_positionally() -> None:
     assert Score(1.0, "ok", details={"n": 1}).details == {"n": 1}
     with pytest.raises(TypeError, match="positional"):
         Score(1.0, "ok", {"n": 1})  # type: ignore[misc]
+
+
+STALE_V1 = "def judge(req):\n    return 1.0\n"
+STALE_V2 = "def judge(req):\n    return 0.0\n"  # same size: Python's cache check cannot tell
+
+
+def test_a_scorer_edited_within_the_same_second_runs_its_new_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``.pyc`` whose recorded source mtime (whole seconds) and size still match is used by
+    Python as it is: the scorer would run its old code under its new source's fingerprint."""
+    import importlib
+    import importlib.util
+    import py_compile
+
+    from pytest_llmbench.scoring import resolve
+
+    source = tmp_path / "stale_scorer_mod.py"
+    source.write_text(STALE_V1)
+    before = os.stat(source)
+    py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)),
+                       invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    source.write_text(STALE_V2)
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(resolve, "_CHECKED", set())
+    # What Python alone does with it: the old code.
+    plain = importlib.import_module("stale_scorer_mod")
+    assert plain.judge(None) == 1.0
+    monkeypatch.delitem(sys.modules, "stale_scorer_mod")
+
+    fn = resolve._import_reference("stale_scorer_mod:judge", tmp_path)
+    assert fn(None) == 0.0  # type: ignore[arg-type]
+    # Re-imported from source, its cache written afresh or gone: the next process runs the
+    # new code too.
+    monkeypatch.delitem(sys.modules, "stale_scorer_mod")
+    monkeypatch.setattr(resolve, "_CHECKED", set())
+    assert importlib.import_module("stale_scorer_mod").judge(None) == 0.0
+
+
+def test_a_scorer_module_whose_cache_is_current_is_not_imported_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+    import py_compile
+
+    from pytest_llmbench.scoring import resolve
+
+    source = tmp_path / "current_scorer_mod.py"
+    source.write_text(STALE_V1 + "\n\ndef helper():\n    return [x * 2 for x in range(3)]\n")
+    py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)),
+                       invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(resolve, "_CHECKED", set())
+    fn = resolve._import_reference("current_scorer_mod:judge", tmp_path)
+    assert sys.modules["current_scorer_mod"].judge is fn  # the module imported, not reloaded
+    assert os.path.exists(importlib.util.cache_from_source(str(source)))
+    monkeypatch.delitem(sys.modules, "current_scorer_mod")

@@ -22,12 +22,14 @@ The built-ins themselves (their options, ``expected`` checks and text extractors
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
 import importlib
 import inspect
 import logging
+import marshal
 import numbers
 import os
 import sys
@@ -141,6 +143,50 @@ def _rootdir_of(pluginmanager: Any) -> Path | None:
     return rootpath if isinstance(rootpath, Path) else None
 
 
+#: Scorer modules whose code was checked against their source in this process (by path).
+_CHECKED: set[str] = set()
+
+
+def _without_stale_bytecode(module: Any) -> Any:
+    """``module``, imported again from its source if it ran stale bytecode.
+
+    Python trusts a ``.pyc`` whose recorded source mtime (whole seconds) and size match the
+    source file: a scorer edited within the same second to a file of the same size (``1.0
+    if`` -> ``0.0 if``, a script flipping a threshold and running at once) runs its old code,
+    while its fingerprint (``scorer_fingerprint``) is the new source's hash, so the old
+    code's verdicts would be stored as the new scorer's, and reused from then on. Once per
+    module and process, the module's source is compiled and compared with its cached code;
+    when they differ, the cache file is removed and the module imported again from source
+    (which writes a correct one for the processes that import it after this one)."""
+    path, cached = getattr(module, "__file__", None), getattr(module, "__cached__", None)
+    if not path or not cached or not str(path).endswith(".py") or path in _CHECKED:
+        return module
+    _CHECKED.add(path)
+    try:
+        with open(cached, "rb") as fh:
+            data = fh.read()
+        with open(path, "rb") as fh:
+            source = fh.read()
+        if len(data) < 16 or int.from_bytes(data[4:8], "little") & 1:
+            return module  # hash-based: Python checks it against the source itself
+        fresh = compile(source, path, "exec", dont_inherit=True)
+        stale = marshal.loads(data[16:]) != fresh
+    except (OSError, ValueError, EOFError, TypeError, SyntaxError):
+        return module  # no cache file, or one Python will not use either: nothing stale
+    if not stale:
+        return module
+    log.warning("scorer module %s ran bytecode older than its source (edited within the "
+                "same second, same size): run again from source", path)
+    # The item processes import it by name: without the cache file they compile the
+    # source (and write a correct one). Here, the module body runs again from the source
+    # itself, as ``importlib.reload`` would (which would find the stale file again if it
+    # could not be removed).
+    with contextlib.suppress(OSError):
+        os.unlink(cached)
+    exec(fresh, module.__dict__)  # noqa: S102 - the module's own source, as an import runs it
+    return module
+
+
 def _import_reference(ref: str, rootdir: str | os.PathLike[str] | None) -> Callable[[ScoreRequest], Any]:
     """Import ``module:function`` (``function`` may be dotted, e.g. ``Class.method``).
 
@@ -177,6 +223,7 @@ def _import_reference(ref: str, rootdir: str | os.PathLike[str] | None) -> Calla
         raise ScorerError(
             f"cannot import module {module_name!r} for scorer {ref!r}: {type(exc).__name__}: {exc}"
         ) from exc
+    module = _without_stale_bytecode(module)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
