@@ -148,7 +148,7 @@ _CHECKED: set[str] = set()
 
 
 def _without_stale_bytecode(module: Any) -> Any:
-    """``module``, imported again from its source if it ran stale bytecode.
+    """``module``, its body run again from its source if it ran stale bytecode.
 
     Python trusts a ``.pyc`` whose recorded source mtime (whole seconds) and size match the
     source file: a scorer edited within the same second to a file of the same size (``1.0
@@ -156,8 +156,8 @@ def _without_stale_bytecode(module: Any) -> Any:
     while its fingerprint (``scorer_fingerprint``) is the new source's hash, so the old
     code's verdicts would be stored as the new scorer's, and reused from then on. Once per
     module and process, the module's source is compiled and compared with its cached code;
-    when they differ, the cache file is removed and the module imported again from source
-    (which writes a correct one for the processes that import it after this one)."""
+    when they differ, the cache file is removed (the processes that import the module after
+    this one compile the source) and the module's body runs again from the source."""
     path, cached = getattr(module, "__file__", None), getattr(module, "__cached__", None)
     if not path or not cached or not str(path).endswith(".py") or path in _CHECKED:
         return module

@@ -135,7 +135,8 @@ class WorkerTemplate:
         assert self.process.stdin is not None
         if modules is None:
             modules = _installed_modules()
-            modules += [name for name in _own_modules() if name not in set(modules)]
+            known = set(modules)
+            modules += [name for name in _own_modules() if name not in known]
         self.process.stdin.write((json.dumps(modules) + "\n").encode())
         self.process.stdin.flush()
 
