@@ -641,8 +641,8 @@ def throughput(ctx: Ctx) -> None:
             # pytest run pays pytest's start-up on top: a ratio to Inspect AI cannot exceed
             # Inspect's time over that sum in this run. (The span is the floor's first request
             # to its last answer: its own interpreter's start-up is left out.)
-            span = statistics.median(r.arrivals()[-1] - r.arrivals()[0] + latency
-                                     for r in floor.runs if r.requests)
+            span = statistics.median(ramp + latency for r in floor.runs
+                                     if (ramp := r.ramp(n)) is not None)
             line = (f"  the server's floor (a bare asyncio client, no runner): first request to"
                     f" last answer {span:.2f} s = {span / floor.ideal:.2f}x N*L/C")
             if insp is not None and insp.runs:

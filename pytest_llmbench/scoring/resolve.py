@@ -168,7 +168,7 @@ def _without_stale_bytecode(module: Any) -> Any:
         with open(path, "rb") as fh:
             source = fh.read()
         if len(data) < 16 or int.from_bytes(data[4:8], "little") & 1:
-            return module  # hash-based: Python checks it against the source itself
+            return module  # hash-based: checked by Python, or unchecked by request
         fresh = compile(source, path, "exec", dont_inherit=True)
         stale = marshal.loads(data[16:]) != fresh
     except (OSError, ValueError, EOFError, TypeError, SyntaxError):
